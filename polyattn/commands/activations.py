@@ -1,0 +1,31 @@
+"""``polyattn activations [SPEC ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.activations import get_activation, list_activations
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="spec strings to check, e.g. 'x^3/sqrt(N)'")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.specs:
+        print("Activation spec forms (whitespace and case are ignored):")
+        for line in list_activations():
+            print("  " + line)
+        return 0
+    status = 0
+    for spec in args.specs:
+        try:
+            act = get_activation(spec)
+        except ValueError as e:
+            print(f"error: {e}")
+            status = 2
+            continue
+        kind = "row-normalised" if act.is_softmax else "elementwise"
+        div = {None: "none", "const": f"constant {act.constant:g}"}.get(act.divisor, f"dynamic {act.divisor}")
+        print(f"{spec!r} -> {act.spec}  ({kind}, divisor: {div})")
+    return status

@@ -1,0 +1,255 @@
+"""Attention activations and the spec strings that name them.
+
+A spec string mirrors the paper's notation and means the same thing in the
+Python API, in config files and on the command line:
+
+    softmax
+    x^P, x                  integer powers (x = x^1)
+    relu, elu, gelu, tanh, exp, sigmoid
+    <any of the above but softmax>/C          constant divisor, e.g. x^3/14
+    <any of the above but softmax>/sqrt(N)    dynamic divisor
+    <any of the above but softmax>/N          dynamic divisor
+
+N is the number of keys the query row may attend once masks and causality are
+applied, so a padded batch is scaled per row and per example.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Activation",
+    "get_activation",
+    "list_activations",
+    "ActivationLike",
+]
+
+_ELEMENTWISE = ("relu", "elu", "gelu", "tanh", "exp", "sigmoid")
+
+_FORMS = (
+    ("softmax", "row-normalised exponential (masked keys excluded from the sum)"),
+    ("x^P", "integer power P >= 1, e.g. x^3; 'x' is x^1"),
+    ("relu", "max(x, 0)"),
+    ("elu", "ELU with alpha = 1"),
+    ("gelu", "GELU, exact erf form"),
+    ("tanh", "hyperbolic tangent"),
+    ("exp", "e^x with no row normalisation"),
+    ("sigmoid", "logistic sigmoid"),
+    ("<phi>/C", "divide by a positive constant C, e.g. x^3/14"),
+    ("<phi>/sqrt(N)", "divide by sqrt of the number of keys the row may attend"),
+    ("<phi>/N", "divide by the number of keys the row may attend, e.g. relu/N"),
+)
+
+
+def list_activations() -> list[str]:
+    """The accepted spec forms, one per entry, with a short meaning."""
+    return [f"{form:<14} {meaning}" for form, meaning in _FORMS]
+
+
+def _forms_help() -> str:
+    return "accepted forms:\n  " + "\n  ".join(list_activations())
+
+
+def _fmt_number(c: float) -> str:
+    return f"{c:g}"
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One attention activation phi, applied to the score matrix S.
+
+    ``kind`` is ``"softmax"``, ``"power"`` or one of the elementwise names;
+    ``power`` is set for ``"power"``; ``divisor`` is ``None``, ``"const"``,
+    ``"sqrt(N)"`` or ``"N"``, with ``constant`` holding C for ``"const"``.
+    """
+
+    kind: str
+    power: int = 1
+    divisor: str | None = None
+    constant: float = 1.0
+
+    # --- naming -----------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """The canonical spec string; ``get_activation(a.spec) == a``."""
+        if self.kind == "softmax":
+            return "softmax"
+        base = self.kind
+        if self.kind == "power":
+            base = "x" if self.power == 1 else f"x^{self.power}"
+        if self.divisor is None:
+            return base
+        if self.divisor == "const":
+            return f"{base}/{_fmt_number(self.constant)}"
+        return f"{base}/{self.divisor}"
+
+    def __str__(self) -> str:
+        return self.spec
+
+    # --- properties used by backends and diagnostics ----------------------
+    @property
+    def is_softmax(self) -> bool:
+        return self.kind == "softmax"
+
+    @property
+    def is_elementwise(self) -> bool:
+        return self.kind != "softmax"
+
+    @property
+    def is_polynomial(self) -> bool:
+        return self.kind == "power"
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when the divisor depends on the number of attendable keys."""
+        return self.divisor in ("sqrt(N)", "N")
+
+    # --- maths --------------------------------------------------------------
+    def divisor_value(self, n: torch.Tensor | float) -> torch.Tensor | float:
+        """The number phi(S) is divided by, for rows that may attend n keys.
+
+        n is clamped to at least 1 so that fully masked rows (whose weights are
+        zeroed anyway) never produce inf or NaN, not even in gradients.
+        """
+        if self.divisor is None:
+            return 1.0
+        if self.divisor == "const":
+            return self.constant
+        if isinstance(n, torch.Tensor):
+            n = n.clamp_min(1)
+            return n.sqrt() if self.divisor == "sqrt(N)" else n
+        n = max(float(n), 1.0)
+        return math.sqrt(n) if self.divisor == "sqrt(N)" else n
+
+    def base(self, s: torch.Tensor) -> torch.Tensor:
+        """phi without its divisor, elementwise. Not defined for softmax."""
+        k = self.kind
+        if k == "power":
+            return s if self.power == 1 else s.pow(self.power)
+        if k == "relu":
+            return F.relu(s)
+        if k == "elu":
+            return F.elu(s)
+        if k == "gelu":
+            return F.gelu(s)
+        if k == "tanh":
+            return torch.tanh(s)
+        if k == "exp":
+            return torch.exp(s)
+        if k == "sigmoid":
+            return torch.sigmoid(s)
+        raise ValueError(f"activation {self.spec!r} is not elementwise")
+
+    def base_derivative(self, s: torch.Tensor) -> torch.Tensor:
+        """d phi / d s without the divisor, elementwise, in closed form."""
+        k = self.kind
+        if k == "power":
+            p = self.power
+            return torch.ones_like(s) if p == 1 else p * s.pow(p - 1)
+        if k == "relu":
+            return (s > 0).to(s.dtype)
+        if k == "elu":
+            return torch.where(s > 0, torch.ones_like(s), torch.exp(s))
+        if k == "gelu":
+            cdf = 0.5 * (1.0 + torch.erf(s / math.sqrt(2.0)))
+            pdf = torch.exp(-0.5 * s * s) / math.sqrt(2.0 * math.pi)
+            return cdf + s * pdf
+        if k == "tanh":
+            t = torch.tanh(s)
+            return 1.0 - t * t
+        if k == "exp":
+            return torch.exp(s)
+        if k == "sigmoid":
+            g = torch.sigmoid(s)
+            return g * (1.0 - g)
+        raise ValueError(f"activation {self.spec!r} is not elementwise")
+
+    def __call__(self, s: torch.Tensor, n: torch.Tensor | float | None = None) -> torch.Tensor:
+        """phi(S) for an elementwise activation; n = attendable keys per row.
+
+        Without masks n is the last dimension of S. Masking is not applied
+        here: that is :func:`polyattn.attention`'s job.
+        """
+        if n is None:
+            n = s.shape[-1]
+        out = self.base(s)
+        if self.divisor is not None:
+            out = out / self.divisor_value(n)
+        return out
+
+
+ActivationLike = str | Activation
+
+_DIV_RE = re.compile(r"^(?P<base>[a-z0-9^.]+?)(?:/(?P<div>.+))?$")
+
+
+def _parse_number(text: str, spec: str) -> float:
+    try:
+        c = float(text)
+    except ValueError:
+        raise ValueError(
+            f"bad activation spec {spec!r}: divisor {text!r} is not a number, 'sqrt(N)' or 'N'.\n"
+            + _forms_help()
+        ) from None
+    if not math.isfinite(c) or c <= 0:
+        raise ValueError(
+            f"bad activation spec {spec!r}: the divisor must be a finite positive number, got {text!r}"
+        )
+    return c
+
+
+def get_activation(spec: ActivationLike) -> Activation:
+    """Parse a spec string (or pass an :class:`Activation` through).
+
+    Whitespace and letter case are ignored: ``"X^3 / sqrt(n)"`` is
+    ``"x^3/sqrt(N)"``. A malformed spec raises ValueError listing the forms.
+    """
+    if isinstance(spec, Activation):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"activation must be a spec string such as 'x^3/sqrt(N)' or an Activation, "
+            f"got {type(spec).__name__}"
+        )
+    text = re.sub(r"\s+", "", spec).lower()
+    m = _DIV_RE.match(text)
+    if not text or m is None:
+        raise ValueError(f"bad activation spec {spec!r}.\n" + _forms_help())
+    base, div = m.group("base"), m.group("div")
+
+    if base == "softmax":
+        if div is not None:
+            raise ValueError(
+                f"bad activation spec {spec!r}: softmax takes no divisor "
+                "(its rows already sum to 1). Use 'softmax'."
+            )
+        return Activation("softmax")
+
+    if base == "x":
+        kind, power = "power", 1
+    elif base.startswith("x^"):
+        digits = base[2:]
+        if not digits.isdigit() or int(digits) < 1:
+            raise ValueError(
+                f"bad activation spec {spec!r}: the power in x^P must be a positive integer, "
+                f"got {digits!r}.\n" + _forms_help()
+            )
+        kind, power = "power", int(digits)
+    elif base in _ELEMENTWISE:
+        kind, power = base, 1
+    else:
+        raise ValueError(f"bad activation spec {spec!r}: unknown activation {base!r}.\n" + _forms_help())
+
+    if div is None:
+        return Activation(kind, power)
+    if div == "sqrt(n)":
+        return Activation(kind, power, "sqrt(N)")
+    if div == "n":
+        return Activation(kind, power, "N")
+    return Activation(kind, power, "const", _parse_number(div, spec))

@@ -1,0 +1,145 @@
+"""``polyattn.attention``: scaled dot-product attention with a pluggable activation."""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import ActivationLike, get_activation
+from .backends import BACKENDS, select_backend
+
+__all__ = ["attention", "compute_dtype"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 are computed in fp32 (x^3 of a score of 40 is 64,000, fp16's edge); others as they are."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+) -> tuple[int, ...]:
+    """Validate arguments; returns the shape of the score matrix S."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with {name}.float()"
+            )
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., N, d), got {_shape(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head dimension d: q {_shape(q)} (..., Nq, d), k {_shape(k)} (..., Nk, d)"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of keys Nk: k {_shape(k)} (..., Nk, d), v {_shape(v)} (..., Nk, dv)"
+        )
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch/head) dimensions of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} "
+            "do not broadcast"
+        ) from None
+    s_shape = (*batch, q.shape[-2], k.shape[-2])
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a bool tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(
+                f"attn_mask must be a bool tensor (True = may attend), got dtype {attn_mask.dtype}; "
+                "pass additive float masks as bias=..., or convert with attn_mask.bool()"
+            )
+        _check_broadcast("attn_mask", attn_mask, s_shape)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a float tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
+        _check_broadcast("bias", bias, s_shape)
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return s_shape
+
+
+def _check_broadcast(name: str, t: torch.Tensor, s_shape: tuple[int, ...]) -> None:
+    ok = t.dim() <= len(s_shape)
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(t.shape, s_shape) == torch.Size(s_shape)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {_shape(t)} does not broadcast to the score shape {s_shape} (..., Nq, Nk)"
+        )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    activation: ActivationLike = "softmax",
+    *,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention ``phi(scale * q k^T + bias) v`` with activation ``phi`` named by a spec string.
+
+    Shapes follow ``F.scaled_dot_product_attention``: q (..., Nq, d), k (..., Nk, d),
+    v (..., Nk, dv) -> (..., Nq, dv); leading dimensions broadcast.
+
+    - ``scale`` defaults to 1/sqrt(d); ``bias`` is an additive float tensor
+      broadcastable to (..., Nq, Nk), e.g. a relative-position bias.
+    - ``attn_mask`` is bool, True = may attend; ``causal`` masks key j > query i
+      (top-left aligned). Both may be given. Masked entries of A are exactly 0;
+      softmax normalises over the allowed keys only; in ``/sqrt(N)`` and ``/N``,
+      N counts the keys that row may attend. A row with nothing to attend
+      outputs zeros.
+    - fp16/bf16 inputs are computed in fp32 and returned in the input dtype.
+    - ``dropout_p`` drops entries of A after masking, whenever it is > 0 (as in
+      SDPA: pass 0 in eval mode; :class:`PolyAttention` does this for you).
+    - ``backend``: ``"auto"`` or a name in ``polyattn.core.backends.BACKENDS``.
+    """
+    act = get_activation(activation)
+    _check_inputs(q, k, v, attn_mask, bias, scale, dropout_p)
+    if backend == "auto":
+        backend = select_backend(
+            q, k, act, has_mask=attn_mask is not None, has_bias=bias is not None,
+            causal=causal, dropout_p=dropout_p,
+        ).name
+    fn = BACKENDS.get(backend)
+    if fn is None:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+
+    out_dtype = q.dtype
+    cd = compute_dtype(out_dtype)
+    if cd != out_dtype:
+        q, k, v = q.to(cd), k.to(cd), v.to(cd)
+        if bias is not None:
+            bias = bias.to(cd)
+    out = fn(q, k, v, act, attn_mask=attn_mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    return out.to(out_dtype)

@@ -1,0 +1,115 @@
+"""``PolyAttention``: a multi-head attention layer whose activation is a spec string."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .activations import Activation, ActivationLike, get_activation
+from .functional import attention
+from .masking import padding_to_attn_mask
+
+__all__ = ["PolyAttention"]
+
+
+class PolyAttention(nn.Module):
+    """Multi-head attention on (B, N, dim) with a pluggable activation.
+
+    Parameters are ``qkv`` (dim -> 3 dim) and ``proj`` (dim -> dim), as in timm's
+    ViT ``Attention``; the activation is not part of the state dict, so a
+    checkpoint loads under any activation and ``layer.activation = "x^3/sqrt(N)"``
+    switches it in place.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        activation: ActivationLike = "softmax",
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.activation = activation  # type: ignore[assignment]  # parsed by the setter
+        self.backend = "auto"
+        # Callables fn(module, q, k, attn_mask, bias, causal, scale) that see the
+        # inputs of each attention call (diagnostics such as NormRecorder). Kept
+        # as a plain list, not hooks, so an empty list costs one truth test.
+        self.attention_observers: list = []
+
+    @property
+    def activation(self) -> Activation:
+        return self._activation
+
+    @activation.setter
+    def activation(self, spec: ActivationLike) -> None:
+        self._activation = get_activation(spec)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, activation={self._activation.spec!r}"
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_qkv(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, N, head_dim); k and v come from ``context`` when given."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        if context is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
+                raise ValueError(
+                    f"context must have shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}"
+                )
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[: self.dim], None if b is None else b[: self.dim])
+            k, v = F.linear(context, w[self.dim :], None if b is None else b[self.dim :]).chunk(2, dim=-1)
+        return self._heads(q), self._heads(k), self._heads(v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim).
+
+        key_padding_mask: (B, M) bool, True = padding (M = N, or the context length).
+        context: (B, M, dim) to attend to instead of x (cross-attention).
+        """
+        q, k, v = self.project_qkv(x, context)
+        attn_mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+                raise ValueError(
+                    f"key_padding_mask must have shape (B, N_keys) = {(k.shape[0], k.shape[2])}, "
+                    f"got {tuple(key_padding_mask.shape)}"
+                )
+            attn_mask = padding_to_attn_mask(key_padding_mask)
+        for observe in self.attention_observers:
+            observe(self, q, k, attn_mask, None, causal, self.scale)
+        out = attention(
+            q, k, v, self._activation,
+            attn_mask=attn_mask, causal=causal, scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            backend=self.backend,
+        )
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)
+        return self.proj_drop(self.proj(out))
