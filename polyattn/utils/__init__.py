@@ -1,0 +1,6 @@
+"""Small shared helpers: atomic file writes, seeding, plotting setup."""
+
+from .io import atomic_save, atomic_write_json, atomic_write_text, read_jsonl
+from .seed import seed_everything
+
+__all__ = ["atomic_save", "atomic_write_json", "atomic_write_text", "read_jsonl", "seed_everything"]
