@@ -7,24 +7,34 @@
 
 from .core import (
     Activation,
+    NormRecorder,
     PolyAttention,
     attention,
+    attention_norms,
     causal_mask,
+    explain_backend,
     get_activation,
     list_activations,
     padding_to_attn_mask,
     select_backend,
 )
+from .models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "NormRecorder",
     "PolyAttention",
     "attention",
+    "attention_norms",
     "causal_mask",
+    "explain_backend",
+    "create_model",
     "get_activation",
     "list_activations",
+    "list_models",
     "padding_to_attn_mask",
+    "register_model",
     "select_backend",
 ]

@@ -14,6 +14,10 @@ import sys
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "activations": ("polyattn.commands.activations", "list the activation spec forms, or check one spec"),
+    "bench": ("polyattn.commands.bench", "time/memory of SDPA softmax vs each backend; --model: training"),
+    "pinn": ("polyattn.commands.pinn", "physics-informed transformer (PINNsFormer) or MLP PINN on a PDE"),
+    "theory": ("polyattn.commands.theory", "check the paper's norm theorems (4.1-4.5) numerically"),
+    "train": ("polyattn.commands.train", "train a model from a config file (DDP under torchrun)"),
 }
 
 

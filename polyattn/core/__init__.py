@@ -4,16 +4,20 @@ Nothing in this subpackage imports from the rest of polyattn.
 """
 
 from .activations import Activation, get_activation, list_activations
-from .backends import select_backend
+from .backends import explain_backend, select_backend
+from .diagnostics import NormRecorder, attention_norms
 from .functional import attention
 from .layers import PolyAttention
 from .masking import causal_mask, padding_to_attn_mask
 
 __all__ = [
     "Activation",
+    "NormRecorder",
     "PolyAttention",
     "attention",
+    "attention_norms",
     "causal_mask",
+    "explain_backend",
     "get_activation",
     "list_activations",
     "padding_to_attn_mask",

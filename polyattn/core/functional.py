@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .activations import ActivationLike, get_activation
-from .backends import BACKENDS, select_backend
+from .backends import resolve_backend
 
 __all__ = ["attention", "compute_dtype"]
 
@@ -122,21 +122,19 @@ def attention(
     - fp16/bf16 inputs are computed in fp32 and returned in the input dtype.
     - ``dropout_p`` drops entries of A after masking, whenever it is > 0 (as in
       SDPA: pass 0 in eval mode; :class:`PolyAttention` does this for you).
-    - ``backend``: ``"auto"`` or a name in ``polyattn.core.backends.BACKENDS``.
+    - ``backend``: ``"auto"`` (the cheapest backend that supports the call, see
+      :func:`polyattn.select_backend` / :func:`polyattn.explain_backend`) or a
+      name in ``polyattn.core.backends.BACKENDS``: ``reference``, ``sdpa``,
+      ``chunked``, ``linear``, ``triton``. A named backend that cannot compute
+      the call raises ``BackendUnsupported`` (a ValueError) saying why.
     """
     act = get_activation(activation)
     _check_inputs(q, k, v, attn_mask, bias, scale, dropout_p)
-    if backend == "auto":
-        backend = select_backend(
-            q, k, act, has_mask=attn_mask is not None, has_bias=bias is not None,
-            causal=causal, dropout_p=dropout_p,
-        ).name
-    fn = BACKENDS.get(backend)
-    if fn is None:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    fn = resolve_backend(backend, q, k, v, act, attn_mask, bias, causal, dropout_p)
 
     out_dtype = q.dtype
-    cd = compute_dtype(out_dtype)
+    # sdpa and triton take bf16 as it is on a GPU (fp32 sums inside); the rest compute in fp32.
+    cd = fn.compute_dtype(out_dtype, q.device)
     if cd != out_dtype:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
         if bias is not None:

@@ -1,48 +1,284 @@
 """Attention backends: interchangeable implementations of :func:`polyattn.attention`.
 
-``reference`` is the readable definition; every other backend must equal it in
-values and gradients. ``select_backend`` says which one ``backend="auto"`` runs
-and why.
+========== =====================================================================
+reference  materialises S and A; the readable definition and the test oracle
+sdpa       softmax by ``F.scaled_dot_product_attention`` (FlashAttention & co.)
+chunked    query x key tiles, O(N * block) memory, forward and backward; every
+           activation, bias, masks, causal, dynamic N
+linear     exact linear-time form of x^p via symmetric tensor features
+           (C(d+p-1, p) of them); padding masks and causal, no bias
+triton     fused GPU kernel for elementwise activations; padding masks, causal
+========== =====================================================================
+
+Every backend equals ``reference`` in values and gradients (tests/test_backends.py).
+``backend="auto"`` picks the cheapest backend that supports the call by the cost
+model in :mod:`.auto`; :func:`select_backend` returns the choice with its reason
+and :func:`explain_backend` prints every estimate.
+
+The fast backends are differentiable once: ``create_graph=True`` through them
+raises; pass ``backend="reference"`` for higher derivatives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from ..activations import Activation
+from ..activations import Activation, ActivationLike, get_activation
+from .auto import CallInfo, estimate
+from .chunked import chunked_attention
+from .common import BackendUnsupported, mask_kind
+from .linear import linear_attention, linear_unsupported_reason
 from .reference import attention_weights, reference_attention
+from .sdpa import sdpa_attention, sdpa_unsupported_reason
+from .triton_kernels import triton_attention, triton_unsupported_reason
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "BackendChoice",
+    "BackendUnsupported",
+    "CallInfo",
     "attention_weights",
+    "call_info",
+    "choose_backend",
+    "explain_backend",
     "reference_attention",
     "select_backend",
 ]
 
 BackendFn = Callable[..., torch.Tensor]
 
-BACKENDS: dict[str, BackendFn] = {"reference": reference_attention}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation: ``backend(q, k, v, activation, attn_mask=, bias=, causal=, scale=, dropout_p=)``.
+
+    ``unsupported(info)`` says why it cannot compute a call (None when it can);
+    ``native_cuda_dtypes`` are low-precision dtypes it takes as they are on a GPU
+    (others are upcast to fp32 by :func:`polyattn.attention` first).
+    """
+
+    name: str
+    fn: BackendFn
+    summary: str
+    unsupported: Callable[[CallInfo], str | None]
+    native_cuda_dtypes: tuple[torch.dtype, ...] = ()
+
+    def __call__(self, q, k, v, activation, **kwargs) -> torch.Tensor:
+        return self.fn(q, k, v, activation, **kwargs)
+
+    def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype this backend receives for inputs of ``dtype``."""
+        if dtype in _LOW_PRECISION:
+            return dtype if (device.type == "cuda" and dtype in self.native_cuda_dtypes) else torch.float32
+        return dtype
+
+
+def _no_dropout(name: str, info: CallInfo) -> str | None:
+    if info.dropout_p > 0.0:
+        return f"{name} has no dropout (dropout_p > 0 needs reference, or sdpa for softmax)"
+    return None
+
+
+def _chunked_unsupported(info: CallInfo) -> str | None:
+    return _no_dropout("chunked", info)
+
+
+def _linear_unsupported(info: CallInfo) -> str | None:
+    return linear_unsupported_reason(info.activation, info.mask, info.has_bias, info.dropout_p)
+
+
+def _triton_unsupported(info: CallInfo) -> str | None:
+    dtype = BACKENDS["triton"].compute_dtype(info.dtype, info.device)
+    return triton_unsupported_reason(
+        info.activation, info.mask, info.has_bias, info.dropout_p, info.d, info.dv, info.device, dtype
+    )
+
+
+def _sdpa_unsupported(info: CallInfo) -> str | None:
+    return sdpa_unsupported_reason(info.activation)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", reference_attention, "materialised S and A (the definition)", lambda info: None),
+        Backend(
+            "sdpa", sdpa_attention, "softmax by F.scaled_dot_product_attention", _sdpa_unsupported,
+            native_cuda_dtypes=(torch.float16, torch.bfloat16),
+        ),
+        Backend(
+            "chunked", chunked_attention, "tiled, O(N * block) memory, every activation", _chunked_unsupported
+        ),
+        Backend(
+            "linear", linear_attention, "exact linear-time x^p (symmetric features)", _linear_unsupported
+        ),
+        Backend(
+            "triton", triton_attention, "fused GPU kernel, elementwise activations", _triton_unsupported,
+            native_cuda_dtypes=(torch.bfloat16,),
+        ),
+    )
+}
+
+# Below this many score entries (BH * Nq * Nk) the materialised path costs
+# well under a millisecond, and it alone is twice differentiable.
+TINY_ENTRIES = 1 << 16
 
 
 @dataclass(frozen=True)
 class BackendChoice:
+    """The backend ``backend="auto"`` runs, why, and every candidate's (name, seconds or None, note)."""
+
     name: str
     reason: str
+    candidates: tuple[tuple[str, float | None, str], ...] = field(default=())
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def call_info(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    activation: ActivationLike,
+    *,
+    v: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    has_mask: bool = False,
+    has_bias: bool = False,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> CallInfo:
+    """Describe a call for the support checks and the cost model."""
+    act = get_activation(activation)
+    shapes = [q.shape[:-2], k.shape[:-2]] + ([v.shape[:-2]] if v is not None else [])
+    batch = torch.broadcast_shapes(*shapes)
+    bh = 1
+    for s in batch:
+        bh *= s
+    kind = mask_kind(attn_mask) if attn_mask is not None else ("full" if has_mask else None)
+    return CallInfo(
+        device=q.device, dtype=q.dtype, bh=bh, nq=q.shape[-2], nk=k.shape[-2], d=q.shape[-1],
+        dv=v.shape[-1] if v is not None else q.shape[-1], activation=act, mask=kind,
+        has_bias=has_bias or bias is not None, causal=causal, dropout_p=dropout_p,
+    )
+
+
+def choose_backend(info: CallInfo) -> BackendChoice:
+    """auto's choice for a described call (see :func:`call_info`)."""
+    candidates: list[tuple[str, float | None, str]] = []
+    for name, backend in BACKENDS.items():
+        why_not = backend.unsupported(info)
+        if why_not is None and name == "triton" and info.device.type != "cuda":
+            why_not = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
+        if why_not is not None:
+            candidates.append((name, None, why_not))
+            continue
+        est = estimate(name, info)
+        candidates.append((name, est.seconds, est.note))
+    supported = [(t, n) for n, t, _ in candidates if t is not None and t != float("inf")]
+    if info.bh * info.nq * info.nk <= TINY_ENTRIES:
+        return BackendChoice(
+            "reference",
+            f"tiny problem ({info.bh}x{info.nq}x{info.nk} scores): the materialised path is as fast "
+            "and twice differentiable",
+            tuple(candidates),
+        )
+    if not supported:  # every estimate is infinite: reference still computes it, if slowly
+        return BackendChoice(
+            "reference", "no backend fits the memory budget; materialising", tuple(candidates)
+        )
+    best_t, best = min(supported)
+    others = ", ".join(f"{n} {t:.3g}s" for t, n in sorted(supported) if n != best)
+    reason = f"lowest estimated fwd+bwd time {best_t:.3g}s" + (f" (vs {others})" if others else "")
+    return BackendChoice(best, reason, tuple(candidates))
 
 
 def select_backend(
     q: torch.Tensor,
     k: torch.Tensor,
-    activation: Activation,
+    activation: ActivationLike,
     *,
     has_mask: bool = False,
     has_bias: bool = False,
     causal: bool = False,
     dropout_p: float = 0.0,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> BackendChoice:
-    """The backend ``backend="auto"`` would run for these inputs, with the reason."""
-    return BackendChoice("reference", "the reference backend is the only one available")
+    """The backend ``backend="auto"`` would run for these inputs, with the reason.
+
+    Pass the real ``attn_mask``/``bias``/``v`` when you have them (a key-padding
+    mask admits more backends than a per-query one); ``has_mask``/``has_bias``
+    describe them when you do not (a mask is then assumed per-query).
+    """
+    info = call_info(
+        q, k, activation, v=v, attn_mask=attn_mask, bias=bias, has_mask=has_mask, has_bias=has_bias,
+        causal=causal, dropout_p=dropout_p,
+    )
+    return choose_backend(info)
+
+
+def explain_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    activation: ActivationLike,
+    **kwargs,
+) -> str:
+    """A table of every backend for this call: estimated fwd+bwd seconds, or why it cannot run; and the pick.
+
+    Takes the same keyword arguments as :func:`select_backend`.
+    """
+    choice = select_backend(q, k, activation, **kwargs)
+    info = call_info(q, k, activation, **kwargs)
+    lines = [
+        f"attention {info.activation.spec!r}: BH={info.bh} Nq={info.nq} Nk={info.nk} d={info.d} dv={info.dv} "
+        f"{info.device.type} {str(info.dtype).replace('torch.', '')} mask={info.mask} bias={info.has_bias} "
+        f"causal={info.causal} dropout_p={info.dropout_p}",
+        f"auto -> {choice.name}: {choice.reason}",
+        f"{'backend':<10} {'est. s':>10}  note",
+    ]
+    for name, seconds, note in choice.candidates:
+        est = "-" if seconds is None else ("inf" if seconds == float("inf") else f"{seconds:.3g}")
+        mark = "  <- auto" if name == choice.name else ""
+        lines.append(f"{name:<10} {est:>10}  {note if seconds is not None else 'unsupported: ' + note}{mark}")
+    return "\n".join(lines)
+
+
+def resolve_backend(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    activation: Activation,
+    attn_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+) -> Backend:
+    """The Backend to run: auto's pick, or the named one after checking it supports the call."""
+    if name == "auto":
+        choice = select_backend(
+            q, k, activation, v=v, attn_mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout_p
+        )
+        return BACKENDS[choice.name]
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    info = call_info(
+        q, k, activation, v=v, attn_mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout_p
+    )
+    why_not = backend.unsupported(info)
+    if why_not is not None:
+        raise BackendUnsupported(
+            f"backend {name!r} cannot compute this call: {why_not}. "
+            "Use backend='auto' (which picks one that can) or backend='reference'."
+        )
+    return backend

@@ -1,0 +1,96 @@
+"""``polyattn pinn``: train a transformer PINN (any attention activation) or an MLP PINN on a PDE."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML config (examples in configs/pinn/); flags below override it"
+    )
+    p.add_argument("--pde", choices=["convection", "reaction", "wave"], help="PDE (default convection)")
+    p.add_argument("--activation", metavar="SPEC", help="attention activation, e.g. softmax, 'x^3/sqrt(N)'")
+    p.add_argument("--model", choices=["pinnsformer", "mlp"], help="PINNsFormer or the plain MLP PINN")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (config, metrics, checkpoint, PNGs)"
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="instead of training: tabulate finished runs into DIR/comparison.md and DIR/<pde>.png",
+    )
+    p.add_argument("--quick", action="store_true", help="CPU preset: small grid and model, 20 L-BFGS steps")
+    p.add_argument(
+        "--optimizer", choices=["lbfgs", "adam"], help="L-BFGS with strong Wolfe (default) or Adam"
+    )
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps (L-BFGS: each up to train.lbfgs_max_iter iterations)"
+    )
+    p.add_argument("--seed", type=int, help="seed for the initial weights")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set data.train_grid=[31,31] --set pde.params.beta=30",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")
+    p.add_argument("--threads", type=int, help="torch CPU threads (train.threads; --quick uses 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from ..experiments.pinn import parse_set
+
+    over = parse_set(args.set)
+    for flag, key in (
+        ("pde", "pde.name"),
+        ("activation", "model.activation"),
+        ("model", "model.name"),
+        ("optimizer", "train.optimizer"),
+        ("steps", "train.steps"),
+        ("seed", "train.seed"),
+        ("threads", "train.threads"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            over[key] = value
+    return over
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.pinn import compare_runs, resolve_pinn_config, run_pinn, summary_row
+
+    if args.compare:
+        try:
+            print(compare_runs(args.compare, args.out), end="")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}/comparison.md and one PNG per PDE")
+        return 0
+
+    try:
+        cfg = resolve_pinn_config(args.config, _overrides(args), quick=args.quick)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        metrics = run_pinn(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_row(metrics))
+    if metrics["diverged"]:
+        print(
+            "training stopped: the loss became non-finite. Try a scaled activation "
+            "(e.g. 'x^3/sqrt(N)'), --optimizer adam with a smaller --set train.lr=..., or another --seed. "
+            f"Details in {args.out}/metrics.json",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"run directory: {args.out} (metrics.json, config.yaml, checkpoints/last.pt, fields.png, loss.png)")
+    return 0

@@ -1,0 +1,531 @@
+"""Chunked attention: tiles of queries x keys, never the whole (Nq, Nk) matrix.
+
+Forward walks query blocks (outer) and key blocks (inner), accumulating
+``phi(S_ij) v_j`` into the output rows. Backward recomputes each tile and walks
+key blocks (outer) so that dK_j and dV_j stay hot while dQ_i accumulates. Memory
+is O(N * block) on top of the inputs and gradients: a few (heads, BQ, BK) tile
+buffers, reused for every tile.
+
+Why it is fast for x^p on CPU: the tiles fit the L3 cache, phi is one in-place
+pass (``s.pow_(3)``), the row divisor (1/sqrt(N), 1/N, 1/C) scales output rows
+(and dO rows in backward) instead of every score, 1/sqrt(d) scales the query
+tile, and the derivative constant p is applied once to dQ and dK at the end.
+Polynomials need no running max, no row sums and no saved statistics, so
+backward recomputes S and nothing else.
+
+Tiles above the diagonal are skipped in causal mode; key blocks that are masked
+for every head are skipped too. softmax uses the online (running max and sum)
+normalisation and saves one log-sum-exp per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..activations import Activation
+from .common import (
+    BackendUnsupported,
+    BlockSource,
+    Layout,
+    causal_block,
+    flatten_heads,
+    refuse_double_backward,
+    row_counts,
+    row_factors,
+    unflatten,
+)
+
+__all__ = ["chunked_attention", "default_block_sizes"]
+
+# Bytes one (heads, BQ, BK) tile buffer may take, per thread: on CPU a group
+# of heads is processed together while each core's share of the two tile
+# buffers stays within a few MiB of its 1 MiB L2, well inside the 32 MiB L3;
+# larger groups mean fewer operations (each a parallel region).
+_CPU_TILE_BYTES = 2 << 20
+_GPU_TILE_BYTES = 256 << 20
+# Short sequences: forward keeps the scores S for backward instead of
+# recomputing them there (one matrix product fewer out of seven) while they
+# take at most _KEEP_FACTOR times the bytes of q, k, v and the output together
+# (for d = dv = 64: N <= 1024), and never more than _KEEP_SCORES_BYTES. Long
+# sequences recompute, so memory stays O(N * block).
+_KEEP_FACTOR = 4
+_KEEP_SCORES_BYTES = 256 << 20
+
+
+def default_block_sizes(layout: Layout, device: torch.device) -> tuple[int, int]:
+    """(BQ, BK) tile shape; measured on a 2-core AVX-512 CPU (see docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return min(layout.nq, 1024), min(layout.nk, 2048)
+    bq = min(layout.nq, 256)
+    bk = min(layout.nk, 512)
+    # Short sequences: one tile per head group costs the fewest Python-level ops.
+    if layout.nq <= 768 and layout.nk <= 768:
+        bq, bk = layout.nq, layout.nk
+    return max(bq, 1), max(bk, 1)
+
+
+def tile_group(layout: Layout, bq: int, bk: int, dtype_bytes: int, device: torch.device) -> int:
+    """How many heads share one batched tile operation."""
+    budget = _GPU_TILE_BYTES if device.type == "cuda" else _CPU_TILE_BYTES * max(1, torch.get_num_threads())
+    return max(1, min(layout.bh, budget // max(bq * bk * dtype_bytes, 1)))
+
+
+def keeps_scores(layout: Layout, dtype_bytes: int = 4) -> bool:
+    """Whether forward keeps the (non-causal) scores for backward at this size."""
+    io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
+    kept = layout.bh * layout.nq * layout.nk * dtype_bytes
+    return kept <= min(_KEEP_FACTOR * io_bytes, _KEEP_SCORES_BYTES)
+
+
+@dataclass
+class Tile:
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+    masked: bool  # needs a mask tile: a partial attn_mask block or a causal diagonal block
+    diagonal: bool
+
+
+@dataclass
+class Plan:
+    """Everything about one call that is not a tensor to differentiate."""
+
+    activation: Activation
+    layout: Layout
+    scale: float
+    causal: bool
+    bq: int
+    bk: int
+    mask: BlockSource | None
+    bias: BlockSource | None
+    r: torch.Tensor | float  # 1/divisor per query row (elementwise activations)
+    keep_scores: bool = False  # forward saves the score tiles for backward (short sequences)
+    whole: bool = False  # that one tile covers every query and key: results are written, not accumulated
+    groups: list[tuple[int, int]] = field(default_factory=list)
+    tiles: list[Tile] = field(default_factory=list)
+
+    def rows(self) -> list[tuple[int, int, list[Tile]]]:
+        out: dict[tuple[int, int], list[Tile]] = {}
+        for t in self.tiles:
+            out.setdefault((t.i0, t.i1), []).append(t)
+        return [(i0, i1, ts) for (i0, i1), ts in out.items()]
+
+    def cols(self) -> list[tuple[int, int, list[Tile]]]:
+        out: dict[tuple[int, int], list[Tile]] = {}
+        for t in self.tiles:
+            out.setdefault((t.j0, t.j1), []).append(t)
+        return [(j0, j1, ts) for (j0, j1), ts in sorted(out.items())]
+
+    def blocked(self, tile: Tile, h0: int, h1: int, device: torch.device) -> torch.Tensor | None:
+        """True where the tile's entries may NOT be attended (for masked_fill_), or None."""
+        if not tile.masked:
+            return None
+        allowed = None
+        if self.mask is not None:
+            allowed = self.mask.heads(h0, h1).block(tile.i0, tile.i1, tile.j0, tile.j1)
+        if tile.diagonal:
+            c = causal_block(tile.i0, tile.i1, tile.j0, tile.j1, device)
+            allowed = c if allowed is None else allowed & c
+        return ~allowed
+
+    def r_rows(self, h0: int, h1: int, i0: int, i1: int) -> torch.Tensor | float:
+        r = self.r
+        if not isinstance(r, torch.Tensor):
+            return r
+        r = r if r.shape[0] == 1 else r[h0:h1]
+        return r if r.shape[1] == 1 else r[:, i0:i1]
+
+
+def _mask_summary(mask: BlockSource, i0: int, i1: int, j0: int, j1: int) -> tuple[bool, bool]:
+    """(any allowed, all allowed) over every head for this block."""
+    b = mask.flat[:, slice(0, 1) if mask.rows_broadcast else slice(i0, i1),
+                  slice(0, 1) if mask.cols_broadcast else slice(j0, j1)]
+    return bool(b.any()), bool(b.all())
+
+
+def _make_plan(
+    activation: Activation,
+    layout: Layout,
+    scale: float,
+    causal: bool,
+    mask: BlockSource | None,
+    bias: BlockSource | None,
+    r: torch.Tensor | float,
+    device: torch.device,
+    block_sizes: tuple[int, int] | None,
+    dtype_bytes: int,
+) -> Plan:
+    bq, bk = block_sizes or default_block_sizes(layout, device)
+    plan = Plan(activation, layout, scale, causal, bq, bk, mask, bias, r)
+    group = tile_group(layout, bq, bk, dtype_bytes, device)
+    plan.groups = [(h, min(layout.bh, h + group)) for h in range(0, layout.bh, group)]
+
+    key_summary: dict[tuple[int, int], tuple[bool, bool]] = {}
+    for i0 in range(0, layout.nq, bq):
+        i1 = min(layout.nq, i0 + bq)
+        j_end = min(layout.nk, i1) if causal else layout.nk  # key j <= query i
+        for j0 in range(0, j_end, bk):
+            j1 = min(j_end, j0 + bk)
+            diagonal = causal and j1 - 1 > i0
+            partial = False
+            if mask is not None:
+                if mask.rows_broadcast:  # padding mask: one summary per key block
+                    if (j0, j1) not in key_summary:
+                        key_summary[(j0, j1)] = _mask_summary(mask, i0, i1, j0, j1)
+                    any_ok, all_ok = key_summary[(j0, j1)]
+                else:
+                    any_ok, all_ok = _mask_summary(mask, i0, i1, j0, j1)
+                if not any_ok:
+                    continue
+                partial = not all_ok
+            plan.tiles.append(Tile(i0, i1, j0, j1, partial or diagonal, diagonal))
+    kept_bytes = sum((t.i1 - t.i0) * (t.j1 - t.j0) for t in plan.tiles) * layout.bh * dtype_bytes
+    io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
+    plan.keep_scores = (
+        not activation.is_softmax and bool(plan.tiles)
+        and kept_bytes <= min(_KEEP_FACTOR * io_bytes, _KEEP_SCORES_BYTES)
+    )
+    plan.whole = len(plan.tiles) == 1 and (plan.tiles[0].j0, plan.tiles[0].j1) == (0, layout.nk) and (
+        plan.tiles[0].i0, plan.tiles[0].i1) == (0, layout.nq)
+    return plan
+
+
+def _kept_sizes(plan: Plan) -> list[int]:
+    return [(h1 - h0) * (t.i1 - t.i0) * (t.j1 - t.j0) for h0, h1 in plan.groups for t in plan.tiles]
+
+
+def _kept_offsets(plan: Plan) -> dict[tuple[int, int, int], int]:
+    """Start of each (head group, tile) in the flat buffer of kept scores."""
+    offsets, pos = {}, 0
+    for h0, h1 in plan.groups:
+        for t in plan.tiles:
+            offsets[(h0, t.i0, t.j0)] = pos
+            pos += (h1 - h0) * (t.i1 - t.i0) * (t.j1 - t.j0)
+    return offsets
+
+
+def _tile_buffer(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous (g, bq, bk) view at the start of a flat buffer (edge tiles are smaller)."""
+    return buf[: math.prod(shape)].view(*shape)
+
+
+# --------------------------------------------------------------------------
+# elementwise activations (x^p above all)
+# --------------------------------------------------------------------------
+def _phi_inplace(s: torch.Tensor, act: Activation, blocked: torch.Tensor | None) -> torch.Tensor:
+    """A = phi(S) without divisor, masked entries 0; overwrites s where it can."""
+    if blocked is not None:
+        # Zero before phi so phi never sees a score it could overflow on.
+        s.masked_fill_(blocked, 0.0)
+    if act.is_polynomial:
+        p = act.power
+        if p == 2:
+            s.mul_(s)
+        elif p > 2:
+            s.pow_(p)
+        return s  # phi(0) = 0: masked entries are already 0
+    a = act.base(s)
+    if blocked is not None:
+        a.masked_fill_(blocked, 0.0)
+    return a
+
+
+def _fwd_elementwise(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output, and the (masked) scores when ``plan.keep_scores``."""
+    lay, act = plan.layout, plan.activation
+    alloc = torch.empty if plan.whole else torch.zeros
+    out = alloc(lay.bh, lay.nq, lay.dv, dtype=q.dtype, device=q.device)
+    kept = None
+    if plan.keep_scores:  # tile after tile, each (heads, bq, bk) tile contiguous
+        kept = torch.empty(sum(_kept_sizes(plan)), dtype=q.dtype, device=q.device)
+    offsets = _kept_offsets(plan)
+    for h0, h1 in plan.groups:
+        g = h1 - h0
+        buf = torch.empty(g * plan.bq * plan.bk, dtype=q.dtype, device=q.device)
+        bias_src = plan.bias.heads(h0, h1) if plan.bias is not None else None
+        for i0, i1, tiles in plan.rows():
+            qi = q[h0:h1, i0:i1] * plan.scale
+            oi = out[h0:h1, i0:i1]
+            for t in tiles:
+                shape = (g, i1 - i0, t.j1 - t.j0)
+                if kept is not None:
+                    s = kept[offsets[(h0, t.i0, t.j0)]:][: math.prod(shape)].view(*shape)
+                else:
+                    s = _tile_buffer(buf, *shape)
+                torch.bmm(qi, k[h0:h1, t.j0:t.j1].transpose(1, 2), out=s)
+                if bias_src is not None:
+                    s.add_(bias_src.block(i0, i1, t.j0, t.j1))
+                blocked = plan.blocked(t, h0, h1, q.device)
+                if kept is None:
+                    a = _phi_inplace(s, act, blocked)
+                else:  # s is kept for backward: phi goes to the tile buffer
+                    if blocked is not None:
+                        s.masked_fill_(blocked, 0.0)
+                    if act.is_polynomial:
+                        a = torch.pow(s, act.power, out=_tile_buffer(buf, *shape)) if act.power > 1 else s
+                    else:
+                        a = _phi_inplace(_tile_buffer(buf, *shape).copy_(s), act, blocked)
+                if plan.whole:
+                    torch.bmm(a, v[h0:h1], out=oi)
+                else:
+                    oi.baddbmm_(a, v[h0:h1, t.j0:t.j1])
+            r = plan.r_rows(h0, h1, i0, i1)
+            if isinstance(r, torch.Tensor):
+                oi.mul_(r)
+    if not isinstance(plan.r, torch.Tensor) and plan.r != 1.0:
+        out.mul_(plan.r)
+    return out, kept
+
+
+def _bwd_elementwise(q, k, v, do, kept, plan: Plan, need: tuple[bool, bool, bool, bool]):
+    """Recompute each tile (or read the kept scores); rows outer so the scaled q_i and dO_i
+    rows are made once per row block. Kept scores are read, never written."""
+    act = plan.activation
+    need_q, need_k, need_v, need_bias = need
+    need_ds = need_q or need_k or need_bias
+    alloc = torch.empty_like if plan.whole else torch.zeros_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    offsets = _kept_offsets(plan)
+    dbias = torch.zeros_like(plan.bias.flat) if (need_bias and plan.bias is not None) else None
+    poly = act.is_polynomial
+    p = act.power if poly else 1
+    # phi'(s) = p s^(p-1) for x^p: the constant p is applied once to dQ, dK (and dbias).
+    dconst = float(p) if poly else 1.0
+    for h0, h1 in plan.groups:
+        g = h1 - h0
+        n = g * plan.bq * plan.bk
+        s_buf = torch.empty(n, dtype=q.dtype, device=q.device)
+        t_buf = torch.empty(n, dtype=q.dtype, device=q.device) if poly and p >= 2 else None
+        bias_src = plan.bias.heads(h0, h1) if plan.bias is not None else None
+        for i0, i1, tiles in plan.rows():
+            qi = q[h0:h1, i0:i1] * plan.scale
+            doi = do[h0:h1, i0:i1]
+            r = plan.r_rows(h0, h1, i0, i1)
+            if isinstance(r, torch.Tensor) or r != 1.0:
+                doi = doi * r  # the row divisor, moved from A onto dO
+            dqi = dq[h0:h1, i0:i1]
+            for t in tiles:
+                j0, j1 = t.j0, t.j1
+                kj, vj = k[h0:h1, j0:j1], v[h0:h1, j0:j1]
+                shape = (g, i1 - i0, j1 - j0)
+                sb = _tile_buffer(s_buf, *shape)
+                blocked = plan.blocked(t, h0, h1, q.device)
+                if kept is not None:  # masked entries already 0
+                    s = kept[offsets[(h0, i0, j0)]:][: math.prod(shape)].view(*shape)
+                else:
+                    s = torch.bmm(qi, kj.transpose(1, 2), out=sb)
+                    if bias_src is not None:
+                        s.add_(bias_src.block(i0, i1, j0, j1))
+                    if blocked is not None:
+                        s.masked_fill_(blocked, 0.0)
+                # a = phi(s) and deriv = phi'(s) / dconst, both 0 at masked entries;
+                # ``spare`` is a buffer free once dV is done, where dA goes.
+                if poly and p == 1:
+                    a, deriv, spare = s, None, sb
+                elif poly and p == 2:
+                    a = torch.mul(s, s, out=_tile_buffer(t_buf, *shape))
+                    deriv, spare = s, a
+                elif poly:
+                    tb = _tile_buffer(t_buf, *shape)
+                    deriv = torch.mul(s, s, out=tb) if p == 3 else torch.pow(s, p - 1, out=tb)
+                    a = torch.mul(s, deriv, out=sb)
+                    spare = sb
+                else:
+                    a, deriv, spare = act.base(s), act.base_derivative(s), sb
+                    if blocked is not None:
+                        a.masked_fill_(blocked, 0.0)
+                        deriv.masked_fill_(blocked, 0.0)
+                if need_v:
+                    if plan.whole:
+                        torch.bmm(a.transpose(1, 2), doi, out=dv[h0:h1])
+                    else:
+                        dv[h0:h1, j0:j1].baddbmm_(a.transpose(1, 2), doi)
+                if not need_ds:
+                    continue
+                ds = torch.bmm(doi, vj.transpose(1, 2), out=spare)
+                if deriv is not None:
+                    ds.mul_(deriv)
+                elif blocked is not None:
+                    ds.masked_fill_(blocked, 0.0)
+                if plan.whole:
+                    if need_q:
+                        torch.bmm(ds, kj, out=dqi)
+                    if need_k:
+                        torch.bmm(ds.transpose(1, 2), qi, out=dk[h0:h1])
+                else:
+                    if need_q:
+                        dqi.baddbmm_(ds, kj)
+                    if need_k:
+                        dk[h0:h1, j0:j1].baddbmm_(ds.transpose(1, 2), qi)
+                if dbias is not None:
+                    bias_src.accumulate(dbias, ds * dconst if dconst != 1.0 else ds, i0, i1, j0, j1)
+    dq.mul_(dconst * plan.scale)
+    if dconst != 1.0:
+        dk.mul_(dconst)
+    return dq, dk, dv, dbias
+
+
+# --------------------------------------------------------------------------
+# softmax (online normalisation)
+# --------------------------------------------------------------------------
+def _fwd_softmax(q, k, v, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    lay = plan.layout
+    out = torch.zeros(lay.bh, lay.nq, lay.dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lay.bh, lay.nq, 1, dtype=q.dtype, device=q.device)
+    neg_inf = float("-inf")
+    rows = plan.rows()
+    covered = {(i0, i1) for i0, i1, _ in rows}
+    for h0, h1 in plan.groups:
+        g = h1 - h0
+        buf = torch.empty(g * plan.bq * plan.bk, dtype=q.dtype, device=q.device)
+        bias_src = plan.bias.heads(h0, h1) if plan.bias is not None else None
+        for i0, i1, tiles in rows:
+            qi = q[h0:h1, i0:i1] * plan.scale
+            oi = out[h0:h1, i0:i1]
+            m = torch.full((g, i1 - i0, 1), neg_inf, dtype=q.dtype, device=q.device)
+            ell = torch.zeros(g, i1 - i0, 1, dtype=q.dtype, device=q.device)
+            m_safe = torch.zeros_like(m)
+            for t in tiles:
+                s = _tile_buffer(buf, g, i1 - i0, t.j1 - t.j0)
+                torch.bmm(qi, k[h0:h1, t.j0:t.j1].transpose(1, 2), out=s)
+                if bias_src is not None:
+                    s.add_(bias_src.block(i0, i1, t.j0, t.j1))
+                blocked = plan.blocked(t, h0, h1, q.device)
+                if blocked is not None:
+                    s.masked_fill_(blocked, neg_inf)
+                m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                # Rows with nothing allowed yet keep max -inf; shifting by 0 keeps exp at 0.
+                m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
+                s.sub_(m_safe).exp_()
+                alpha = torch.exp(m - m_safe)
+                ell.mul_(alpha).add_(s.sum(dim=-1, keepdim=True))
+                oi.mul_(alpha).baddbmm_(s, v[h0:h1, t.j0:t.j1])
+                m = m_new
+            empty = ell == 0
+            oi.div_(ell.masked_fill(empty, 1.0))
+            lse[h0:h1, i0:i1] = (m_safe + ell.log()).masked_fill(empty, float("inf"))
+        # Query rows with no tile at all (every key masked) attend nothing.
+        for i0 in range(0, lay.nq, plan.bq):
+            i1 = min(lay.nq, i0 + plan.bq)
+            if (i0, i1) not in covered:
+                lse[h0:h1, i0:i1] = float("inf")
+    return out, lse
+
+
+def _bwd_softmax(q, k, v, out, lse, do, plan: Plan, need):
+    need_q, need_k, need_v, need_bias = need
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dbias = torch.zeros_like(plan.bias.flat) if (need_bias and plan.bias is not None) else None
+    for h0, h1 in plan.groups:
+        g = h1 - h0
+        n = g * plan.bq * plan.bk
+        s_buf = torch.empty(n, dtype=q.dtype, device=q.device)
+        dp_buf = torch.empty(n, dtype=q.dtype, device=q.device)
+        bias_src = plan.bias.heads(h0, h1) if plan.bias is not None else None
+        for i0, i1, tiles in plan.rows():
+            qi = q[h0:h1, i0:i1] * plan.scale
+            doi = do[h0:h1, i0:i1]
+            # rowsum(dO * O): the diagonal term of the softmax Jacobian
+            delta = (doi * out[h0:h1, i0:i1]).sum(dim=-1, keepdim=True)
+            lse_i = lse[h0:h1, i0:i1]
+            dqi = dq[h0:h1, i0:i1]
+            for t in tiles:
+                j0, j1 = t.j0, t.j1
+                kj, vj = k[h0:h1, j0:j1], v[h0:h1, j0:j1]
+                shape = (g, i1 - i0, j1 - j0)
+                s = torch.bmm(qi, kj.transpose(1, 2), out=_tile_buffer(s_buf, *shape))
+                if bias_src is not None:
+                    s.add_(bias_src.block(i0, i1, j0, j1))
+                blocked = plan.blocked(t, h0, h1, q.device)
+                if blocked is not None:
+                    s.masked_fill_(blocked, float("-inf"))
+                pr = s.sub_(lse_i).exp_()
+                if need_v:
+                    dv[h0:h1, j0:j1].baddbmm_(pr.transpose(1, 2), doi)
+                if not (need_q or need_k or dbias is not None):
+                    continue
+                ds = torch.bmm(doi, vj.transpose(1, 2), out=_tile_buffer(dp_buf, *shape))
+                ds.sub_(delta).mul_(pr)
+                if need_q:
+                    dqi.baddbmm_(ds, kj)
+                if need_k:
+                    dk[h0:h1, j0:j1].baddbmm_(ds.transpose(1, 2), qi)
+                if dbias is not None:
+                    bias_src.accumulate(dbias, ds, i0, i1, j0, j1)
+    dq.mul_(plan.scale)
+    return dq, dk, dv, dbias
+
+
+class _ChunkedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias_flat, plan: Plan):
+        # bias_flat is plan.bias.flat: an input here only so autograd routes its gradient.
+        if plan.activation.is_softmax:
+            out, lse = _fwd_softmax(q, k, v, plan)
+            ctx.save_for_backward(q, k, v, out, lse)
+        else:
+            out, kept = _fwd_elementwise(q, k, v, plan)
+            ctx.save_for_backward(q, k, v, kept)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        refuse_double_backward("chunked")
+        plan: Plan = ctx.plan
+        need = tuple(ctx.needs_input_grad[:4])
+        dout = dout.contiguous()
+        if plan.activation.is_softmax:
+            q, k, v, out, lse = ctx.saved_tensors
+            dq, dk, dv, dbias = _bwd_softmax(q, k, v, out, lse, dout, plan, need)
+        else:
+            q, k, v, kept = ctx.saved_tensors
+            dq, dk, dv, dbias = _bwd_elementwise(q, k, v, dout, kept, plan, need)
+        return dq, dk, dv, dbias, None
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    activation: Activation,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    block_sizes: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Tiled attention equal to the reference, in O(N * block) memory; every activation.
+
+    ``block_sizes=(BQ, BK)`` overrides the tile shape (see :func:`default_block_sizes`).
+    Not twice differentiable (no ``create_graph`` through it): use ``backend="reference"`` there.
+    """
+    if dropout_p > 0.0:
+        raise BackendUnsupported(
+            "backend 'chunked' does not support dropout_p > 0; use backend='reference' (or 'auto')"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qf, kf, vf, batch = flatten_heads(q, k, v)
+    layout = Layout.of(qf, kf, vf)
+    mask_src = BlockSource(attn_mask, batch) if attn_mask is not None else None
+    bias_src = BlockSource(bias.to(qf.dtype), batch) if bias is not None else None
+    r: torch.Tensor | float = 1.0
+    if not activation.is_softmax:
+        counts = None
+        if activation.is_dynamic:
+            counts = row_counts(mask_src, causal, layout.nq, layout.nk, qf.device)
+        r = row_factors(activation, counts, layout.nk, qf.dtype)
+    plan = _make_plan(
+        activation, layout, float(scale), causal, mask_src, bias_src, r, qf.device,
+        block_sizes, qf.element_size(),
+    )
+    out = _ChunkedFunction.apply(qf, kf, vf, bias_src.flat if bias_src is not None else None, plan)
+    return unflatten(out, batch)

@@ -1,0 +1,222 @@
+"""Shared pieces of the fast backends: flat layouts, block access, row counts.
+
+The fast backends work on q, k, v flattened to (BH, N, d), where BH is the
+product of the broadcast leading dimensions. Masks and biases stay in their
+own (often broadcast) shapes and are read one block at a time, so a key-padding
+mask (B, 1, 1, Nk) or a shared (Nq, Nk) bias is never expanded to
+(B, H, Nq, Nk).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..activations import Activation
+
+__all__ = [
+    "BackendUnsupported",
+    "BlockSource",
+    "Layout",
+    "causal_block",
+    "flatten_heads",
+    "mask_kind",
+    "refuse_double_backward",
+    "row_counts",
+    "row_factors",
+    "unflatten",
+]
+
+
+class BackendUnsupported(ValueError):
+    """A backend was asked for a combination of inputs it cannot compute."""
+
+
+def refuse_double_backward(name: str) -> None:
+    """Called at the top of a custom backward: its gradients carry no graph of their own.
+
+    Grad mode is on inside backward only under ``create_graph=True``; returning
+    graph-less gradients there would silently drop every second-order term.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend {name!r} is not twice differentiable (create_graph=True through attention); "
+            "use backend='reference' for higher derivatives"
+        )
+
+
+def flatten_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """q, k, v with broadcast leading dims -> contiguous (BH, N, d) views/copies, and the batch shape.
+
+    Differentiable: gradients of broadcast inputs are summed back by autograd.
+    """
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]).contiguous()
+
+    return flat(q), flat(k), flat(v), batch
+
+
+def unflatten(out: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+def causal_block(i0: int, i1: int, j0: int, j1: int, device: torch.device) -> torch.Tensor:
+    """(i1-i0, j1-j0) bool, True where key j <= query i (top-left aligned, as SDPA's is_causal)."""
+    i = torch.arange(i0, i1, device=device).unsqueeze(-1)
+    j = torch.arange(j0, j1, device=device)
+    return j <= i
+
+
+class BlockSource:
+    """A tensor broadcastable to (*batch, Nq, Nk), read (and for gradients written) block by block.
+
+    ``flat`` is the tensor reshaped to (MB, MQ, MK) with MB the product of its
+    own leading dims (1 or matching the batch), MQ in {1, Nq}, MK in {1, Nk}.
+    A block comes back as (BH or 1, bq or 1, bk or 1), ready to broadcast
+    against a (BH, bq, bk) tile. ``heads(h0, h1)`` restricts it to a range of
+    the flat batch.
+    """
+
+    def __init__(self, t: torch.Tensor, batch: tuple[int, ...]) -> None:
+        pad = len(batch) + 2 - t.dim()
+        t = t.reshape((1,) * pad + tuple(t.shape))
+        own_batch = tuple(t.shape[:-2])
+        self.rows_broadcast = t.shape[-2] == 1
+        self.cols_broadcast = t.shape[-1] == 1
+        nb = math.prod(own_batch)
+        self.flat = t.reshape(nb, t.shape[-2], t.shape[-1])
+        self.h0, self.h1 = 0, math.prod(batch)
+        # "shared": one entry for the whole batch; "identity": one per flat
+        # batch entry; "indexed": broadcast over some batch dims (e.g. a
+        # (1, H, N, N) bias under batch (B, H)), mapped through ``index``.
+        self.index: torch.Tensor | None = None
+        if nb == 1:
+            self.kind = "shared"
+        elif own_batch == batch:
+            self.kind = "identity"
+        else:
+            self.kind = "indexed"
+            self.index = torch.arange(nb, device=t.device).reshape(own_batch).expand(*batch).reshape(-1)
+
+    def heads(self, h0: int, h1: int) -> BlockSource:
+        """The same source restricted to flat batch entries [h0, h1)."""
+        sub = copy.copy(self)
+        sub.h0, sub.h1 = h0, h1
+        return sub
+
+    def _slices(self, i0: int, i1: int, j0: int, j1: int) -> tuple[slice, slice]:
+        rs = slice(0, 1) if self.rows_broadcast else slice(i0, i1)
+        cs = slice(0, 1) if self.cols_broadcast else slice(j0, j1)
+        return rs, cs
+
+    def block(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        rs, cs = self._slices(i0, i1, j0, j1)
+        if self.kind == "shared":
+            return self.flat[:, rs, cs]
+        if self.kind == "identity":
+            return self.flat[self.h0 : self.h1, rs, cs]
+        return self.flat[:, rs, cs].index_select(0, self.index[self.h0 : self.h1])
+
+    def accumulate(self, grad: torch.Tensor, g: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+        """Add the (heads, bq, bk) tile gradient g into ``grad`` (shaped like ``flat``) at this block."""
+        if self.rows_broadcast:
+            g = g.sum(dim=1, keepdim=True)
+        if self.cols_broadcast:
+            g = g.sum(dim=2, keepdim=True)
+        rs, cs = self._slices(i0, i1, j0, j1)
+        if self.kind == "shared":
+            grad[:, rs, cs].add_(g.sum(dim=0, keepdim=True))
+        elif self.kind == "identity":
+            grad[self.h0 : self.h1, rs, cs].add_(g)
+        else:
+            grad[:, rs, cs].index_add_(0, self.index[self.h0 : self.h1], g)
+
+
+def mask_kind(attn_mask: torch.Tensor | None) -> str | None:
+    """None, ``"padding"`` (the same keys for every query: shape (..., 1, Nk)) or ``"full"``."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1:
+        return "padding"
+    if attn_mask.dim() < 2:
+        return "padding"
+    return "full"
+
+
+def row_counts(
+    mask: BlockSource | None, causal: bool, nq: int, nk: int, device: torch.device, block: int = 512
+) -> torch.Tensor | None:
+    """Keys each query row may attend, as (BH or 1, Nq or 1, 1) int64; None when every row sees all Nk.
+
+    Never builds the (Nq, Nk) causal mask: padding masks use a prefix sum over
+    keys, full masks are summed one block of rows at a time.
+    """
+    if mask is None:
+        if not causal:
+            return None
+        return torch.arange(1, nq + 1, device=device).clamp_(max=nk).view(1, nq, 1)
+    m = mask.flat
+    if mask.cols_broadcast:  # (.., 1) mask: every key shares one flag per row
+        m = m.expand(m.shape[0], m.shape[1], nk)
+    if mask.rows_broadcast:
+        if not causal:
+            counts = m.sum(dim=-1, keepdim=True)
+        else:
+            prefix = m[:, 0, :].cumsum(dim=-1)  # (MB, Nk): allowed keys among 0..j
+            last = torch.arange(nq, device=device).clamp_(max=max(nk - 1, 0))
+            counts = (
+                prefix.index_select(1, last).unsqueeze(-1)
+                if nk > 0
+                else torch.zeros(m.shape[0], nq, 1, dtype=torch.long, device=device)
+            )
+    else:
+        parts = []
+        for i0 in range(0, nq, block):
+            i1 = min(nq, i0 + block)
+            mb = m[:, i0:i1, :]
+            if causal:
+                mb = mb & causal_block(i0, i1, 0, nk, device)
+            parts.append(mb.sum(dim=-1, keepdim=True))
+        counts = torch.cat(parts, dim=1) if parts else torch.zeros(m.shape[0], 0, 1, dtype=torch.long)
+    if mask.index is not None:
+        counts = counts.index_select(0, mask.index)
+    return counts
+
+
+def row_factors(
+    activation: Activation, counts: torch.Tensor | None, nk: int, dtype: torch.dtype
+) -> torch.Tensor | float:
+    """1 / divisor per query row: (BH or 1, Nq or 1, 1) tensor for dynamic divisors, else a float.
+
+    The divisor scales a whole row of A, so backends apply it to the output
+    rows (and to dO in backward) instead of to every entry of A.
+    """
+    if activation.divisor is None:
+        return 1.0
+    if not activation.is_dynamic:
+        return 1.0 / float(activation.divisor_value(nk))
+    if counts is None:
+        return 1.0 / float(activation.divisor_value(nk))
+    return 1.0 / activation.divisor_value(counts.to(dtype))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of one flattened attention problem."""
+
+    bh: int
+    nq: int
+    nk: int
+    d: int
+    dv: int
+
+    @staticmethod
+    def of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Layout:
+        return Layout(q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])

@@ -1,0 +1,394 @@
+"""The exact linear-time form of x^p attention (integer p), forward and backward.
+
+For integer p, (q . k)^p = <phi_p(q), phi_p(k)> where phi_p lists every
+monomial of degree p in the d coordinates once (the symmetric tensor power),
+weighted by the square root of its multinomial coefficient:
+
+    phi_p(x)_f = sqrt(p! / (c_1! ... c_d!)) * x_1^c_1 ... x_d^c_d,   sum c = p,
+
+so there are F = C(d + p - 1, p) features (528 for d = 32, p = 2; 2,080 for
+d = 64, p = 2; 5,984 for d = 32, p = 3; 47,905 for d = 64, p = 3). Then
+
+    sum_j (q_i . k_j)^p v_j = phi(q_i)^T (sum_j phi(k_j) v_j^T)
+
+costs O(N F dv) instead of O(Nq Nk d): exact up to float rounding, not an
+approximation. It pays off when N is larger than about F (times a constant
+the cost model in ``backends/auto.py`` measures): for x^2 at d = 32 from
+N ~ 1k, for x^3 at d = 64 only beyond N ~ 50k.
+
+Non-causal: one (F, dv) state per head. Causal: queries and keys in chunks;
+a chunk sees the state of all earlier chunks through phi and its own keys
+through the quadratic form (q k^T)^p with a causal mask, so no feature of a
+query is ever multiplied by a later key. Padding masks zero the values of
+padded keys; the divisor (1/C, 1/sqrt(N), 1/N with N the attendable keys of
+the row) scales output rows. Backward recomputes features chunk by chunk, so
+memory stays O(N + chunk * F + F * dv) per head.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..activations import Activation
+from .common import (
+    BackendUnsupported,
+    BlockSource,
+    Layout,
+    causal_block,
+    flatten_heads,
+    mask_kind,
+    refuse_double_backward,
+    row_counts,
+    row_factors,
+    unflatten,
+)
+
+__all__ = ["feature_count", "linear_attention", "linear_unsupported_reason", "symmetric_features"]
+
+# Bytes of one (heads, F, chunk) feature buffer; a few of them are live at once.
+_FEATURE_BYTES = 16 << 20
+_CAUSAL_CHUNK = 128
+_GLOBAL_CHUNK = 128
+
+
+def feature_count(d: int, p: int) -> int:
+    """C(d + p - 1, p): the number of symmetric degree-p features of a d-vector."""
+    return math.comb(d + p - 1, p)
+
+
+@lru_cache(maxsize=32)
+def _feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, F) index table (row t: the t-th index of each multiset) and the multinomial coefficients (F,)."""
+    combos = list(itertools.combinations_with_replacement(range(d), p))
+    idx = torch.tensor(combos, dtype=torch.long).T.contiguous()
+    coefs = []
+    for c in combos:
+        coef = math.factorial(p)
+        for _, group in itertools.groupby(c):
+            coef //= math.factorial(len(list(group)))
+        coefs.append(float(coef))
+    return idx, torch.tensor(coefs, dtype=torch.float64)
+
+
+def symmetric_features(x: torch.Tensor, p: int) -> torch.Tensor:
+    """phi_p(x) over the last dim: (..., d) -> (..., C(d+p-1, p)), with <phi(a), phi(b)> = (a . b)^p."""
+    d = x.shape[-1]
+    idx, coef = _feature_tables(d, p)
+    idx = idx.to(x.device)
+    out = x.index_select(-1, idx[0])
+    for t in range(1, p):
+        out = out * x.index_select(-1, idx[t])
+    return out * coef.to(device=x.device, dtype=x.dtype).sqrt()
+
+
+class _Monomials:
+    """The raw monomials m_f(x) = prod_t x[idx_t[f]] of chunks (heads, d, c) -> (heads, F, c), and their VJP.
+
+    (q . k)^p = sum_f coef_f m_f(q) m_f(k): the backends keep the coefficients
+    on the small (F, dv) states instead of multiplying them into every
+    feature. The feature axis is the middle one so each gather copies whole
+    contiguous rows of c values.
+    """
+
+    def __init__(self, d: int, p: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.p = p
+        idx, coef = _feature_tables(d, p)
+        self.idx = [idx[t].to(device) for t in range(p)]
+        self.coef = coef.to(device=device, dtype=dtype).view(1, -1, 1)
+        self.count = idx.shape[1]
+
+    def _columns(self, xt: torch.Tensor) -> list[torch.Tensor]:
+        return [xt.index_select(1, i) for i in self.idx]
+
+    def __call__(self, xt: torch.Tensor) -> torch.Tensor:
+        if self.p == 1:
+            return xt
+        xt = xt.contiguous()
+        out = xt.index_select(1, self.idx[0])
+        for t in range(1, self.p):
+            out.mul_(xt.index_select(1, self.idx[t]))
+        return out
+
+    def vjp(self, xt: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """d<gt, m(xt)>/d xt for gt (heads, F, c): (heads, d, c)."""
+        if self.p == 1:
+            return gt
+        xt = xt.contiguous()
+        cols = self._columns(xt)
+        dx = torch.zeros_like(xt)
+        for t in range(self.p):
+            others = [cols[s] for s in range(self.p) if s != t]
+            term = gt * others[0]
+            for o in others[1:]:
+                term.mul_(o)
+            dx.index_add_(1, self.idx[t], term)
+        return dx
+
+    def weigh(self, state: torch.Tensor) -> torch.Tensor:
+        """coef (.) state for a (heads, F, dv) state."""
+        return state if self.p == 1 else state * self.coef
+
+
+@dataclass
+class _Plan:
+    activation: Activation
+    layout: Layout
+    scale: float
+    causal: bool
+    key_mask: torch.Tensor | None  # (BH or 1, Nk, 1) float, 1 = attendable
+    r: torch.Tensor | float
+    chunk: int
+    groups: list[tuple[int, int]]
+
+    def rows(self, t: torch.Tensor | float, h0: int, h1: int, i0: int, i1: int):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t if t.shape[0] == 1 else t[h0:h1]
+        return t if t.shape[1] == 1 else t[:, i0:i1]
+
+
+def _masked_values(v: torch.Tensor, plan: _Plan, h0: int, h1: int) -> torch.Tensor:
+    if plan.key_mask is None:
+        return v[h0:h1]
+    m = plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1]
+    return v[h0:h1] * m
+
+
+def _scale_rows(x: torch.Tensor, r) -> torch.Tensor:
+    if isinstance(r, torch.Tensor) or r != 1.0:
+        return x * r
+    return x
+
+
+# --------------------------------------------------------------------------
+# non-causal: one state per head
+# --------------------------------------------------------------------------
+def _fwd_global(q, k, v, plan: _Plan, mono: _Monomials):
+    lay = plan.layout
+    out = torch.empty(lay.bh, lay.nq, lay.dv, dtype=q.dtype, device=q.device)
+    states = torch.empty(lay.bh, mono.count, lay.dv, dtype=q.dtype, device=q.device)
+    c = plan.chunk
+    for h0, h1 in plan.groups:
+        vm = _masked_values(v, plan, h0, h1)
+        h = states[h0:h1].zero_()
+        for j0 in range(0, lay.nk, c):
+            kt = k[h0:h1, j0:j0 + c].transpose(1, 2)
+            h.baddbmm_(mono(kt), vm[:, j0:j0 + c])
+        hw = mono.weigh(h)
+        states[h0:h1] = hw
+        for i0 in range(0, lay.nq, c):
+            i1 = min(lay.nq, i0 + c)
+            qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2)
+            o = torch.bmm(mono(qt).transpose(1, 2), hw)
+            out[h0:h1, i0:i1] = _scale_rows(o, plan.rows(plan.r, h0, h1, i0, i1))
+    return out, states  # states hold coef (.) sum_j m(k_j) v_j^T
+
+
+def _bwd_global(q, k, v, states, do, plan: _Plan, mono: _Monomials):
+    lay = plan.layout
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    c = plan.chunk
+    for h0, h1 in plan.groups:
+        vm = _masked_values(v, plan, h0, h1)
+        hw = states[h0:h1]
+        dhw = torch.zeros_like(hw)
+        for i0 in range(0, lay.nq, c):
+            i1 = min(lay.nq, i0 + c)
+            qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2).contiguous()
+            dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+            dhw.baddbmm_(mono(qt), dor)
+            dmq = torch.bmm(hw, dor.transpose(1, 2))
+            dq[h0:h1, i0:i1] = mono.vjp(qt, dmq).transpose(1, 2) * plan.scale
+        dh = mono.weigh(dhw)
+        for j0 in range(0, lay.nk, c):
+            j1 = min(lay.nk, j0 + c)
+            kt = k[h0:h1, j0:j1].transpose(1, 2).contiguous()
+            dmk = torch.bmm(dh, vm[:, j0:j1].transpose(1, 2))
+            dk[h0:h1, j0:j1] = mono.vjp(kt, dmk).transpose(1, 2)
+            dv[h0:h1, j0:j1] = torch.bmm(mono(kt).transpose(1, 2), dh)
+        if plan.key_mask is not None:
+            dv[h0:h1].mul_(plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1])
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------
+# causal: chunked prefix sums of the state
+# --------------------------------------------------------------------------
+def _intra(qs: torch.Tensor, kc: torch.Tensor, p: int, i0: int, j0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q k^T) and its p-th power, zero above the causal diagonal, for one chunk."""
+    s = torch.bmm(qs, kc.transpose(1, 2))
+    allowed = causal_block(i0, i0 + qs.shape[1], j0, j0 + kc.shape[1], qs.device)
+    s.masked_fill_(~allowed, 0.0)
+    return s, s.pow(p) if p > 1 else s
+
+
+def _fwd_causal(q, k, v, plan: _Plan, mono: _Monomials):
+    lay, p = plan.layout, plan.activation.power
+    out = torch.empty(lay.bh, lay.nq, lay.dv, dtype=q.dtype, device=q.device)
+    c = plan.chunk
+    for h0, h1 in plan.groups:
+        vm = _masked_values(v, plan, h0, h1)
+        h = torch.zeros(h1 - h0, mono.count, lay.dv, dtype=q.dtype, device=q.device)
+        for i0 in range(0, lay.nq, c):
+            i1 = min(lay.nq, i0 + c)
+            qs = q[h0:h1, i0:i1] * plan.scale
+            if i0 > 0 and lay.nk > 0:
+                o = torch.bmm(mono(qs.transpose(1, 2)).transpose(1, 2), mono.weigh(h))
+            else:
+                o = torch.zeros(h1 - h0, i1 - i0, lay.dv, dtype=q.dtype, device=q.device)
+            j1 = min(i1, lay.nk)
+            if i0 < j1:
+                kc, vc = k[h0:h1, i0:j1], vm[:, i0:j1]
+                _, a = _intra(qs, kc, p, i0, i0)
+                o.baddbmm_(a, vc)
+                h.baddbmm_(mono(kc.transpose(1, 2)), vc)
+            out[h0:h1, i0:i1] = _scale_rows(o, plan.rows(plan.r, h0, h1, i0, i1))
+    return out
+
+
+def _bwd_causal(q, k, v, do, plan: _Plan, mono: _Monomials):
+    lay, p = plan.layout, plan.activation.power
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    c = plan.chunk
+    starts = list(range(0, lay.nq, c))
+    for h0, h1 in plan.groups:
+        vm = _masked_values(v, plan, h0, h1)
+        dvm = torch.zeros_like(vm)
+        # Pass 1, in order: the state each query chunk saw, and the in-chunk terms.
+        h = torch.zeros(h1 - h0, mono.count, lay.dv, dtype=q.dtype, device=q.device)
+        for i0 in starts:
+            i1 = min(lay.nq, i0 + c)
+            qs = q[h0:h1, i0:i1] * plan.scale
+            dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+            dqs = dq[h0:h1, i0:i1]
+            if i0 > 0 and lay.nk > 0:
+                qt = qs.transpose(1, 2)
+                dmq = torch.bmm(mono.weigh(h), dor.transpose(1, 2))
+                dqs.add_(mono.vjp(qt, dmq).transpose(1, 2))
+            j1 = min(i1, lay.nk)
+            if i0 < j1:
+                kc, vc = k[h0:h1, i0:j1], vm[:, i0:j1]
+                s, a = _intra(qs, kc, p, i0, i0)
+                dvm[:, i0:j1].baddbmm_(a.transpose(1, 2), dor)
+                ds = torch.bmm(dor, vc.transpose(1, 2))
+                if p > 1:
+                    ds.mul_(s.pow(p - 1) if p > 2 else s).mul_(p)
+                else:
+                    ds.masked_fill_(~causal_block(i0, i1, i0, j1, q.device), 0.0)
+                dqs.baddbmm_(ds, kc)
+                dk[h0:h1, i0:j1].baddbmm_(ds.transpose(1, 2), qs)
+                h.baddbmm_(mono(kc.transpose(1, 2)), vc)
+        # Pass 2, in reverse: g = sum of the state gradients of all later query chunks.
+        g = torch.zeros(h1 - h0, mono.count, lay.dv, dtype=q.dtype, device=q.device)
+        for i0 in reversed(starts):
+            i1 = min(lay.nq, i0 + c)
+            j1 = min(i1, lay.nk)
+            if i0 < j1 and i0 != starts[-1]:
+                kt = k[h0:h1, i0:j1].transpose(1, 2).contiguous()
+                gw = mono.weigh(g)
+                dmk = torch.bmm(gw, vm[:, i0:j1].transpose(1, 2))
+                dk[h0:h1, i0:j1].add_(mono.vjp(kt, dmk).transpose(1, 2))
+                dvm[:, i0:j1].baddbmm_(mono(kt).transpose(1, 2), gw)
+            if i0 > 0:
+                qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2)
+                dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+                g.baddbmm_(mono(qt), dor)
+        if plan.key_mask is not None:
+            dvm.mul_(plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1])
+        dv[h0:h1] = dvm
+    dq.mul_(plan.scale)
+    return dq, dk, dv
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan):
+        mono = _Monomials(plan.layout.d, plan.activation.power, q.device, q.dtype)
+        if plan.causal:
+            out = _fwd_causal(q, k, v, plan, mono)
+            ctx.save_for_backward(q, k, v)
+        else:
+            out, states = _fwd_global(q, k, v, plan, mono)
+            ctx.save_for_backward(q, k, v, states)
+        ctx.plan, ctx.mono = plan, mono
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        refuse_double_backward("linear")
+        plan, mono = ctx.plan, ctx.mono
+        dout = dout.contiguous()
+        if plan.causal:
+            q, k, v = ctx.saved_tensors
+            dq, dk, dv = _bwd_causal(q, k, v, dout, plan, mono)
+        else:
+            q, k, v, states = ctx.saved_tensors
+            dq, dk, dv = _bwd_global(q, k, v, states, dout, plan, mono)
+        return dq, dk, dv, None
+
+
+def linear_unsupported_reason(
+    activation: Activation,
+    mask: str | None = None,
+    has_bias: bool = False,
+    dropout_p: float = 0.0,
+) -> str | None:
+    """Why ``linear`` cannot compute this call, or None when it can; mask is None, "padding" or "full"."""
+    if not activation.is_polynomial:
+        return f"the linear form exists for x^p only, not {activation.spec!r}"
+    if has_bias:
+        return "an additive bias breaks the (q.k)^p factorisation"
+    if dropout_p > 0.0:
+        return "dropout on A needs the materialised matrix"
+    if mask == "full":
+        return "only key-padding masks (shape (..., 1, Nk)) factorise, not a per-query mask"
+    return None
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    activation: Activation,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Exact O(N F dv) attention for x^p activations (any divisor), padding masks, causal or not."""
+    reason = linear_unsupported_reason(activation, mask_kind(attn_mask), bias is not None, dropout_p)
+    if reason is not None:
+        raise BackendUnsupported(f"backend 'linear' cannot compute this call: {reason}; use backend='auto'")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qf, kf, vf, batch = flatten_heads(q, k, v)
+    layout = Layout.of(qf, kf, vf)
+    mask_src = BlockSource(attn_mask, batch) if attn_mask is not None else None
+    counts = row_counts(mask_src, causal, layout.nq, layout.nk, qf.device) if activation.is_dynamic else None
+    r = row_factors(activation, counts, layout.nk, qf.dtype)
+    key_mask = None
+    if mask_src is not None:
+        m = mask_src.flat[:, 0, :]  # (MB, MK) padding flags per key
+        if mask_src.cols_broadcast:
+            m = m.expand(m.shape[0], layout.nk)
+        if mask_src.index is not None:
+            m = m.index_select(0, mask_src.index)
+        key_mask = m.to(qf.dtype).unsqueeze(-1)
+    nfeat = feature_count(layout.d, activation.power)
+    if chunk is None:
+        chunk = _CAUSAL_CHUNK if causal else _GLOBAL_CHUNK
+    per_head = nfeat * chunk * qf.element_size()
+    group = max(1, min(layout.bh, _FEATURE_BYTES // max(per_head, 1)))
+    if group == 1 and per_head > _FEATURE_BYTES:
+        chunk = max(64 if causal else 16, _FEATURE_BYTES // (nfeat * qf.element_size()))
+    groups = [(h, min(layout.bh, h + group)) for h in range(0, layout.bh, group)]
+    plan = _Plan(activation, layout, float(scale), causal, key_mask, r, chunk, groups)
+    out = _LinearFunction.apply(qf, kf, vf, plan)
+    return unflatten(out, batch)

@@ -1,0 +1,591 @@
+"""``polyattn bench``: forward+backward time and peak memory of SDPA softmax and every polyattn backend.
+
+One run times, side by side, ``F.scaled_dot_product_attention`` (softmax) and
+``polyattn.attention(q, k, v, "x^p/sqrt(N)", backend=b)`` for each backend b
+over a grid of N, d and p, and reports ratios against SDPA.
+
+Timing: each case runs fwd+bwd (``out.backward(g)``) ``repeats`` times after
+one warm-up run (no warm-up for cases the cost model puts above 1 s); the
+table uses the fastest run (on a shared machine the fastest run is the one
+least disturbed by other processes) and the JSON keeps every run.
+
+Peak memory, CPU: the bytes the process's resident set grows by during one
+fwd+bwd, measured in a separate worker process in which glibc is told to
+serve every allocation above 64 KiB with mmap (so a freed tensor leaves the
+resident set at once) and the kernel's high-water mark (VmHWM) is reset
+before each case through /proc/self/clear_refs. The inputs and the upstream
+gradient exist before the reset, so the number counts the output, the
+gradients, everything saved for backward and every temporary, including
+memory allocated inside C++ kernels (SDPA's), which Python-level tracing
+cannot see. Linux only; elsewhere memory is reported as unavailable.
+GPU: ``torch.cuda.max_memory_allocated`` above the same baseline.
+
+``auto`` is reported as the backend it picks (the same code path runs), so
+its time is that backend's row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.activations import get_activation
+from ..core.backends import BACKENDS, call_info, choose_backend
+from ..core.backends.auto import estimate
+from ..core.functional import attention
+
+__all__ = [
+    "BenchConfig",
+    "QUICK",
+    "format_table",
+    "machine_description",
+    "run_bench",
+]
+
+SDPA = "sdpa-softmax"
+
+
+@dataclass
+class BenchConfig:
+    """The grid and the measurement settings of one ``polyattn bench`` run."""
+
+    ns: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384])
+    ds: list[int] = field(default_factory=lambda: [32, 64])
+    ps: list[int] = field(default_factory=lambda: [1, 2, 3])
+    heads: int = 4
+    batch: int = 1
+    divisor: str = "sqrt(N)"  # the activation is x^p/<divisor>
+    backends: list[str] = field(default_factory=lambda: ["auto", "chunked", "linear", "reference"])
+    repeats: int = 3
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU
+    memory: bool = True
+    threads: int | None = None  # torch threads on CPU (default: torch's own, all cores)
+    seed: int = 0
+    # A backend is skipped (and the skip reported) when the cost model puts it
+    # above skip_factor x the fastest supported backend and above min_skip_s,
+    # or above max_case_s: the linear form with 45,760 features, say.
+    skip_factor: float = 5.0
+    min_skip_s: float = 1.0
+    max_case_s: float = 60.0
+    # Seconds of timed runs per case at most (slow cases run fewer repeats).
+    case_budget_s: float = 12.0
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BenchConfig:
+        known = {f.name for f in fields(BenchConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown bench setting(s) {unknown}; allowed: {sorted(known)}")
+        cfg = BenchConfig(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("ns", "ds", "ps"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(x, int) and x >= 1 for x in values):
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
+        allowed = set(BACKENDS) | {"auto"}
+        bad = [b for b in self.backends if b not in allowed]
+        if bad:
+            raise ValueError(f"unknown backend(s) {bad}; choose from {sorted(allowed)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.divisor not in ("sqrt(N)", "N", "none") and not _is_number(self.divisor):
+            raise ValueError(f"divisor must be 'sqrt(N)', 'N', 'none' or a number, got {self.divisor!r}")
+        if self.repeats < 1 or self.heads < 1 or self.batch < 1:
+            raise ValueError("repeats, heads and batch must be >= 1")
+
+    def resolved(self) -> BenchConfig:
+        cfg = BenchConfig(**asdict(self))
+        if cfg.device == "auto":
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.dtype == "auto":
+            cfg.dtype = "bfloat16" if cfg.device == "cuda" else "float32"
+        if cfg.device == "cuda" and "triton" not in cfg.backends:
+            cfg.backends = [*cfg.backends, "triton"]
+        return cfg
+
+    def activation(self, p: int) -> str:
+        base = "x" if p == 1 else f"x^{p}"
+        return base if self.divisor == "none" else f"{base}/{self.divisor}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+# The --quick grid: the headline shape (d = 64, x^3) at three lengths.
+QUICK: dict[str, Any] = {"ns": [256, 1024, 4096], "ds": [64], "ps": [3], "repeats": 2}
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core CPU ({cpu}), {threads} torch threads, torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------
+def _inputs(n: int, d: int, cfg: BenchConfig, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, cfg.dtype)
+    shape = (cfg.batch, cfg.heads, n, d)
+    # Unit-variance q, k: scores q.k/sqrt(d) of order 1, as in a trained model.
+    q, k, v, do = (torch.randn(*shape, generator=g).to(device=cfg.device, dtype=dtype) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def _case_fn(backend: str, spec: str):
+    if backend == SDPA:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    return lambda q, k, v: attention(q, k, v, spec, backend=backend)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(fn, q, k, v, do, device: str) -> float:
+    q.grad = k.grad = v.grad = None
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(q, k, v).backward(do)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_case(fn, inputs, device: str, repeats: int, warmup: bool) -> list[float]:
+    """Seconds of each timed fwd+bwd run."""
+    if warmup:
+        _fwd_bwd(fn, *inputs, device)
+    return [_fwd_bwd(fn, *inputs, device) for _ in range(repeats)]
+
+
+# --------------------------------------------------------------------------
+# peak memory
+# --------------------------------------------------------------------------
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _rss_peak_supported() -> bool:
+    return sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
+
+
+def _memory_worker() -> None:
+    """Reads one JSON list of cases from stdin, prints one JSON line per case: peak extra bytes."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations >= 64 KiB are mmapped, freed at once
+    job = json.loads(sys.stdin.read())
+    cfg = BenchConfig(**job["config"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    warmed: set[tuple] = set()
+    for case in job["cases"]:
+        fn = _case_fn(case["backend"], case["spec"])
+        # Thread pools, BLAS buffers and lazy imports are allocated on a code
+        # path's first call: take that first call on a small problem, unmeasured.
+        first = (case["backend"], case["spec"], case["d"])
+        if first not in warmed:
+            warmed.add(first)
+            q, k, v, do = _inputs(min(case["n"], 256), case["d"], cfg, cfg.seed)
+            fn(q, k, v).backward(do)
+            del q, k, v, do
+        q, k, v, do = _inputs(case["n"], case["d"], cfg, cfg.seed)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            base = _proc_status()["VmRSS"]
+            out = fn(q, k, v)
+            out.backward(do)
+            peak = _proc_status()["VmHWM"] - base
+            row = {"key": case["key"], "peak_bytes": max(peak, 0)}
+        except Exception as e:  # report, keep measuring the rest
+            row = {"key": case["key"], "error": f"{type(e).__name__}: {e}"}
+        # Free this case's tensors (and gradients) before the next baseline is read.
+        out = None
+        del q, k, v, do, out
+        print(json.dumps(row), flush=True)
+
+
+def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -> dict[str, dict]:
+    """Peak extra memory of each case: {key: {"peak_bytes": int} or {"error": str}}."""
+    if not cases:
+        return {}
+    if cfg.device == "cuda":
+        out = {}
+        for case in cases:
+            inputs = _inputs(case["n"], case["d"], cfg, cfg.seed)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            q, k, v, do = inputs
+            _case_fn(case["backend"], case["spec"])(q, k, v).backward(do)
+            torch.cuda.synchronize()
+            out[case["key"]] = {"peak_bytes": torch.cuda.max_memory_allocated() - base}
+            del inputs, q, k, v, do
+        return out
+    if not _rss_peak_supported():
+        return {c["key"]: {"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for c in cases}
+    job = json.dumps({"config": asdict(cfg), "cases": cases})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyattn.experiments.bench", "--memory-worker"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(job)
+    proc.stdin.close()
+    results: dict[str, dict] = {}
+    bar = _progress(len(cases), "memory", progress)
+    for line in proc.stdout:
+        row = json.loads(line)
+        results[row.pop("key")] = row
+        bar.update(1)
+    bar.close()
+    if proc.wait() != 0:
+        for c in cases:
+            results.setdefault(c["key"], {"error": f"memory worker exited with status {proc.returncode}"})
+    return results
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+# --------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------
+def _plan_cases(cfg: BenchConfig) -> list[dict]:
+    """Every (N, d, p, backend) case with its cost-model estimate, or the reason it is skipped."""
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    cases = []
+    for d in cfg.ds:
+        for n in cfg.ns:
+            meta = torch.empty(cfg.batch, cfg.heads, n, d, device="meta", dtype=dtype)
+            base = replace(call_info(meta, meta, "softmax", v=meta), device=device)
+            cases.append(_case(n, d, None, SDPA, "softmax", estimate("sdpa", base).seconds, None))
+            for p in cfg.ps:
+                spec = cfg.activation(p)
+                info = replace(base, activation=get_activation(spec))
+                choice = choose_backend(info)
+                estimates = {}
+                for b, backend in BACKENDS.items():
+                    why_not = backend.unsupported(info)
+                    estimates[b] = (None, why_not) if why_not else (estimate(b, info).seconds, None)
+                finite = [t for t, _ in estimates.values() if t is not None and math.isfinite(t)]
+                best = min(finite) if finite else math.inf
+                for b in cfg.backends:
+                    name = choice.name if b == "auto" else b
+                    est, skip = estimates[name]
+                    if skip is None and not math.isfinite(est):
+                        skip = f"cost model: {estimate(name, info).note}"
+                    elif skip is None and (
+                        est > max(cfg.skip_factor * best, cfg.min_skip_s) or est > cfg.max_case_s
+                    ):
+                        skip = f"cost model estimates {est:.3g} s vs {best:.3g} s for the fastest backend"
+                    row = _case(n, d, p, b, spec, est, skip)
+                    if b == "auto":
+                        row["picked"] = name
+                        row["reason"] = choice.reason
+                    cases.append(row)
+    return cases
+
+
+def _case(n, d, p, backend, spec, est, skip) -> dict:
+    key = f"n={n},d={d},p={p},backend={backend}"
+    return {"key": key, "n": n, "d": d, "p": p, "backend": backend, "spec": spec, "estimate_s": est,
+            "skipped": skip}
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True,
+              plots: bool = True) -> dict:
+    """Run the grid; returns (and writes to out_dir) the results."""
+    from ..utils import atomic_write_json, atomic_write_text
+
+    cfg = cfg.resolved()
+    cfg.validate()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    try:
+        cases = _plan_cases(cfg)
+        timed = [c for c in cases if c["skipped"] is None and c["backend"] != "auto"]
+        # auto reuses the row of the backend it picks; time that backend if it is not in the list.
+        for c in cases:
+            if c["backend"] == "auto" and c["skipped"] is None:
+                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"])
+                if twin is None or twin["skipped"] is not None:
+                    timed.append(c)
+        _time_interleaved(timed, cfg, progress)
+        for c in cases:
+            if c["backend"] == "auto" and c["skipped"] is None and "times_s" not in c:
+                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"])
+                c["times_s"] = twin.get("times_s") if twin else None
+            if c.get("times_s"):
+                c["time_s"] = min(c["times_s"])
+                c["time_median_s"] = statistics.median(c["times_s"])
+        if cfg.memory:
+            measured = [c for c in cases if c.get("time_s") is not None and c["backend"] != "auto"]
+            measured += [c for c in cases if c["backend"] == "auto" and c in timed]
+            mem_cases = [
+                {k: c[k] for k in ("key", "n", "d", "spec")} | {"backend": c.get("picked", c["backend"])}
+                for c in measured
+            ]
+            mem = measure_memory(mem_cases, cfg, progress)
+            for c in cases:
+                src = c
+                if c["backend"] == "auto" and c["key"] not in mem:
+                    src = _find(cases, c["n"], c["d"], c["p"], c.get("picked")) or c
+                if src["key"] in mem:
+                    c.update({f"memory_{k}" if k == "error" else k: v for k, v in mem[src["key"]].items()})
+        _add_ratios(cases)
+        machine = machine_description(cfg.device)
+    finally:
+        torch.set_num_threads(old_threads)
+    results = {
+        "config": asdict(cfg),
+        "machine": machine,
+        "threads": cfg.threads or old_threads,
+        "elapsed_s": time.perf_counter() - t_start,
+        "cases": cases,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
+        atomic_write_json(results, out / "results.json")
+        atomic_write_text(format_table(results) + "\n", out / "report.txt")
+        if plots:
+            results["plots"] = [str(p) for p in plot_bench(results, out)]
+    return results
+
+
+def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> None:
+    """Time every case of one (N, d) in turns: run r of each case, then run r + 1 of each.
+
+    On a shared machine the load drifts; taking turns spreads the drift over
+    all backends instead of penalising whichever ran during a busy spell.
+    """
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for c in timed:
+        groups.setdefault((c["n"], c["d"]), []).append(c)
+    bar = _progress(len(timed), "timing", progress)
+    for (n, d), group in groups.items():
+        inputs = _inputs(n, d, cfg, cfg.seed)
+        plan = []
+        for c in group:
+            name = c["picked"] if c["backend"] == "auto" else c["backend"]
+            est = c["estimate_s"] or 0.0
+            runs = max(1, min(cfg.repeats, int(cfg.case_budget_s / max(est, 1e-9))))
+            fn = _case_fn(name, c["spec"])
+            c["times_s"] = []
+            plan.append((c, fn, runs))
+            if est < 1.0:  # warm-up: first-call allocations and lazy initialisation
+                try:
+                    _fwd_bwd(fn, *inputs, cfg.device)
+                except Exception as e:
+                    c["error"] = f"{type(e).__name__}: {e}"
+        for r in range(max(runs for _, _, runs in plan)):
+            for c, fn, runs in plan:
+                if r >= runs or c.get("error"):
+                    continue
+                bar.set_postfix_str(c["key"])
+                try:
+                    c["times_s"].append(_fwd_bwd(fn, *inputs, cfg.device))
+                except Exception as e:
+                    c["error"] = f"{type(e).__name__}: {e}"
+        bar.update(len(group))
+        del inputs
+    bar.close()
+
+
+def _find(cases, n, d, p, backend):
+    for c in cases:
+        if c["n"] == n and c["d"] == d and c["p"] == p and c["backend"] == backend:
+            return c
+    return None
+
+
+def _add_ratios(cases: list[dict]) -> None:
+    for c in cases:
+        base = _find(cases, c["n"], c["d"], None, SDPA)
+        if base is None:
+            continue
+        if c.get("time_s") and base.get("time_s"):
+            c["time_vs_sdpa"] = c["time_s"] / base["time_s"]
+        if c.get("peak_bytes") is not None and base.get("peak_bytes"):
+            c["memory_vs_sdpa"] = c["peak_bytes"] / base["peak_bytes"]
+
+
+# --------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------
+def _ms(t: float | None) -> str:
+    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 10 else f"{t * 1e3:.0f}")
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def format_table(results: dict) -> str:
+    """Per (d, p): rows N; SDPA ms and MiB, then each backend's ms, time ratio and memory ratio vs SDPA."""
+    cfg = results["config"]
+    cases = results["cases"]
+    lines = [
+        f"polyattn bench on {results['machine']}",
+        f"B={cfg['batch']} H={cfg['heads']} {cfg['dtype']} {cfg['device']}; "
+        "fwd+bwd, fastest of the timed runs; ratios < 1 beat SDPA",
+    ]
+    backends = cfg["backends"]
+    for d in cfg["ds"]:
+        for p in cfg["ps"]:
+            spec = BenchConfig(**cfg).activation(p)
+            lines.append("")
+            lines.append(f"== d={d}  {spec}  vs SDPA softmax ==")
+            head = f"{'N':>6} {'sdpa ms':>9} {'MiB':>6} |"
+            for b in backends:
+                head += f" {b + ' ms (x, mem x)':>26} |"
+            lines.append(head)
+            for n in cfg["ns"]:
+                base = _find(cases, n, d, None, SDPA) or {}
+                row = f"{n:>6} {_ms(base.get('time_s')):>9} {_mib(base.get('peak_bytes')):>6} |"
+                for b in backends:
+                    c = _find(cases, n, d, p, b) or {}
+                    if c.get("skipped"):
+                        cell = "skipped"
+                    elif c.get("error"):
+                        cell = "error"
+                    elif c.get("time_s") is None:
+                        cell = "-"
+                    else:
+                        tr = c.get("time_vs_sdpa")
+                        mr = c.get("memory_vs_sdpa")
+                        cell = f"{_ms(c['time_s'])} ({'-' if tr is None else f'{tr:.2f}'}, " \
+                               f"{'-' if mr is None else f'{mr:.2f}'})"
+                        if b == "auto":
+                            cell = f"{c['picked'][:4]}: " + cell
+                    row += f" {cell:>26} |"
+                lines.append(row)
+    skips = sorted({(c["backend"], c["skipped"]) for c in cases if c.get("skipped")})
+    errors = [(c["key"], c["error"]) for c in cases if c.get("error")]
+    if skips:
+        lines.append("")
+        lines.append("skipped (backend: reason, one example each):")
+        seen = set()
+        for b, why in skips:
+            short = why.split(" vs ")[0] if why.startswith("cost model estimates") else why
+            if (b, short[:40]) in seen:
+                continue
+            seen.add((b, short[:40]))
+            lines.append(f"  {b}: {why}")
+    for key, err in errors:
+        lines.append(f"error {key}: {err}")
+    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# Fixed styles so a backend keeps its colour when another has no points; auto
+# is drawn wide and pale underneath the backend it picked.
+_STYLE = {
+    SDPA: {"color": "black", "linestyle": "--", "marker": "o", "ms": 3},
+    "auto": {"color": "tab:purple", "linewidth": 5, "alpha": 0.3},
+    "chunked": {"color": "tab:orange", "marker": "o", "ms": 3},
+    "linear": {"color": "tab:green", "marker": "o", "ms": 3},
+    "reference": {"color": "tab:red", "marker": "o", "ms": 3},
+    "triton": {"color": "tab:blue", "marker": "o", "ms": 3},
+    "sdpa": {"color": "tab:gray", "marker": "o", "ms": 3},
+}
+
+
+def plot_bench(results: dict, out_dir: Path) -> list[Path]:
+    """bench_time.png and bench_memory.png: one panel per (d, p), one line per backend, log-log."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    cfg = results["config"]
+    cases = results["cases"]
+    paths = []
+    for metric, ylabel, fname in (("time_s", "fwd+bwd time (s)", "bench_time.png"),
+                                  ("peak_bytes", "peak extra memory (MiB)", "bench_memory.png")):
+        if metric == "peak_bytes" and not any(c.get("peak_bytes") for c in cases):
+            continue
+        nd, np_ = len(cfg["ds"]), len(cfg["ps"])
+        fig, axes = plt.subplots(nd, np_, figsize=(4.2 * np_, 3.4 * nd), squeeze=False)
+        for i, d in enumerate(cfg["ds"]):
+            for j, p in enumerate(cfg["ps"]):
+                ax = axes[i][j]
+                for b in [SDPA, *cfg["backends"]]:
+                    pts = []
+                    for n in cfg["ns"]:
+                        c = _find(cases, n, d, None if b == SDPA else p, b)
+                        if c and c.get(metric):
+                            pts.append((n, c[metric] / (2**20 if metric == "peak_bytes" else 1)))
+                    if pts:
+                        xs, ys = zip(*pts, strict=True)
+                        ax.plot(xs, ys, label="SDPA softmax" if b == SDPA else b, **_STYLE.get(b, {}))
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"d={d}, {BenchConfig(**cfg).activation(p)}", fontsize=9)
+                ax.set_xlabel("N")
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(f"polyattn bench: {results['machine']}", fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / fname, dpi=110))
+    return paths
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--memory-worker"]:
+        _memory_worker()
+    else:
+        print("usage: polyattn bench (this module's own entry point is the memory worker)", file=sys.stderr)
+        sys.exit(2)

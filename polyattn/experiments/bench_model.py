@@ -1,0 +1,212 @@
+"""``polyattn bench --model NAME``: end-to-end training throughput under each activation and backend.
+
+A model from ``polyattn.create_model`` trains on random images (the data
+pipeline is not what is measured) with AdamW and cross-entropy; every
+attention layer is switched to one backend, and images per second over the
+timed steps are reported against softmax under ``auto`` (which runs SDPA).
+The default shape is the paper's Tiny-ImageNet ViT setting: 64x64 images,
+patch 4, 256 patches + the class token = 257 tokens, 200 classes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.backends import BACKENDS, call_info, choose_backend
+from ..core.backends.auto import estimate
+from ..core.layers import PolyAttention
+from .bench import machine_description
+
+__all__ = ["ModelBenchConfig", "format_model_table", "run_model_bench"]
+
+
+@dataclass
+class ModelBenchConfig:
+    model: str = "vit_tiny"
+    activations: list[str] = field(default_factory=lambda: ["softmax", "x^3/sqrt(N)"])
+    backends: list[str] = field(default_factory=lambda: ["auto", "chunked", "reference"])
+    img_size: int = 64
+    patch_size: int = 4
+    num_classes: int = 200
+    batch_size: int = 32
+    steps: int = 5
+    warmup_steps: int = 1
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ModelBenchConfig:
+        known = {f.name for f in fields(ModelBenchConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model-bench setting(s) {unknown}; allowed: {sorted(known)}")
+        cfg = ModelBenchConfig(**data)
+        bad = [b for b in cfg.backends if b != "auto" and b not in BACKENDS]
+        if bad:
+            raise ValueError(f"unknown backend(s) {bad}; choose from {['auto', *sorted(BACKENDS)]}")
+        if cfg.steps < 1 or cfg.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        return cfg
+
+
+def _set_backend(model: nn.Module, backend: str) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PolyAttention) or hasattr(m, "attention_observers"):
+            m.backend = backend
+            n += 1
+    return n
+
+
+def _attention_shape(model: nn.Module, cfg: ModelBenchConfig) -> tuple[int, int, int] | None:
+    for m in model.modules():
+        if isinstance(m, PolyAttention):
+            tokens = (cfg.img_size // cfg.patch_size) ** 2 + 1
+            return m.num_heads, tokens, m.head_dim
+    return None
+
+
+def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device):
+    """One AdamW training step on a fixed random batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = None,
+                    progress: bool = True) -> dict:
+    """Train ``cfg.model`` for a few steps under each (activation, backend); returns imgs/s per row."""
+    from tqdm import tqdm
+
+    from ..models import create_model
+    from ..utils import atomic_write_json, atomic_write_text, seed_everything
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rows = []
+    combos = [(a, b) for a in cfg.activations for b in cfg.backends]
+    if device.type == "cuda" and "triton" not in cfg.backends:
+        combos += [(a, "triton") for a in cfg.activations if a != "softmax"]
+    t_start = time.perf_counter()
+    runners = []
+    try:
+        for act, backend in combos:
+            row: dict[str, Any] = {"activation": act, "backend": backend}
+            rows.append(row)
+            seed_everything(cfg.seed)
+            model = create_model(cfg.model, activation=act, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                 num_classes=cfg.num_classes).to(device)
+            model.train()
+            shape = _attention_shape(model, cfg)
+            if shape is not None:
+                heads, tokens, hd = shape
+                meta = torch.empty(cfg.batch_size, heads, tokens, hd, device="meta")
+                info = replace(call_info(meta, meta, act, v=meta), device=device)
+                name = choose_backend(info).name if backend == "auto" else backend
+                row.update(tokens=tokens, heads=heads, head_dim=hd, runs=name)
+                why_not = BACKENDS[name].unsupported(info)
+                if why_not is None and not math.isfinite(estimate(name, info).seconds):
+                    why_not = f"cost model: {estimate(name, info).note}"
+                if why_not is not None:
+                    row["skipped"] = why_not
+                    continue
+            _set_backend(model, backend)
+            runners.append((row, _make_step(model, cfg, device)))
+        # Warm-up, then the timed steps in turns (one step of each configuration,
+        # then the next), so a busy spell on a shared machine hits all of them.
+        bar = tqdm(total=len(runners) * (cfg.warmup_steps + cfg.steps), desc="model bench",
+                   disable=not progress, leave=False)
+        for row, step in runners:
+            for _ in range(cfg.warmup_steps):
+                step()
+                bar.update(1)
+            row["step_times_s"] = []
+        for _ in range(cfg.steps):
+            for row, step in runners:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row["step_times_s"].append(time.perf_counter() - t0)
+                bar.update(1)
+        bar.close()
+        for row, _ in runners:
+            times = row["step_times_s"]
+            row["imgs_per_s"] = cfg.batch_size / min(times)
+            row["imgs_per_s_median"] = cfg.batch_size / statistics.median(times)
+        machine = machine_description(device.type)
+    finally:
+        torch.set_num_threads(old_threads)
+        runners.clear()
+    base = next((r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto"
+                 and r.get("imgs_per_s")), None)
+    for r in rows:
+        if base and r.get("imgs_per_s"):
+            r["vs_softmax_auto"] = r["imgs_per_s"] / base["imgs_per_s"]
+    results = {
+        "config": asdict(cfg),
+        "machine": machine,
+        "threads": cfg.threads or old_threads,
+        "elapsed_s": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
+        atomic_write_json(results, out / "results.json")
+        atomic_write_text(format_model_table(results) + "\n", out / "report.txt")
+    return results
+
+
+def format_model_table(results: dict) -> str:
+    cfg = results["config"]
+    lines = [
+        f"polyattn bench --model {cfg['model']} on {results['machine']}",
+        f"batch {cfg['batch_size']}, {cfg['img_size']}x{cfg['img_size']} images, patch {cfg['patch_size']}; "
+        f"AdamW training steps, fastest of {cfg['steps']} (taken in turns), {cfg['warmup_steps']} warm-up",
+        "",
+        f"{'activation':<14} {'backend':<10} {'runs':<10} {'imgs/s':>8} {'ms/step':>8} {'vs softmax':>11}",
+    ]
+    for r in results["rows"]:
+        runs = r.get("runs", "")
+        if r.get("skipped"):
+            lines.append(f"{r['activation']:<14} {r['backend']:<10} {runs:<10} skipped: {r['skipped']}")
+            continue
+        ips = r["imgs_per_s"]
+        ms = 1e3 * min(r["step_times_s"])
+        rel = r.get("vs_softmax_auto")
+        lines.append(
+            f"{r['activation']:<14} {r['backend']:<10} {runs:<10} {ips:>8.1f} {ms:>8.0f} "
+            f"{'-' if rel is None else f'{rel:.2f}x':>11}"
+        )
+    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+"""Models: a registry of classifiers (``create_model``) and the PolyAttention ViT."""
+
+from .registry import create_model, is_known_model, list_models, register_model
+from .vit import VIT_SHAPES, Block, Mlp, PatchEmbed, ViT, resize_pos_embed
+
+__all__ = [
+    "Block",
+    "Mlp",
+    "PatchEmbed",
+    "VIT_SHAPES",
+    "ViT",
+    "create_model",
+    "is_known_model",
+    "list_models",
+    "register_model",
+    "resize_pos_embed",
+]

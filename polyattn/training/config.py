@@ -1,0 +1,458 @@
+"""Training configs: nested dicts with dotted keys, defaults, inheritance and validation.
+
+    cfg = load_config("configs/digits_vit_micro.yaml", ["train.epochs=5", "model.activation=x^3/sqrt(N)"])
+
+A config file is YAML with the sections ``model``, ``data``, ``train`` and
+``diagnostics`` (plus sections other modules register with
+``register_config_section``), an optional free-text ``description`` and an
+optional ``inherit: other.yaml`` (or a list): the inherited files are merged
+first, in order, then this file on top (nested dicts merge key by key).
+Overrides ``a.b=value`` parse ``value`` as YAML and apply last. Every key is
+documented in docs/training.md; an unknown key or a bad value raises
+``ConfigError`` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.activations import get_activation
+from ..data.registry import COMMON_DATA_KEYS, dataset_choices, dataset_defaults, list_datasets
+from ..models.registry import TIMM_PREFIX, is_known_model, list_models
+
+__all__ = [
+    "ConfigError",
+    "default_config",
+    "dump_config",
+    "get_key",
+    "load_config",
+    "parse_override",
+    "register_config_section",
+    "resolve_config",
+]
+
+META_KEYS = ("inherit", "description")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """Schema of one config key: its default and the values it accepts."""
+
+    default: Any
+    kind: str  # "int", "float", "bool", "str", "list", "dict", "any"
+    nullable: bool = False
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""  # words for the error message, e.g. ">= 1"
+
+
+def _ge(lo: float) -> Callable[[Any], bool]:
+    return lambda v: v >= lo
+
+
+def _gt(lo: float) -> Callable[[Any], bool]:
+    return lambda v: v > lo
+
+
+_BUILTIN: dict[str, dict[str, Key]] = {
+    "model": {
+        "name": Key("vit_micro", "str"),
+        "activation": Key("softmax", "str"),
+        "overrides": Key({}, "dict"),
+        "init_from": Key(None, "str", nullable=True),
+    },
+    "train": {
+        "epochs": Key(10, "int", check=_ge(1), requirement=">= 1"),
+        "batch_size": Key(64, "int", check=_ge(1), requirement=">= 1"),
+        "eval_batch_size": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
+        "lr": Key(1e-3, "float", check=_gt(0), requirement="> 0"),
+        "min_lr": Key(0.0, "float", check=_ge(0), requirement=">= 0"),
+        "weight_decay": Key(0.05, "float", check=_ge(0), requirement=">= 0"),
+        "betas": Key(
+            [0.9, 0.999],
+            "list",
+            check=lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
+            requirement="two numbers in [0, 1)",
+        ),
+        "eps": Key(1e-8, "float", check=_gt(0), requirement="> 0"),
+        "warmup_epochs": Key(1.0, "float", check=_ge(0), requirement=">= 0"),
+        "warmup_steps": Key(None, "int", nullable=True, check=_ge(0), requirement=">= 0"),
+        "label_smoothing": Key(0.1, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
+        "grad_clip": Key(1.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
+        "mixup": Key(0.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
+        "cutmix": Key(0.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
+        "seed": Key(0, "int", check=_ge(0), requirement=">= 0"),
+        "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16")),
+        "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
+        "max_steps": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
+        "eval_every": Key(1, "int", check=_ge(1), requirement=">= 1"),
+        "log_every": Key(10, "int", check=_ge(1), requirement=">= 1"),
+        "num_threads": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
+    },
+    "diagnostics": {
+        "every": Key(0, "int", check=_ge(0), requirement=">= 0 (0 = off)"),
+    },
+}
+
+# Sections added by other modules (register_config_section): name -> keys.
+_EXTRA: dict[str, dict[str, Key]] = {}
+
+
+def _key_from_default(value: Any) -> Key:
+    if value is None:
+        return Key(None, "any", nullable=True)
+    for kind, types in (
+        ("bool", bool),
+        ("int", int),
+        ("float", float),
+        ("str", str),
+        ("list", list),
+        ("dict", dict),
+    ):
+        if isinstance(value, types):
+            return Key(copy.deepcopy(value), kind)
+    return Key(copy.deepcopy(value), "any")
+
+
+def register_config_section(name: str, defaults: dict) -> None:
+    """Add a config section (or new keys to one) with the given defaults.
+
+    A key's type is taken from its default (``None``: any value). Registering
+    the same key again with the same default is a no-op; with another default
+    it is an error, as is touching the ``data`` section (datasets declare their
+    keys with ``register_dataset(name, defaults=...)``).
+    """
+    if name in META_KEYS or name == "data":
+        raise ValueError(f"cannot register config section {name!r}")
+    section = _EXTRA.setdefault(name, {})
+    builtin = _BUILTIN.get(name, {})
+    for key, value in defaults.items():
+        old = builtin.get(key) or section.get(key)
+        if old is not None:
+            if old.default != value:
+                raise ValueError(
+                    f"config key {name}.{key} is already registered with default {old.default!r}"
+                )
+            continue
+        section[key] = _key_from_default(value)
+
+
+def _schema(section: str) -> dict[str, Key]:
+    return {**_BUILTIN.get(section, {}), **_EXTRA.get(section, {})}
+
+
+def _sections() -> list[str]:
+    return ["model", "data", "train", "diagnostics"] + sorted(set(_EXTRA) - set(_BUILTIN))
+
+
+def _data_schema(name: str) -> dict[str, Key]:
+    try:
+        defaults = dataset_defaults(name)
+    except ValueError as e:
+        raise ConfigError(f"data.name: {e}") from None
+    choices = dataset_choices(name)
+    keys = {k: _key_from_default(v) for k, v in defaults.items()}
+    keys["name"] = Key(name, "str")
+    keys["root"] = Key(None, "str", nullable=True)
+    for k, allowed in choices.items():
+        keys[k] = Key(keys[k].default, keys[k].kind, keys[k].nullable, choices=allowed)
+    return keys
+
+
+# --- reading and merging ----------------------------------------------------
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, layer: dict, where: str = "") -> dict:
+    """Deep merge ``layer`` into a copy of ``base``.
+
+    A change of data.name drops the keys the new dataset does not accept.
+    """
+    out = copy.deepcopy(base)
+    for key, value in layer.items():
+        path = f"{where}{key}"
+        if path == "data" and isinstance(value, dict) and isinstance(out.get("data"), dict):
+            out["data"] = _merge_data(out["data"], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, path + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_data(base: dict, layer: dict) -> dict:
+    new_name = layer.get("name")
+    if new_name is not None and new_name != base.get("name"):
+        if not isinstance(new_name, str):
+            raise ConfigError(f"data.name must be a string, got {new_name!r}")
+        accepted = set(_data_schema(new_name))
+        base = {k: v for k, v in base.items() if k in accepted}
+    return _merge(base, layer, "data.")
+
+
+def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"inherit cycle: {chain}")
+    raw = _read_yaml(path)
+    parents = raw.pop("inherit", None)
+    if parents is None:
+        parents = []
+    elif isinstance(parents, str):
+        parents = [parents]
+    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
+        raise ConfigError(f"{path}: 'inherit' must be a file path or a list of paths, got {parents!r}")
+    merged: dict = {}
+    for parent in parents:
+        parent_path = Path(os.path.expanduser(parent))
+        if not parent_path.is_absolute():
+            parent_path = path.parent / parent_path
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: inherited config file not found: {parent_path}")
+        merged = _merge(merged, _load_file(parent_path, (*stack, path)))
+        merged.pop("description", None)  # a description belongs to the file that states it
+    return _merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): keep the text and let validation judge it
+    return parts, value
+
+
+def _apply_override(cfg: dict, parts: list[str], value: Any) -> dict:
+    layer: Any = value
+    for p in reversed(parts):
+        layer = {p: layer}
+    if len(parts) == 1 and isinstance(value, dict):
+        cfg = dict(cfg)  # a whole section given as a mapping replaces that section
+        cfg[parts[0]] = copy.deepcopy(value)
+        return cfg
+    if len(parts) == 2 and isinstance(value, dict) and isinstance(cfg.get(parts[0]), dict):
+        cfg = copy.deepcopy(cfg)  # key=mapping replaces the mapping, it does not merge into it
+        cfg[parts[0]][parts[1]] = copy.deepcopy(value)
+        return cfg
+    return _merge(cfg, layer)
+
+
+# --- validation ---------------------------------------------------------------
+def _unknown(key: str, allowed: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [a.split(".")[-1] for a in allowed], n=1)
+    hint = f" (did you mean {where}{close[0]}?)" if close else ""
+    return ConfigError(
+        f"unknown config key {where}{key}{hint}; allowed keys: {', '.join(where + a for a in allowed)}"
+    )
+
+
+def _coerce(full_key: str, spec: Key, value: Any) -> Any:
+    if value is None:
+        if spec.nullable or spec.kind == "any":
+            return None
+        raise ConfigError(f"{full_key} must not be null")
+    kind = spec.kind
+    bad = None
+    if kind == "float":
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                bad = "a number"
+        if bad is None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            bad = "a number"
+        elif bad is None:
+            value = float(value)
+            if not math.isfinite(value):
+                bad = "a finite number"
+    elif kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad = "an integer"
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            bad = "true or false"
+    elif kind == "str":
+        if isinstance(value, bool) and spec.choices is not None and "off" in spec.choices:
+            value = "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and spec.choices is None:
+            value = str(value)
+        if not isinstance(value, str):
+            bad = "a string"
+    elif kind == "list":
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            bad = "a list"
+    elif kind == "dict" and not isinstance(value, dict):
+        bad = "a mapping"
+    if bad:
+        raise ConfigError(f"{full_key} must be {bad}, got {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"{full_key} must be one of {list(spec.choices)}, got {value!r}")
+    if spec.check is not None:
+        try:
+            ok = spec.check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{full_key} must be {spec.requirement}, got {value!r}")
+    return value
+
+
+def _resolve_section(name: str, schema: dict[str, Key], given: Any) -> dict:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {given!r}")
+    for key in given:
+        if key not in schema:
+            raise _unknown(str(key), sorted(schema), name + ".")
+    out = {}
+    for key, spec in schema.items():
+        value = given[key] if key in given else copy.deepcopy(spec.default)
+        out[key] = _coerce(f"{name}.{key}", spec, value)
+    return out
+
+
+def resolve_config(cfg: dict | None = None) -> dict:
+    """Fill defaults into a (partial) nested config and validate it; returns a new dict.
+
+    Raises ConfigError for unknown sections or keys and for bad values:
+    activation specs are checked with ``polyattn.get_activation``, model and
+    dataset names against their registries.
+    """
+    cfg = copy.deepcopy(cfg or {})
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(cfg).__name__}")
+    # Importing the registries' provider modules may register config sections too.
+    list_datasets()
+    list_models()
+    sections = _sections()
+    for key in cfg:
+        if key not in sections and key not in META_KEYS:
+            raise _unknown(str(key), sections + list(META_KEYS), "")
+    out: dict = {}
+    if cfg.get("description") is not None:
+        out["description"] = str(cfg["description"])
+    for name in sections:
+        if name == "data":
+            given = cfg.get("data") or {}
+            if not isinstance(given, dict):
+                raise ConfigError(f"config section 'data' must be a mapping of keys, got {given!r}")
+            data_name = given.get("name", COMMON_DATA_KEYS["name"])
+            if not isinstance(data_name, str):
+                raise ConfigError(f"data.name must be a string, got {data_name!r}")
+            if data_name not in list_datasets():
+                raise ConfigError(
+                    f"data.name: unknown dataset {data_name!r}; known datasets: {', '.join(list_datasets())}"
+                )
+            out["data"] = _resolve_section("data", _data_schema(data_name), given)
+        else:
+            out[name] = _resolve_section(name, _schema(name), cfg.get(name))
+    _check_semantics(out)
+    return out
+
+
+def _check_semantics(cfg: dict) -> None:
+    model = cfg["model"]
+    try:
+        model["activation"] = get_activation(model["activation"]).spec
+    except ValueError as e:
+        raise ConfigError(f"model.activation: {e}") from None
+    if not is_known_model(model["name"]):
+        raise ConfigError(
+            f"model.name: unknown model {model['name']!r}; known models: {', '.join(list_models())} "
+            f"(or '{TIMM_PREFIX}<timm model name>')"
+        )
+    if "activation" in model["overrides"]:
+        raise ConfigError("model.overrides.activation: set the activation with model.activation")
+    train = cfg["train"]
+    if train["min_lr"] > train["lr"]:
+        raise ConfigError(f"train.min_lr ({train['min_lr']}) must not exceed train.lr ({train['lr']})")
+    if train["device"] == "cpu" and train["amp"] == "fp16":
+        raise ConfigError("train.amp=fp16 needs a GPU (train.device=cpu); use amp=off or amp=bf16 on CPU")
+
+
+# --- public entry points ------------------------------------------------------
+def default_config() -> dict:
+    """The resolved default config (vit_micro on digits)."""
+    return resolve_config({})
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate."""
+    raw = {} if path is None else _load_file(Path(os.path.expanduser(str(path))))
+    for text in overrides or ():
+        parts, value = parse_override(text)
+        if parts[0] in META_KEYS:
+            raise ConfigError(f"override {text!r}: {parts[0]!r} cannot be overridden")
+        if (
+            parts[0] == "data"
+            and len(parts) == 2
+            and parts[1] == "name"
+            and isinstance(raw.get("data"), dict)
+        ):
+            raw = dict(raw)
+            raw["data"] = _merge_data(raw["data"], {"name": value})
+            continue
+        raw = _apply_override(raw, parts, value)
+    return resolve_config(raw)
+
+
+def get_key(cfg: dict, dotted: str) -> Any:
+    """``get_key(cfg, "train.lr")``."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+class _Dumper(yaml.SafeDumper):
+    """Mappings as blocks, lists on one line: ``patch_size: [16, 32]``."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def dump_config(cfg: dict) -> str:
+    """YAML text of a config, sections in the documented order."""
+    order = ["description", *_sections()]
+    ordered = {k: cfg[k] for k in order if k in cfg}
+    ordered.update({k: v for k, v in cfg.items() if k not in ordered})
+    return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)

@@ -1,0 +1,101 @@
+"""Process-group setup for ``torchrun``: DDP with gloo on CPU and nccl on GPU.
+
+``torchrun --nproc_per_node=N -m polyattn train ...`` sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain ``polyattn train`` runs as a
+single process (world size 1) without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "cleanup_distributed",
+    "all_reduce_sum",
+    "broadcast_object",
+    "gather_objects",
+]
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits: rank, world size, local rank, backend and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True when init_distributed created the process group
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> DistEnv:
+    """Join the process group torchrun describes in the environment (if any) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(device_preference, local_rank)
+    if world_size <= 1:
+        return DistEnv(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():  # set up by the caller: use it as it is
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistEnv(rank, world_size, local_rank, backend, device, owns_group=True)
+
+
+def cleanup_distributed(env: DistEnv) -> None:
+    """Leave the process group if ``init_distributed`` created it."""
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum ``t`` over processes (in place) and return it; identity for one process."""
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every process."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every process's ``obj``, in rank order (on every process)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,749 @@
+"""The training loop: AdamW, warmup + cosine, checkpoints, exact resume, DDP.
+
+    summary = train(load_config("configs/digits_vit_micro.yaml"), "runs/digits")
+
+A run directory holds:
+
+    config.yaml            the resolved config
+    metrics.jsonl          one JSON object per line, "kind": "step" | "epoch" | "norms" | "summary"
+    checkpoints/last.pt    model, optimizer, scheduler, scaler, epoch, step, RNG states of every process,
+                           config, model_args; written atomically after every epoch
+    summary.json           the final summary (also returned by ``train``)
+
+Resuming (``resume=True``) restores all of it, drops metric rows written
+after the checkpoint, and continues so that the result is bitwise the run
+that was never interrupted (CPU; the sampler order depends only on the seed
+and the epoch, the RNG states come from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from ..data.registry import DataBundle, build_dataset
+from ..models.registry import create_model
+from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
+from .config import ConfigError, dump_config, resolve_config
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+)
+
+__all__ = ["train", "load_run", "build_model", "lr_at", "RunExistsError"]
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+class RunExistsError(ValueError):
+    """The output directory already holds a run and ``resume`` was not asked for."""
+
+
+# --- model and data -------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    def norm(v):
+        if isinstance(v, (list, tuple)):
+            return tuple(v)
+        return v
+
+    na, nb = norm(a), norm(b)
+    # img_size 32 and [32, 32] describe the same square image.
+    if isinstance(na, tuple) and not isinstance(nb, tuple):
+        nb = (nb, nb)
+    if isinstance(nb, tuple) and not isinstance(na, tuple):
+        na = (na, na)
+    return na == nb
+
+
+def model_kwargs(cfg: dict, bundle: DataBundle) -> dict:
+    """model.overrides plus what the data dictates (image size, channels, classes); conflicts are errors."""
+    kwargs = dict(cfg["model"]["overrides"])
+    for key, value in bundle.model_overrides.items():
+        if key in kwargs and not _same(kwargs[key], value):
+            hint = " (set data.image_size to resize the data instead)" if key == "img_size" else ""
+            raise ConfigError(
+                f"model.overrides.{key}={kwargs[key]!r} conflicts with the data: dataset "
+                f"{cfg['data']['name']!r} gives {key}={value!r}{hint}"
+            )
+        kwargs[key] = value
+    return kwargs
+
+
+def build_model(name: str, activation: str, kwargs: dict) -> nn.Module:
+    """create_model with errors worded in config terms."""
+    try:
+        return create_model(name, activation=activation, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model {name!r} with model.overrides {kwargs}: {e}") from None
+
+
+def _init_from(model: nn.Module, source: str, log: Callable[[str], None]) -> None:
+    """Load weights from a checkpoint file or run directory; a differently shaped head is skipped."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: no checkpoint at {path} (give a .pt file or a run directory)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and k != "pos_embed" and v.shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    log(
+        f"init_from {path}: loaded {len(state)} tensors; skipped (shape differs) {skipped or 'none'}; "
+        f"missing {list(missing) or 'none'}; unexpected {list(unexpected) or 'none'}"
+    )
+
+
+# --- optimisation ---------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norms, positional embedding and class token are exempt."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup to lr, then cosine to min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+    # A closure, not an object: LambdaLR checkpoints an object's attributes and
+    # would restore the old total on a resume that extends train.epochs.
+    def factor(step: int) -> float:
+        return lr_at(step, lr, min_lr, warmup_steps, total_steps) / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if setting == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a GPU; use amp=off or amp=bf16 on CPU")
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+# --- mixup / cutmix ---------------------------------------------------------------
+def mix_batch(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``; half the batches when both are on).
+
+    Returns the mixed images and soft targets (B, num_classes).
+    """
+    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand(()) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device="cpu").to(x.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = lam * x + (1.0 - lam) * x[perm]
+    one_hot = F.one_hot(y, num_classes).float()
+    return x, lam * one_hot + (1.0 - lam) * one_hot[perm]
+
+
+# --- loaders ---------------------------------------------------------------------
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, ...: every example evaluated exactly once across processes."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(ds: Dataset, batch: int, seed: int, env: DistEnv, workers: int) -> DataLoader:
+    # DistributedSampler also for one process: its order depends only on
+    # (seed, epoch), which makes resume exact, and N processes see exactly the
+    # batches one process would (interleaved), which makes DDP match it.
+    sampler = DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def eval_loader(ds: Dataset, batch: int, env: DistEnv, workers: int) -> DataLoader:
+    sampler = ShardSampler(len(ds), env.rank, env.world_size)
+    return DataLoader(
+        ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda"
+    )
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
+def _forward(model: nn.Module, x: Any) -> torch.Tensor:
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _batch_size(y: torch.Tensor) -> int:
+    return int(y.shape[0])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, dtype: torch.dtype | None) -> dict:
+    """Mean cross-entropy and accuracy over the whole split (summed across processes)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)
+    for x, y in loader:
+        x, y = _to_device(x, env.device), y.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = _forward(model, x)
+        logits = logits.float()
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                (logits.argmax(-1) == y).sum().double(),
+                torch.tensor(float(_batch_size(y)), dtype=torch.float64, device=env.device),
+            ]
+        )
+    all_reduce_sum(sums, env)
+    model.train(was_training)
+    loss, correct, n = sums.tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
+
+
+# --- run directory -------------------------------------------------------------
+def _rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-") or "run"
+
+
+def default_run_dir(cfg: dict) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    m = cfg["model"]
+    return Path("runs") / f"{_slug(m['name'])}_{_slug(cfg['data']['name'])}_{_slug(m['activation'])}_{stamp}"
+
+
+class MetricsLog:
+    """metrics.jsonl: append-only rows, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_to(self, epoch: int, step: int) -> None:
+        """Keep the rows a run had written when its checkpoint at (epoch, step) was saved."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for row in read_jsonl(self.path):
+            kind = row.get("kind")
+            # "step" rows count updates done; "norms" rows carry the step index
+            # of the forward they measured, i.e. the updates done before it.
+            if (
+                (kind == "epoch" and row.get("epoch", 0) <= epoch)
+                or (kind == "step" and row.get("step", 0) <= step)
+                or (kind == "norms" and row.get("step", 0) < step)
+            ):
+                keep.append(row)
+        atomic_write_text("".join(_json_line(r) for r in keep), self.path)
+
+    def write(self, rows: Iterable[dict]) -> None:
+        if not self.enabled:
+            return
+        text = "".join(_json_line(r) for r in rows)
+        if text:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(row) + "\n"
+
+
+def _prepare_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> Path:
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the run directory to resume")
+        out_dir = default_run_dir(cfg) if env.is_main else None
+        out_dir = broadcast_object(out_dir, env)
+    run_dir = Path(out_dir)
+    ckpt = run_dir / CHECKPOINT
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
+    if not resume and ckpt.exists():
+        raise RunExistsError(
+            f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
+            "or choose another --out"
+        )
+    if env.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# --- the loop ----------------------------------------------------------------------
+def _divergence_message(
+    what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path
+) -> str:
+    act = cfg["model"]["activation"]
+    kept = (
+        f"{run_dir / CHECKPOINT} keeps the weights after epoch {last_good}"
+        if last_good
+        else "no checkpoint was written yet (it diverged in the first epoch)"
+    )
+    if act == "softmax":
+        advice = ""
+    elif "/" in act:
+        advice = "a larger divisor in the activation, "
+    else:
+        advice = (
+            "a scaled activation (e.g. x^3/sqrt(N) or x^3/16: unscaled powers grow with the sequence "
+            "length), "
+        )
+    return (
+        f"diverged: {what} at step {step} (epoch {epoch}, activation {act}); stopping. {kept}. "
+        f"Try {advice}a lower train.lr, or train.grad_clip > 0."
+    )
+
+
+def train(
+    cfg: dict,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[dict], None]] = (),
+) -> dict:
+    """Train the configured model; returns the summary also written to ``summary.json``.
+
+    ``cfg``: a config dict (partial dicts get defaults; see ``load_config``).
+    ``out_dir``: the run directory (default ``runs/<model>_<data>_<activation>_<time>``).
+    ``resume``: continue the run in ``out_dir`` from ``checkpoints/last.pt``.
+    ``callbacks``: functions called with every logged "step" and "epoch" row (on every process).
+    Under torchrun, every process calls this; only rank 0 writes files.
+    """
+    cfg = resolve_config(cfg)
+    env = init_distributed(cfg["train"]["device"])
+    threads = torch.get_num_threads()
+    try:
+        return _Run(cfg, env, out_dir, resume, progress, callbacks).run()
+    finally:
+        torch.set_num_threads(threads)  # train.num_threads applies to this run only
+        cleanup_distributed(env)
+
+
+class _Run:
+    """One training run; split into steps so that ``run`` reads top to bottom."""
+
+    def __init__(self, cfg, env: DistEnv, out_dir, resume: bool, progress: bool, callbacks) -> None:
+        self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
+        self.tc = cfg["train"]
+        self.progress = progress and env.is_main
+        if self.tc["num_threads"]:
+            torch.set_num_threads(self.tc["num_threads"])
+        self.run_dir = _prepare_run_dir(cfg, out_dir, resume, env)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
+        self.resume = resume
+
+    def log(self, text: str) -> None:
+        if self.env.is_main:
+            tqdm.write(text, file=sys.stderr)
+
+    # -- setup --
+    def setup(self) -> None:
+        cfg, tc, env = self.cfg, self.tc, self.env
+        if tc["batch_size"] % env.world_size:
+            raise ConfigError(
+                f"train.batch_size ({tc['batch_size']}) is the global batch and must be divisible by the "
+                f"number of processes ({env.world_size})"
+            )
+        seed_everything(tc["seed"])  # the same initial weights on every process
+        self.bundle = build_dataset(cfg["data"], tc["seed"])
+        kwargs = model_kwargs(cfg, self.bundle)
+        self.model_args = {
+            "name": cfg["model"]["name"],
+            "activation": cfg["model"]["activation"],
+            "kwargs": kwargs,
+        }
+        model = build_model(cfg["model"]["name"], cfg["model"]["activation"], kwargs)
+        if cfg["model"]["init_from"] and not self.resume:
+            _init_from(model, cfg["model"]["init_from"], self.log)
+        self.model = model.to(env.device)
+        self.net = self.model
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=tc["eps"]
+        )
+        workers = cfg["data"]["num_workers"]
+        per_rank = tc["batch_size"] // env.world_size
+        eval_batch = max(1, (tc["eval_batch_size"] or tc["batch_size"]) // env.world_size)
+        self.train_loader = train_loader(self.bundle.train, per_rank, tc["seed"], env, workers)
+        self.val_loader = eval_loader(self.bundle.val, eval_batch, env, workers)
+        self.test_loader = (
+            None if self.bundle.test is None else eval_loader(self.bundle.test, eval_batch, env, workers)
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total = tc["epochs"] * self.steps_per_epoch
+        self.total_steps = min(total, tc["max_steps"]) if tc["max_steps"] else total
+        warmup = tc["warmup_steps"]
+        if warmup is None:
+            warmup = round(tc["warmup_epochs"] * self.steps_per_epoch)
+        self.warmup_steps = min(self.total_steps, warmup)
+        self.scheduler = make_scheduler(
+            self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps
+        )
+        self.dtype = amp_dtype(tc["amp"], env.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        if (tc["mixup"] > 0 or tc["cutmix"] > 0) and not isinstance(self.bundle.train[0][0], torch.Tensor):
+            raise ConfigError("train.mixup / train.cutmix need image tensors; this dataset yields dicts")
+        # Other processes draw their own dropout and augmentation randomness.
+        if env.rank > 0:
+            seed_everything(tc["seed"] + 7919 * env.rank)
+        self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
+        self.last_good_epoch: int | None = None
+
+    def restore(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            self.metrics.truncate_to(0, 0)  # killed before the first checkpoint: start over
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best_val, self.last_val = ckpt.get("best_val_acc"), ckpt.get("last_val")
+        self.last_good_epoch = self.epoch
+        states = ckpt["rng"]
+        if len(states) == self.env.world_size:
+            _set_rng_state(states[self.env.rank], self.env.device)
+        else:
+            self.log(
+                f"resuming with {self.env.world_size} processes from a checkpoint of {len(states)}: "
+                "RNG streams are reseeded, so the run will not match an uninterrupted one bit for bit"
+            )
+            seed_everything(self.tc["seed"] + 7919 * self.env.rank + self.epoch)
+        self.metrics.truncate_to(self.epoch, self.step)
+        self.log(f"resumed {self.run_dir} at epoch {self.epoch}, step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        states = gather_objects(_rng_state(self.env.device), self.env)  # collective: every rank calls it
+        if not self.env.is_main:
+            return
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "rng": states,
+                "sampler": {"seed": self.tc["seed"], "epoch": self.epoch},
+                "best_val_acc": self.best_val,
+                "last_val": self.last_val,
+                "config": self.cfg,
+                "model_args": self.model_args,
+            },
+            self.run_dir / CHECKPOINT,
+        )
+        self.last_good_epoch = self.epoch
+
+    # -- one epoch --
+    def train_epoch(self, recorder) -> dict | None:
+        """Run one epoch; returns the epoch's sums, or None after a divergence (self.diverged set)."""
+        tc = self.tc
+        self.train_loader.sampler.set_epoch(self.epoch)
+        self.net.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n (all processes)
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{tc['epochs']}",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=True,
+            file=sys.stderr,
+        )
+        try:
+            for x, y in self.train_loader:
+                if self.step >= self.total_steps:
+                    break
+                if not self.train_step(x, y, sums, recorder, t0, bar):
+                    return None
+            return {"sums": sums, "time_s": time.perf_counter() - t0}
+        finally:
+            bar.close()
+
+    def train_step(self, x, y, sums: torch.Tensor, recorder, t0: float, bar) -> bool:
+        tc, env = self.tc, self.env
+        x, y = _to_device(x, env.device), y.to(env.device, non_blocking=True)
+        if recorder is not None:
+            recorder.set_step(self.step)
+        target = y
+        if tc["mixup"] > 0 or tc["cutmix"] > 0:
+            x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
+        lr = self.optimizer.param_groups[0]["lr"]
+        with torch.autocast(
+            env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            logits = _forward(self.net, x)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=tc["label_smoothing"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        max_norm = tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        n = _batch_size(y)
+        stats = torch.stack(
+            [
+                loss.detach().double() * n,
+                (logits.detach().argmax(-1) == y).sum().double(),
+                torch.tensor(float(n), dtype=torch.float64, device=env.device),
+                (~torch.isfinite(loss.detach())).double(),
+                # fp16's scaler skips steps with inf gradients by design; elsewhere they mean divergence.
+                (~torch.isfinite(grad_norm.detach())).double()
+                if self.scaler is None
+                else loss.new_zeros((), dtype=torch.float64),
+            ]
+        )
+        loss_sum, correct, count, bad_loss, bad_grad = all_reduce_sum(stats, env).tolist()
+        step_number = self.step + 1
+        if bad_loss or bad_grad:
+            what = f"loss is {loss.item()}" if bad_loss else "gradient norm is not finite"
+            self.diverged = {
+                "step": step_number,
+                "epoch": self.epoch + 1,
+                "message": _divergence_message(
+                    what, step_number, self.epoch + 1, self.cfg, self.last_good_epoch, self.run_dir
+                ),
+            }
+            return False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step = step_number
+        sums += torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+        elapsed = time.perf_counter() - t0
+        throughput = sums[2].item() / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{sums[0].item() / sums[2].item():.4f}",
+            acc=f"{sums[1].item() / sums[2].item():.3f}",
+            img_s=f"{throughput:.0f}",
+            refresh=False,
+        )
+        rows = []
+        if self.step % tc["log_every"] == 0:
+            rows.append(
+                {
+                    "kind": "step",
+                    "epoch": self.epoch + 1,
+                    "step": self.step,
+                    "loss": loss_sum / count,
+                    "acc": correct / count,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": throughput,
+                }
+            )
+        if recorder is not None:
+            rows += [{"kind": "norms", **r} for r in recorder.pop_rows()]
+        self.metrics.write(rows)
+        for row in rows:
+            if row["kind"] == "step":
+                for cb in self.callbacks:
+                    cb(row)
+        return True
+
+    def end_epoch(self, result: dict) -> None:
+        tc = self.tc
+        sums = result["sums"]
+        self.epoch += 1
+        last = self.epoch >= tc["epochs"] or self.step >= self.total_steps
+        val = None
+        if self.epoch % tc["eval_every"] == 0 or last:
+            val = evaluate(self.model, self.val_loader, self.env, self.dtype)
+            self.last_val = val
+            if self.best_val is None or val["acc"] > self.best_val:
+                self.best_val = val["acc"]
+        n = max(sums[2].item(), 1.0)
+        row = {
+            "kind": "epoch",
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": sums[0].item() / n,
+            "train_acc": sums[1].item() / n,
+            "val_loss": None if val is None else val["loss"],
+            "val_acc": None if val is None else val["acc"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time_s": result["time_s"],
+            "samples_per_s": sums[2].item() / max(result["time_s"], 1e-9),
+        }
+        if self.progress:
+            val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
+            self.log(
+                f"epoch {self.epoch}/{tc['epochs']}  train_loss {row['train_loss']:.4f}  "
+                f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
+            )
+        self.metrics.write([row])
+        self.save_checkpoint()
+        for cb in self.callbacks:
+            cb(row)
+
+    def summary(self, t_start: float) -> dict:
+        test = None
+        if self.test_loader is not None and self.diverged is None:
+            test = evaluate(self.model, self.test_loader, self.env, self.dtype)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "run_dir": str(self.run_dir),
+            "model": self.cfg["model"]["name"],
+            "activation": self.cfg["model"]["activation"],
+            "dataset": self.cfg["data"]["name"],
+            "best_val_acc": self.best_val,
+            "final_val_acc": None if self.last_val is None else self.last_val["acc"],
+            "final_val_loss": None if self.last_val is None else self.last_val["loss"],
+            "test_acc": None if test is None else test["acc"],
+            "epochs": self.epoch,
+            "steps": self.step,
+            "diverged": self.diverged is not None,
+            "diverged_step": None if self.diverged is None else self.diverged["step"],
+            "diverged_message": None if self.diverged is None else self.diverged["message"],
+            "num_params": n_params,
+            "world_size": self.env.world_size,
+            "device": str(self.env.device),
+            "amp": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "time_s": time.perf_counter() - t_start,
+            "data": self.bundle.info,
+        }
+
+    def run(self) -> dict:
+        t_start = time.perf_counter()
+        self.diverged: dict | None = None
+        self.setup()
+        if self.resume:
+            self.restore()
+        elif self.env.is_main:
+            self.metrics.truncate_to(0, 0)
+        if self.env.is_main:
+            atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
+            self.log(
+                f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{self.env.world_size} process(es) on {self.env.device})"
+            )
+        recorder = self._norm_recorder()
+        try:
+            while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
+                result = self.train_epoch(recorder)
+                if result is None:
+                    break
+                self.end_epoch(result)
+        finally:
+            if recorder is not None:
+                recorder.detach()
+        if self.diverged is not None:
+            self.log(self.diverged["message"])
+        summary = self.summary(t_start)
+        if self.env.is_main:
+            self.metrics.write([{"kind": "summary", **{k: v for k, v in summary.items() if k != "data"}}])
+            atomic_write_json(summary, self.run_dir / "summary.json")
+        return summary
+
+    def _norm_recorder(self):
+        every = self.cfg["diagnostics"]["every"]
+        if every <= 0 or not self.env.is_main:
+            return None
+        try:
+            from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
+        except ImportError as e:
+            raise ConfigError(
+                f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})"
+            ) from None
+        recorder = NormRecorder(self.model, every=every)
+        recorder.attach()
+        return recorder
+
+
+# --- loading a finished run --------------------------------------------------------
+def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode with the run's last weights, the run's config) from a run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir} a polyattn run directory?")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    args = ckpt["model_args"]
+    model = build_model(args["name"], args["activation"], args["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["config"]
