@@ -186,7 +186,7 @@ class Activation:
 
 ActivationLike = str | Activation
 
-_DIV_RE = re.compile(r"^(?P<base>[a-z0-9^.]+?)(?:/(?P<div>.+))?$")
+_DIV_RE = re.compile(r"^(?P<base>[a-z0-9^.+-]+?)(?:/(?P<div>.+))?$")
 
 
 def _parse_number(text: str, spec: str) -> float:
