@@ -18,6 +18,7 @@ from .core import (
     padding_to_attn_mask,
     select_backend,
 )
+from .integrations import patch
 from .models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "list_activations",
     "list_models",
     "padding_to_attn_mask",
+    "patch",
     "register_model",
     "select_backend",
 ]

@@ -89,7 +89,7 @@ def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device):
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -29,7 +29,7 @@ import torch
 from ..activations import Activation, ActivationLike, get_activation
 from .auto import CallInfo, estimate
 from .chunked import chunked_attention
-from .common import BackendUnsupported, mask_kind
+from .common import BackendUnsupported, batch_shape, mask_kind
 from .linear import linear_attention, linear_unsupported_reason
 from .reference import attention_weights, reference_attention
 from .sdpa import sdpa_attention, sdpa_unsupported_reason
@@ -157,8 +157,7 @@ def call_info(
 ) -> CallInfo:
     """Describe a call for the support checks and the cost model."""
     act = get_activation(activation)
-    shapes = [q.shape[:-2], k.shape[:-2]] + ([v.shape[:-2]] if v is not None else [])
-    batch = torch.broadcast_shapes(*shapes)
+    batch = batch_shape(q, k, *([v] if v is not None else []))
     bh = 1
     for s in batch:
         bh *= s

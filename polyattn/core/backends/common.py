@@ -21,6 +21,7 @@ __all__ = [
     "BackendUnsupported",
     "BlockSource",
     "Layout",
+    "batch_shape",
     "causal_block",
     "flatten_heads",
     "mask_kind",
@@ -48,6 +49,14 @@ def refuse_double_backward(name: str) -> None:
         )
 
 
+def batch_shape(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The broadcast leading (batch, head) shape of tensors shaped (..., N, d)."""
+    shapes = [tuple(t.shape[:-2]) for t in tensors]
+    if all(sh == shapes[0] for sh in shapes):  # the common case, without torch's general broadcasting
+        return shapes[0]
+    return tuple(torch.broadcast_shapes(*shapes))
+
+
 def flatten_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -55,10 +64,12 @@ def flatten_heads(
 
     Differentiable: gradients of broadcast inputs are summed back by autograd.
     """
-    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
+    batch = batch_shape(q, k, v)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]).contiguous()
+        if tuple(t.shape[:-2]) != batch:
+            t = t.expand(*batch, *t.shape[-2:])
+        return t.reshape(-1, *t.shape[-2:]).contiguous()
 
     return flat(q), flat(k), flat(v), batch
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..activations import Activation
 from ..masking import combine_masks
-from .common import BackendUnsupported
+from .common import BackendUnsupported, batch_shape
 
 __all__ = ["sdpa_attention", "sdpa_unsupported_reason"]
 
@@ -41,10 +41,8 @@ def sdpa_attention(
     reason = sdpa_unsupported_reason(activation)
     if reason is not None:
         raise BackendUnsupported(f"backend 'sdpa' cannot compute this call: {reason}; use backend='auto'")
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    q = q.expand(*batch, *q.shape[-2:])
-    k = k.expand(*batch, *k.shape[-2:])
-    v = v.expand(*batch, *v.shape[-2:])
+    batch = batch_shape(q, k, v)
+    q, k, v = (t if tuple(t.shape[:-2]) == batch else t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
     nq, nk = q.shape[-2], k.shape[-2]
     mask = attn_mask
     if causal and (mask is not None or bias is not None):
