@@ -78,15 +78,6 @@ ELEMENTWISE = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP hand-offs that dominate on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _chunked(act, blocks):
     return lambda *a, **kw: chunked_attention(*a[:3], act, block_sizes=blocks, **kw)
 

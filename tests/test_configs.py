@@ -37,14 +37,6 @@ def rel(p: Path) -> str:
     return str(p.relative_to(CONFIG_DIR))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_the_paper_runs_are_all_there():
     names = {rel(p) for p in CONFIGS}
     assert "digits_vit_micro.yaml" in names

@@ -24,15 +24,6 @@ from polyattn.data.cifar import CIFAR_MEAN, CIFAR_STD
 from polyattn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, stratified_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models gain nothing from a second thread; on shared cores it slows them down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_image(path: Path, size=(64, 64), seed=0, fmt="JPEG") -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

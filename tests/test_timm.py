@@ -47,14 +47,6 @@ POLY_CLASSES = (PolyTimmAttention, PolyWindowAttention, PolyXCA, PolyClassAttn)
 ORIGINAL_CLASSES = (TimmAttention, WindowAttention, XCA, ClassAttn)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def _built(name: str) -> nn.Module:
     torch.manual_seed(0)

@@ -31,16 +31,6 @@ from polyattn.utils import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on shared cores an
-    # oversubscribed OpenMP pool makes them several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # A small, fast setting: 64 synthetic 8x8 images, 4 steps per epoch, a 2-block model.
 SMALL = [
     "data.name=synthetic",

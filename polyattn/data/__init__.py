@@ -29,3 +29,5 @@ __all__ = [
     "list_datasets",
     "register_dataset",
 ]
+
+from . import lra  # noqa: E402,F401  (registers the Long Range Arena datasets)

@@ -546,9 +546,9 @@ _STYLE = {
 
 def plot_bench(results: dict, out_dir: Path) -> list[Path]:
     """bench_time.png and bench_memory.png: one panel per (d, p), one line per backend, log-log."""
-    from .plots import _pyplot, _save
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     cfg = results["config"]
     cases = results["cases"]
     paths = []
@@ -579,7 +579,7 @@ def plot_bench(results: dict, out_dir: Path) -> list[Path]:
                 ax.legend(fontsize=7)
         fig.suptitle(f"polyattn bench: {results['machine']}", fontsize=9)
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / fname, dpi=110))
+        paths.append(save_figure(fig, out_dir / fname, dpi=110))
     return paths
 
 

@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["norm_curves", "plot_loglog_norms", "plot_norm_curves", "plot_softmax_bounds"]
+__all__ = ["norm_curves", "plot_loglog_norms", "plot_norm_curves", "plot_softmax_bounds", "pyplot", "save_figure"]
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot, imported on first use (Agg unless a backend was chosen): --help stays fast."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -24,13 +25,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, out_png: str | os.PathLike, dpi: int) -> Path:
+def save_figure(fig: Any, out_png: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and close it."""
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     os.replace(tmp, out)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -99,7 +101,7 @@ def plot_norm_curves(
     if missing:
         raise ValueError(f"plot_norm_curves: layers {missing} have no rows; recorded layers: {all_layers}")
 
-    plt = _pyplot()
+    plt = pyplot()
     ncol = len(layers)
     fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol + 0.6, 6.0), squeeze=False, sharex=True)
     for col, layer in enumerate(layers):
@@ -123,7 +125,7 @@ def plot_norm_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, out_png, dpi)
+    return save_figure(fig, out_png, dpi)
 
 
 # --------------------------------------------------------------------------- #
@@ -146,7 +148,7 @@ def plot_loglog_norms(
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     n = np.asarray(mc["n"], dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     fits = {(r["activation"], r["quantity"]): r for r in mc["slopes"]}
@@ -186,12 +188,12 @@ def plot_loglog_norms(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return _save(fig, out_png, dpi)
+    return save_figure(fig, out_png, dpi)
 
 
 def plot_softmax_bounds(bounds: Mapping[str, Any], out_png: str | os.PathLike, dpi: int = 100) -> Path:
     """Largest ratio to each bound of Theorem 4.1, per matrix family, against N."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharex=True)
     markers = "os^vD<>xP*"
     for i, fam in enumerate(bounds["families"]):
@@ -227,4 +229,4 @@ def plot_softmax_bounds(bounds: Mapping[str, Any], out_png: str | os.PathLike, d
         f"Theorem 4.1: largest ratio to the bound ({bounds['matrices_checked']} matrices)", fontsize=11
     )
     fig.tight_layout()
-    return _save(fig, out_png, dpi)
+    return save_figure(fig, out_png, dpi)

@@ -15,3 +15,5 @@ __all__ = [
     "register_model",
     "resize_pos_embed",
 ]
+
+from . import lra  # noqa: E402,F401  (registers lra_encoder, lra_dual_encoder)

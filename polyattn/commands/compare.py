@@ -1,0 +1,99 @@
+"""``polyattn compare``: one model per activation and seed, the comparison table and report.md.
+
+The work is :func:`polyattn.experiments.compare.compare`; this module parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "runs/compare"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activations",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^3,x/sqrt(N),x); "
+        "quote specs with parentheses in a shell",
+    )
+    p.add_argument(
+        "--seeds",
+        default="3",
+        help="a count (3: seeds 0,1,2) or a comma list of train.seed values (0,5,7; one seed: 5,) (default 3)",
+    )
+    p.add_argument("--dataset", default=None, help="data.name (default: digits, from the base config)")
+    p.add_argument("--model", default=None, help="model.name (default: vit_micro, from the base config)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 20)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
+        help="base config (default: built-in vit_micro on digits, patch 2, 20 epochs = configs/digits_vit_micro.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override base config keys, e.g. --set train.lr=1e-3 model.overrides.depth=2",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs already finished in --out and continue interrupted ones from their checkpoints",
+    )
+    p.add_argument(
+        "--norm-every",
+        type=int,
+        default=None,
+        help="record attention norms every K steps (default 5; 0: no norm curves) unless the config sets it",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.errors import DatasetError
+    from ..experiments.compare import DEFAULT_ACTIVATIONS, DEFAULT_NORM_EVERY, CompareError, compare
+    from ..training.config import ConfigError
+
+    try:
+        results = compare(
+            args.out,
+            activations=args.activations or DEFAULT_ACTIVATIONS,
+            seeds=args.seeds,
+            dataset=args.dataset,
+            model=args.model,
+            epochs=args.epochs,
+            config=args.config,
+            overrides=args.overrides,
+            resume=args.resume,
+            progress=not args.no_progress,
+            norm_every=DEFAULT_NORM_EVERY if args.norm_every is None else args.norm_every,
+        )
+    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {args.out})",
+            file=sys.stderr,
+        )
+        return 130
+    out = Path(args.out)
+    print()
+    print(results["table_text"])
+    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}", end="")
+    figs = results.get("figures", {})
+    print(f" and {len(figs)} figure(s) in {out}" if figs else "")
+    for note in results.get("notes", []):
+        print(f"note: {note}")
+    print(f"({results['time_s'] / 60:.1f} min)")
+    return 0

@@ -1,0 +1,77 @@
+"""``polyattn data {listops,pathfinder} --out DIR ...``: generate LRA data in the official layouts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    lo = sub.add_parser(
+        "listops",
+        help="ListOps TSV files (basic_train/val/test.tsv), LRA's generator specification",
+        description="Generate ListOps into DIR/basic_{train,val,test}.tsv (header Source<TAB>Target).",
+    )
+    lo.add_argument("--out", required=True, metavar="DIR")
+    lo.add_argument("--train", type=int, default=96000, help="training samples (default 96000)")
+    lo.add_argument("--val", type=int, default=2000, help="validation samples (default 2000)")
+    lo.add_argument("--test", type=int, default=2000, help="test samples (default 2000)")
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--min-length", type=int, default=500, help="keep length > this (default 500)")
+    lo.add_argument("--max-length", type=int, default=2000, help="keep length < this (default 2000)")
+    lo.add_argument("--max-depth", type=int, default=10)
+    lo.add_argument("--max-args", type=int, default=10)
+    pf = sub.add_parser(
+        "pathfinder",
+        help="Pathfinder PNG images + metadata in the layout of LRA's pathfinder32",
+        description="Generate Pathfinder images into DIR/<curv_...>/imgs/<b>/sample_<i>.png + metadata/<b>.npy.",
+    )
+    pf.add_argument("--out", required=True, metavar="DIR")
+    pf.add_argument("--num", type=int, default=200000, help="number of images (default 200000)")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument(
+        "--difficulty",
+        choices=["easy", "intermediate", "hard"],
+        default="hard",
+        help="contour length 6 / 9 / 14 (default hard, the LRA task)",
+    )
+    pf.add_argument("--contour-length", type=int, help="paddles per target contour (overrides --difficulty)")
+    pf.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    pf.add_argument("--distractors", type=int, help="distractor contours (default 20 // (contour length // 3))")
+    pf.add_argument("--workers", type=int, default=0, help="processes (default 0 = all cores)")
+    for q in (lo, pf):
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        if args.dataset == "listops":
+            from ..data.lra.listops import write_listops
+
+            paths = write_listops(
+                args.out,
+                args.train,
+                args.val,
+                args.test,
+                args.seed,
+                args.min_length,
+                args.max_length,
+                args.max_depth,
+                args.max_args,
+                progress=not args.no_progress,
+            )
+            where = ", ".join(str(p) for p in paths.values())
+        else:
+            from ..data.lra.pathfinder import DIFFICULTIES, PathfinderSpec, write_pathfinder
+
+            contour = args.contour_length or DIFFICULTIES[args.difficulty][1]
+            spec = PathfinderSpec(size=args.size, contour_length=contour, num_distractors=args.distractors)
+            where = str(write_pathfinder(args.out, args.num, spec, args.seed, args.workers, not args.no_progress))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {where} in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,97 @@
+"""``polyattn sweep``: accuracy against the scale 1/k of x^3 for several sequence lengths (the paper's Figure 1).
+
+The work is :func:`polyattn.experiments.sweep.sweep`; this module parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "runs/sweep"
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,2,4,8, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,2,1, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults (None here) live in polyattn.experiments.sweep; importing it here would slow every --help.
+    p.add_argument(
+        "--scales", type=_numbers, default=None, help="k values: the activation is x^P/k (default 1,2,4,8,16,32,64)"
+    )
+    p.add_argument(
+        "--patch-sizes",
+        type=_ints,
+        default=None,
+        help="ViT patch sizes, i.e. sequence lengths (default 4,2,1: 4, 16, 64 patches of the 8x8 digits)",
+    )
+    p.add_argument("--power", type=int, default=3, help="P in x^P/k (default 3)")
+    p.add_argument("--seeds", default="1", help="a count (2: seeds 0,1) or a comma list (0,5,7; one seed: 5,)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default 10)")
+    p.add_argument("--no-baseline", action="store_true", help="no softmax reference run per patch size")
+    p.add_argument("--dataset", default=None, help="data.name (default: digits); must be an image dataset")
+    p.add_argument("--model", default=None, help="model.name (default: vit_micro)")
+    p.add_argument("--config", metavar="FILE.yaml", default=None, help="base config (default: as polyattn compare)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override base config keys, e.g. --set train.lr=1e-3",
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out, continue interrupted ones")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.errors import DatasetError
+    from ..experiments.compare import CompareError
+    from ..experiments.sweep import DEFAULT_PATCH_SIZES, DEFAULT_SCALES, DEFAULT_SWEEP_EPOCHS, sweep
+    from ..training.config import ConfigError
+
+    try:
+        results = sweep(
+            args.out,
+            scales=DEFAULT_SCALES if args.scales is None else args.scales,
+            patch_sizes=DEFAULT_PATCH_SIZES if args.patch_sizes is None else args.patch_sizes,
+            power=args.power,
+            seeds=args.seeds,
+            epochs=DEFAULT_SWEEP_EPOCHS if args.epochs is None else args.epochs,
+            dataset=args.dataset,
+            model=args.model,
+            config=args.config,
+            overrides=args.overrides,
+            baseline=not args.no_baseline,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {args.out})",
+            file=sys.stderr,
+        )
+        return 130
+    out = Path(args.out)
+    print()
+    print(results["table_text"])
+    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'} and {out / 'sweep.png'}")
+    print(f"({results['time_s'] / 60:.1f} min)")
+    return 0

@@ -1,0 +1,377 @@
+"""Long Range Arena (the paper's Table 4): the five tasks with the Nystromformer settings.
+
+    >>> from polyattn.experiments.lra import lra_config, run_lra
+    >>> cfg = lra_config("listops", "x^3/14", preset="cpu")
+    >>> result = run_lra(cfg, "runs/lra/listops_x3")              # doctest: +SKIP
+    >>> result["test_acc"], result["majority_acc"]                # doctest: +SKIP
+
+Settings (mlpen/Nystromformer, LRA/code/lra_config.py and run_tasks.py): the
+encoder of polyattn.models.lra; AdamW (betas 0.9/0.999, eps 1e-6, no weight
+decay), lr 1e-4 with linear warmup; batch 32 (ListOps, Text, Retrieval) or
+256 (Image, Pathfinder); steps and warmup per task below. Differences here:
+the decay after warmup is the trainer's cosine (Nystromformer: linear), test
+accuracy is that of the final weights (Nystromformer: the best validation
+checkpoint), padding is a mask (Nystromformer masks every token id 0, which
+for Image and Pathfinder also hides black pixels), and pooling averages the
+valid tokens only.
+
+Configs are data here (``TASKS``, ``CPU_PRESETS``); ``write_lra_configs``
+writes the same as YAML files (configs/lra/), which ``polyattn train`` or
+``polyattn lra --config`` read back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.activations import get_activation
+from ..training.config import dump_config, load_config, parse_override, resolve_config
+from ..utils import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "TASKS",
+    "TABLE4_ACTIVATIONS",
+    "CPU_PRESETS",
+    "PAPER_TABLE4",
+    "LraTask",
+    "lra_config",
+    "run_lra",
+    "lra_table",
+    "is_full_scale",
+    "write_lra_configs",
+]
+
+# Table 4 of the paper (test accuracy, %), per activation: ListOps, Text, Retrieval, Image, Pathfinder.
+PAPER_TABLE4: dict[str, dict[str, float]] = {
+    "softmax": {"listops": 37.1, "text": 63.8, "retrieval": 79.8, "image": 39.9, "pathfinder": 72.9},
+    "x^3/14": {"listops": 37.5, "text": 63.3, "retrieval": 80.9, "image": 37.2, "pathfinder": 68.7},
+    "x/14": {"listops": 34.3, "text": 62.9, "retrieval": 81.5, "image": 39.0, "pathfinder": 69.1},
+}
+TABLE4_ACTIVATIONS = ("softmax", "x^3/14", "x/14")
+TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder")
+
+_TRAIN_COMMON = {
+    "lr": 1.0e-4,
+    "min_lr": 0.0,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.999],
+    "eps": 1.0e-6,
+    "label_smoothing": 0.0,
+    "grad_clip": 0.0,
+    "eval_every": 1,
+    "log_every": 50,
+    "seed": 0,
+}
+
+
+@dataclass(frozen=True)
+class LraTask:
+    """One LRA task: its dataset and model, and the Nystromformer training budget."""
+
+    name: str
+    dataset: str
+    model: str
+    batch_size: int
+    steps: int
+    warmup_steps: int
+    train_size: int  # size of the official training split (sets the epochs that cover ``steps``)
+    data: dict = field(default_factory=dict)
+    generated: bool = False  # polyattn can generate the data (ListOps, Pathfinder)
+    note: str = ""
+
+    def config(self, activation: str = "softmax") -> dict:
+        """The full-scale config (unresolved) of this task with ``activation``."""
+        steps_per_epoch = math.ceil(self.train_size / self.batch_size)
+        return {
+            "description": f"LRA {self.name} ({self.note}), Nystromformer settings, activation {activation}",
+            "model": {"name": self.model, "activation": activation},
+            "data": {"name": self.dataset, **copy.deepcopy(self.data)},
+            "train": {
+                **copy.deepcopy(_TRAIN_COMMON),
+                "batch_size": self.batch_size,
+                "max_steps": self.steps,
+                "warmup_steps": self.warmup_steps,
+                "epochs": math.ceil(self.steps / steps_per_epoch),
+            },
+        }
+
+
+TASKS: dict[str, LraTask] = {
+    "listops": LraTask(
+        "listops",
+        "lra_listops",
+        "lra_encoder",
+        32,
+        5000,
+        1000,
+        96000,
+        {"max_len": 2000},
+        generated=True,
+        note="10 classes, up to 2,000 tokens",
+    ),
+    "text": LraTask(
+        "text",
+        "lra_text",
+        "lra_encoder",
+        32,
+        20000,
+        8000,
+        25000,
+        {"max_len": 1000},
+        note="IMDB bytes, 2 classes, 1,000 tokens",
+    ),
+    "retrieval": LraTask(
+        "retrieval",
+        "lra_retrieval",
+        "lra_dual_encoder",
+        32,
+        30000,
+        800,
+        147086,
+        {"max_len": 4000},
+        note="AAN byte pairs, 2 classes, 2 x 4,000 tokens",
+    ),
+    "image": LraTask(
+        "image",
+        "lra_image",
+        "lra_encoder",
+        256,
+        35000,
+        175,
+        45000,
+        {},
+        note="CIFAR-10 grayscale, 10 classes, 1,024 tokens",
+    ),
+    "pathfinder": LraTask(
+        "pathfinder",
+        "lra_pathfinder",
+        "lra_encoder",
+        256,
+        62400,
+        312,
+        160000,
+        {"difficulty": "hard"},
+        generated=True,
+        note="32x32, 2 classes, 1,024 tokens",
+    ),
+}
+
+# Reduced-scale settings that finish in minutes on a 2-core CPU (generated data only).
+CPU_PRESETS: dict[str, dict[str, Any]] = {
+    "listops": {
+        "description_note": "CPU preset: expressions of 20-100 tokens, 10k training samples",
+        "data": {
+            "max_len": 100,
+            "num_train": 10000,
+            "num_val": 1000,
+            "num_test": 2000,
+            "gen_min_length": 20,
+            "gen_max_length": 100,
+        },
+        "train": {"lr": 1.0e-3, "batch_size": 32, "warmup_steps": 100, "max_steps": None, "epochs": 5},
+    },
+    "pathfinder": {
+        "description_note": "CPU preset: 16x16 images (256 tokens), contour length 6, 10k images, "
+        "no attention dropout (it dominates CPU time at this size)",
+        "model": {"overrides": {"attn_drop": 0.0}},
+        "data": {"difficulty": "easy", "image_size": 16, "num_images": 10000, "gen_num_distractors": 2},
+        "train": {"lr": 1.0e-3, "batch_size": 64, "warmup_steps": 100, "max_steps": None, "epochs": 4},
+    },
+}
+
+
+def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in layer.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _task(name: str) -> LraTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown LRA task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def raw_lra_config(task: str, activation: str = "softmax", preset: str | None = None) -> dict:
+    """The unresolved config of a task (and preset), as written to configs/lra/."""
+    t = _task(task)
+    cfg = t.config(get_activation(activation).spec)
+    if preset is not None:
+        if preset != "cpu":
+            raise ValueError(f"unknown preset {preset!r}; presets: cpu")
+        if task not in CPU_PRESETS:
+            raise ValueError(
+                f"no CPU preset for {task!r}: the presets exist for tasks whose data polyattn generates "
+                f"({', '.join(CPU_PRESETS)}); {task} needs its data set and a GPU-sized budget"
+            )
+        layer = {k: v for k, v in CPU_PRESETS[task].items() if k != "description_note"}
+        cfg = _merge(cfg, layer)
+        cfg["description"] += f"; {CPU_PRESETS[task]['description_note']} (reduced scale)"
+    return cfg
+
+
+def lra_config(
+    task: str,
+    activation: str = "softmax",
+    data: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Resolved config of an LRA run: the task's settings, ``data`` as data.root, ``key=value`` overrides."""
+    cfg = raw_lra_config(task, activation, preset)
+    if data is not None:
+        cfg["data"]["root"] = str(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_dotted(cfg, ".".join(parts), value)
+    return resolve_config(cfg)
+
+
+def _task_of(cfg: dict) -> str:
+    for name, t in TASKS.items():
+        if t.dataset == cfg["data"]["name"]:
+            return name
+    raise ValueError(
+        f"data.name {cfg['data']['name']!r} is not an LRA dataset ({', '.join(t.dataset for t in TASKS.values())})"
+    )
+
+
+# Keys that do not change what is trained or measured.
+_NEUTRAL = {
+    "data": {"root", "num_workers", "gen_workers"},
+    "train": {"num_threads", "device", "amp", "log_every", "eval_batch_size"},
+}
+
+
+def is_full_scale(cfg: dict) -> bool:
+    """True when the data and training settings are the task's full-scale ones (any activation, any seed)."""
+    task = _task_of(cfg)
+    full = lra_config(task, cfg["model"]["activation"])
+    for section in ("data", "train"):
+        for key, value in full[section].items():
+            if key in _NEUTRAL[section] or key == "seed":
+                continue
+            if cfg[section].get(key) != value:
+                return False
+    return cfg["model"]["name"] == full["model"]["name"] and not cfg["model"]["overrides"]
+
+
+def run_lra(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
+    """Train with the polyattn trainer and write ``lra_result.json``; returns that result.
+
+    The result: task, activation, test accuracy (the test split; for Text with
+    its default validation = test split, the final validation accuracy),
+    the majority-class accuracy of that split, the paper's number, and the
+    trainer summary.
+    """
+    from ..training.trainer import train  # imported here: the trainer pulls in the data registry
+
+    task = _task_of(cfg)
+    summary = train(cfg, out_dir, resume=resume, progress=progress)
+    data_info = summary.get("data") or {}
+    test_acc = summary.get("test_acc")
+    if test_acc is None and data_info.get("val_is_test"):
+        test_acc = summary.get("final_val_acc")
+    activation = cfg["model"]["activation"]
+    paper = PAPER_TABLE4.get(activation, {}).get(task)
+    steps_asked = cfg["train"]["max_steps"]
+    result = {
+        "task": task,
+        "activation": activation,
+        "test_acc": test_acc,
+        "best_val_acc": summary.get("best_val_acc"),
+        "majority_acc": data_info.get("majority_test_acc"),
+        "paper_test_acc": None if paper is None else paper / 100,
+        "diverged": summary.get("diverged", False),
+        "steps": summary.get("steps"),
+        "steps_short": bool(steps_asked and summary.get("steps", 0) < steps_asked and not summary.get("diverged")),
+        "reduced_scale": not is_full_scale(cfg),
+        "time_s": summary.get("time_s"),
+        "device": summary.get("device"),
+        "run_dir": str(out_dir),
+        "data": data_info,
+    }
+    if Path(out_dir).is_dir() and os.environ.get("RANK", "0") == "0":
+        atomic_write_json(result, Path(out_dir) / "lra_result.json")
+    return result
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def lra_table(run_dirs: Sequence[str | os.PathLike]) -> str:
+    """Markdown table of finished runs (lra_result.json), with the paper's Table 4 beside them."""
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "lra_result.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {d} a finished `polyattn lra` run?")
+        rows.append(json.loads(path.read_text()))
+    rows.sort(key=lambda r: (TASK_ORDER.index(r["task"]), r["activation"]))
+    lines = [
+        "| task | activation | test acc (%) | majority class (%) | paper Table 4 (%) | steps | scale | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = "diverged" if r["diverged"] else _pct(r["test_acc"])
+        scale = "reduced (CPU preset)" if r["reduced_scale"] else "full"
+        time_s = "-" if r.get("time_s") is None else f"{r['time_s']:.0f}"
+        lines.append(
+            f"| {r['task']} | {r['activation']} | {acc} | {_pct(r['majority_acc'])} | "
+            f"{_pct(r['paper_test_acc'])} | {r['steps']} | {scale} | {time_s} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _slug(spec: str) -> str:
+    return spec.replace("^", "").replace("/", "_div").replace("(", "").replace(")", "")
+
+
+def write_lra_configs(out_dir: str | os.PathLike) -> list[Path]:
+    """Write configs/lra/: <task>_<activation>.yaml for the Table 4 runs and cpu/<task>_<activation>.yaml."""
+    out = Path(out_dir)
+    written = []
+    for name in TASKS:
+        for act in TABLE4_ACTIVATIONS:
+            path = out / f"{name}_{_slug(act)}.yaml"
+            atomic_write_text(_yaml(raw_lra_config(name, act)), path)
+            written.append(path)
+        if name in CPU_PRESETS:
+            for act in (*TABLE4_ACTIVATIONS, "x^3/sqrt(N)"):
+                path = out / "cpu" / f"{name}_{_slug(act)}.yaml"
+                atomic_write_text(_yaml(raw_lra_config(name, act, "cpu")), path)
+                written.append(path)
+    return written
+
+
+def _yaml(cfg: dict) -> str:
+    return dump_config(cfg)
+
+
+def config_from_file(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
+    """A config file (e.g. configs/lra/listops_x3_div14.yaml) with overrides, resolved."""
+    return load_config(path, list(overrides))
+
+
+def describe(cfg: dict) -> str:
+    """The resolved config as YAML text."""
+    return dump_config(cfg)

@@ -1,0 +1,644 @@
+"""Figures and report.md for ``polyattn compare`` (and the table plot of ``polyattn sweep``).
+
+Figures, all PNG under the comparison's output directory:
+
+* ``accuracy.png``: top-1 per activation, bars at the mean, error bars one
+  standard deviation over seeds, each seed a dot.
+* ``norms.png``: ||A||_F and ||dA/dS||_F per layer during training (the
+  paper's Figures 2-3), drawn by :func:`polyattn.experiments.plots.plot_norm_curves`.
+* ``attention_layer<L>.png``: attention matrices of a scaled polynomial and
+  softmax, every head, averaged over a fixed batch of validation images (the
+  paper's Figures 6-7: an early and the last layer).
+* ``cls_attention.png``: class-token attention over the input images, last
+  layer (the paper's Figure 9).
+
+matplotlib is imported inside the functions with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.activations import get_activation
+from ..utils import read_jsonl
+from .plots import plot_norm_curves, pyplot, save_figure
+
+__all__ = [
+    "compare_markdown",
+    "format_table",
+    "heatmap_activations",
+    "norm_summary",
+    "plot_accuracy",
+    "plot_attention_heatmaps",
+    "plot_cls_attention",
+    "plot_scale_sweep",
+    "reproduce_command",
+    "sweep_markdown",
+    "write_compare_figures",
+]
+
+HEATMAP_BATCH = 128  # the paper averages its heat maps over a batch of 128 images
+CLS_IMAGES = 4
+
+
+def plot_accuracy(table: Sequence[Mapping], out_png: str | os.PathLike, title: str = "") -> Path:
+    """Bars at the mean top-1 per activation, error bars +-1 std, one dot per finished seed.
+
+    The y axis starts a little below the lowest value (say so in the label), so
+    differences of a point stay visible; activations whose every seed diverged
+    get no bar and the word "diverged".
+    """
+    plt = pyplot()
+    labels = [r["activation"] for r in table]
+    values = [100 * v for r in table for v in r["per_seed"].values() if v is not None]
+    lo = 0.0 if not values else max(0.0, 5 * math.floor((min(values) - 5) / 5))
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.0, 4.0))
+    for i, r in enumerate(table):
+        seeds = [100 * v for v in r["per_seed"].values() if v is not None]
+        if r["mean"] is not None:
+            err = 0.0 if r["std"] is None else 100 * r["std"]
+            ax.bar(i, 100 * r["mean"] - lo, bottom=lo, color=f"C{i}", alpha=0.75, width=0.6)
+            ax.errorbar(i, 100 * r["mean"], yerr=err, color="black", capsize=5, linewidth=1.2)
+            offsets = [0.18 * (j - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) for j in range(len(seeds))]
+            ax.plot([i + o for o in offsets], seeds, "o", color="black", markersize=3.5, alpha=0.8)
+        if r["diverged"]:
+            y = lo + 1.0 if r["mean"] is None else 100 * r["mean"] + (100 * (r["std"] or 0.0)) + 0.5
+            text = "diverged" if r["mean"] is None else f"{r['diverged']}/{r['seeds']} diverged"
+            ax.text(i, min(y, 99.5), text, ha="center", va="bottom", fontsize=8, color="crimson")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylim(lo, 100.0)
+    ax.set_ylabel("top-1 accuracy (%)" + (f", axis from {lo:.0f}%" if lo > 0 else ""))
+    ax.grid(True, axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------- #
+# Attention matrices
+# --------------------------------------------------------------------------- #
+def heatmap_activations(activations: Sequence[str]) -> list[str]:
+    """The pair the heat maps contrast: the first scaled polynomial (else the first non-softmax) and softmax.
+
+    Ordered as in the paper's Figures 6-7: polynomial left (top), softmax right (bottom).
+    """
+    acts = {a: get_activation(a) for a in activations}
+    scaled = [a for a, act in acts.items() if act.is_polynomial and act.divisor is not None]
+    others = [a for a in activations if a != "softmax"]
+    first = scaled[0] if scaled else (others[0] if others else None)
+    return [a for a in (first, "softmax" if "softmax" in acts else None) if a is not None]
+
+
+def _signed_imshow(fig: Any, ax: Any, m: Any, **kw: Any) -> None:
+    """Diverging colours centred at 0 when the matrix has negative entries (polynomials), else viridis
+    over the matrix's own range (softmax weights differ by little after averaging over a batch)."""
+    if float(m.min()) < 0:
+        lim = float(abs(m).max()) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
+    else:
+        im = ax.imshow(m, cmap="viridis", **kw)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+
+
+def plot_attention_heatmaps(
+    maps: Mapping[str, torch.Tensor], layer: int, out_png: str | os.PathLike, batch: int | None = None
+) -> Path:
+    """One row per activation, one column per head: the (T, T) attention matrix of ``layer`` (0-based).
+
+    ``maps``: label -> (heads, T, T) tensors (already averaged over the batch).
+    """
+    plt = pyplot()
+    heads = max(int(m.shape[0]) for m in maps.values())
+    fig, axes = plt.subplots(len(maps), heads, figsize=(2.5 * heads + 0.4, 2.45 * len(maps) + 0.5), squeeze=False)
+    for i, (label, a) in enumerate(maps.items()):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= a.shape[0]:
+                ax.axis("off")
+                continue
+            _signed_imshow(fig, ax, a[h].float().numpy(), interpolation="nearest")
+            ax.set_title(f"{label}, head {h + 1}", fontsize=8)
+        axes[i][0].set_ylabel("query token", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("key token", fontsize=8)
+    over = f", mean over {batch} validation images" if batch else ""
+    fig.suptitle(f"attention matrix A, layer {layer + 1}{over} (token 0: class token)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def _display_image(x: torch.Tensor) -> tuple[Any, str | None]:
+    """(H, W) or (H, W, 3) array in [0, 1] for imshow, and its colour map."""
+    x = x.float()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    if x.shape[0] == 1:
+        return x[0].numpy(), "gray_r"
+    return x[:3].permute(1, 2, 0).numpy(), None
+
+
+def plot_cls_attention(
+    images: torch.Tensor,
+    labels: Sequence[int],
+    maps: Mapping[str, torch.Tensor],
+    layer: int,
+    head: int,
+    out_png: str | os.PathLike,
+) -> Path:
+    """Rows: images; columns: the input, then per activation the class token's attention over the patches.
+
+    ``images``: (k, C, H, W); ``maps``: label -> (k, grid_h, grid_w) weights of
+    one head, drawn on the image with nearest-neighbour upsampling (as the
+    paper's Figure 9) and the digit's outline on top.
+    """
+    plt = pyplot()
+    k = images.shape[0]
+    h, w = images.shape[-2:]
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(k, cols, figsize=(2.2 * cols + 0.4, 2.1 * k + 0.5), squeeze=False)
+    for r in range(k):
+        img, cmap = _display_image(images[r])
+        axes[r][0].imshow(img, cmap=cmap, interpolation="nearest")
+        axes[r][0].set_title(f"input (label {labels[r]})", fontsize=8)
+        outline = images[r].float().mean(0).numpy()
+        for c, (label, m) in enumerate(maps.items(), start=1):
+            ax = axes[r][c]
+            up = torch.nn.functional.interpolate(m[r][None, None].float(), size=(h, w), mode="nearest")[0, 0]
+            _signed_imshow(fig, ax, up.numpy(), interpolation="nearest")
+            ax.contour(outline, levels=[float(outline.mean())], colors="black", linewidths=0.6, linestyles="solid")
+            ax.set_title(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"class-token attention over the image, layer {layer + 1}, head {head + 1}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def _val_batch(cfg: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` validation examples of a run's data (a fixed batch: the split depends on data.seed only)."""
+    from ..data.registry import build_dataset
+
+    val = build_dataset(cfg["data"], cfg["train"]["seed"]).val
+    items = [val[i] for i in range(min(n, len(val)))]
+    if not items or not isinstance(items[0][0], torch.Tensor):
+        raise TypeError("attention figures need image tensors as model inputs")
+    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+
+def _distinct_labels(y: torch.Tensor, k: int) -> list[int]:
+    """Indices of the first example of each of the ``k`` smallest labels (else the first k examples)."""
+    first: dict[int, int] = {}
+    for i, label in enumerate(y.tolist()):
+        first.setdefault(label, i)
+    if len(first) < k:
+        return list(range(min(k, len(y))))
+    return [first[label] for label in sorted(first)[:k]]
+
+
+def _load_models(results: dict, out: Path, activations: Sequence[str], notes: list[str]) -> dict[str, Any]:
+    """label -> (model, cfg) of the first seed's run, for runs with a checkpoint and attention_maps()."""
+    from ..training import load_run
+
+    seed = results["settings"]["seeds"][0]
+    by_act = {r["activation"]: r for r in results["runs"] if r["seed"] == seed}
+    models = {}
+    for act in activations:
+        rec = by_act.get(act)
+        if rec is None:
+            continue
+        try:
+            model, cfg = load_run(out / rec["run_dir"])
+        except FileNotFoundError:
+            notes.append(f"{act} (seed {seed}) has no checkpoint (it diverged in its first epoch): no attention maps")
+            continue
+        if not hasattr(model, "attention_maps"):
+            notes.append(
+                f"model {cfg['model']['name']} has no attention_maps(): the attention figures need a polyattn ViT"
+            )
+            return {}
+        if rec["diverged"]:
+            notes.append(f"{act} (seed {seed}) diverged: its maps use the weights of its last finished epoch")
+        models[act] = (model, cfg)
+    return models
+
+
+def norm_summary(rows: Sequence[Mapping]) -> dict:
+    """Head- and layer-averaged ``||A||_F`` and ``||dA/dS||_F`` at the first and last recorded step, and the
+    largest step average, from one run's NormRecorder rows."""
+    by_step: dict[int, list[Mapping]] = {}
+    for r in rows:
+        by_step.setdefault(int(r["step"]), []).append(r)
+
+    def mean(step: int, key: str) -> float:
+        vals = [float(r[key]) for r in by_step[step]]
+        return sum(vals) / len(vals)
+
+    steps = sorted(by_step)
+    first, last = steps[0], steps[-1]
+    return {
+        "first_step": first,
+        "last_step": last,
+        "fro_first": mean(first, "fro"),
+        "jac_first": mean(first, "jac_fro"),
+        "fro_last": mean(last, "fro"),
+        "jac_last": mean(last, "jac_fro"),
+        "fro_max": max(mean(s, "fro") for s in steps),
+        "jac_max": max(mean(s, "jac_fro") for s in steps),
+    }
+
+
+def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool = False) -> tuple[dict, list[str]]:
+    """Draw the comparison's figures into ``out``; returns ({name: file name}, notes on what was skipped).
+
+    Also adds to ``results``: ``norm_summary`` (per activation, see :func:`norm_summary`) and
+    ``tokens`` (the sequence length the attention saw), when the runs allow them.
+    """
+    out = Path(out)
+    figures: dict[str, str] = {}
+    notes: list[str] = []
+    settings = results["settings"]
+    title = f"{settings['model']} on {settings['dataset']}, {len(settings['seeds'])} seed(s)"
+    figures["accuracy"] = plot_accuracy(results["table"], out / "accuracy.png", title).name
+
+    seed = settings["seeds"][0]
+    norm_rows = {}
+    for rec in results["runs"]:
+        if rec["seed"] != seed:
+            continue
+        rows = [
+            r
+            for r in read_jsonl(out / rec["run_dir"] / "metrics.jsonl")
+            if r.get("kind") == "norms" and math.isfinite(r["fro"]) and math.isfinite(r["jac_fro"])
+        ]
+        if rows:
+            norm_rows[rec["activation"]] = rows
+    if norm_rows:
+        results["norm_summary"] = {act: norm_summary(rows) for act, rows in norm_rows.items()}
+        figures["norms"] = plot_norm_curves(
+            norm_rows, out / "norms.png", title=f"attention norms during training (seed {seed}, mean over heads)"
+        ).name
+    else:
+        notes.append("no norm rows recorded (diagnostics.every = 0): no norm curves")
+
+    loaded = _load_models(results, out, settings["activations"], notes)
+    if not loaded:
+        return figures, notes
+    cfg = next(iter(loaded.values()))[1]
+    try:
+        x, y = _val_batch(cfg, HEATMAP_BATCH)
+    except TypeError as e:
+        notes.append(f"no attention figures: {e}")
+        return figures, notes
+    depth = len(next(iter(loaded.values()))[0].blocks)
+    layers = sorted({min(1, depth - 1), depth - 1})  # the paper's layers 2 and 12 of 12: an early one and the last
+    pair = [a for a in heatmap_activations(list(loaded)) if a in loaded]
+    for layer in layers:
+        maps = {a: loaded[a][0].attention_maps(x, [layer])[0].mean(0) for a in pair}
+        name = f"attention_layer{layer + 1}.png"
+        figures[f"attention_layer{layer + 1}"] = plot_attention_heatmaps(maps, layer, out / name, len(x)).name
+    results["tokens"] = int(next(iter(loaded.values()))[0].attention_maps(x[:1], [0])[0].shape[-1])
+
+    idx = _distinct_labels(y, CLS_IMAGES)
+    if hasattr(next(iter(loaded.values()))[0], "cls_attention"):
+        head = 0
+        cls_maps = {a: m.cls_attention(x[idx], [depth - 1])[0][:, head] for a, (m, _) in loaded.items()}
+        figures["cls_attention"] = plot_cls_attention(
+            x[idx], [int(y[i]) for i in idx], cls_maps, depth - 1, head, out / "cls_attention.png"
+        ).name
+    return figures, notes
+
+
+# --------------------------------------------------------------------------- #
+# report.md
+# --------------------------------------------------------------------------- #
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _mean_std(row: Mapping) -> str:
+    if row["mean"] is None:
+        return "- (all diverged)" if row["diverged"] else "-"
+    if row["std"] is None:
+        return f"{100 * row['mean']:.2f}%"
+    return f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
+
+
+def format_table(rows: Sequence[dict], metric: str = "") -> str:
+    """The comparison table as fixed-width text: activation, top-1 mean +- std, seeds, diverged, per seed."""
+    header = ["activation", "top-1 (mean ± std)", "n", "diverged", "per seed"]
+    lines = [header]
+    for r in rows:
+        lines.append(
+            [
+                r["activation"],
+                _mean_std(r),
+                f"{r['n']}/{r['seeds']}",
+                str(r["diverged"]),
+                "  ".join(f"s{s}:{'div' if v is None else f'{100 * v:.1f}'}" for s, v in r["per_seed"].items()),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(
+            cell.ljust(w) if i in (0, 4) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    if metric:
+        text.append(f"top-1: {metric}; n = seeds that finished without diverging (mean and std over those)")
+    return "\n".join(t.rstrip() for t in text)
+
+
+def _times(results: Mapping) -> str:
+    train_s = sum(r["time_s"] or 0.0 for r in results["runs"])
+    text = f" Training time, summed over runs: {train_s / 60:.1f} min"
+    if results.get("time_s"):
+        text += f"; this invocation (reused runs cost nothing): {results['time_s'] / 60:.1f} min"
+    return text + "."
+
+
+def reproduce_command(settings: Mapping, out: str | os.PathLike) -> str:
+    """The ``polyattn compare`` command line that makes these results."""
+    parts = ["polyattn", "compare", "--out", str(out)]
+    parts += ["--activations", ",".join(settings["activations"])]
+    parts += ["--seeds", ",".join(str(s) for s in settings["seeds"]) + ("," if len(settings["seeds"]) == 1 else "")]
+    parts += ["--epochs", str(settings["epochs"])]
+    if not str(settings["config"]).startswith("built-in"):
+        parts += ["--config", str(settings["config"])]
+    else:
+        parts += ["--dataset", settings["dataset"], "--model", settings["model"]]
+    if settings["overrides"]:
+        parts += ["--set", *settings["overrides"]]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> str:
+    """report.md of a comparison: settings, the table, figures, every run, notes."""
+    s = results["settings"]
+    runs = results["runs"]
+    figs = results.get("figures", {})
+    machine = results.get("machine", {})
+    n_params = next((r["num_params"] for r in runs if r.get("num_params")), None)
+    tokens = results.get("tokens")
+    lines = [
+        f"# Attention activations compared: {s['model']} on {s['dataset']}",
+        "",
+        f"{len(s['activations'])} activations x {len(s['seeds'])} seed(s) "
+        f"(train.seed {', '.join(map(str, s['seeds']))}), "
+        f"{s['epochs']} epochs each, base config: {s['config']}"
+        + (f"; overrides: `{' '.join(s['overrides'])}`" if s["overrides"] else "")
+        + ".",
+        f"Model: {s['model']}"
+        + (f", {n_params:,} parameters" if n_params else "")
+        + (f", {tokens} tokens per image (class token included)" if tokens else "")
+        + f". Machine: {machine.get('cpu_count', '?')} CPU core(s)"
+        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
+        + f", torch {machine.get('torch', '?')}."
+        + _times(results),
+        "",
+        "## Results",
+        "",
+        f"Top-1: {results['metric']}. Mean and standard deviation (sample, over seeds) of the runs that finished; "
+        "a run whose loss or gradient became non-finite counts under *diverged* and not in the mean.",
+        "",
+        "| activation | top-1 (mean ± std) | n | diverged | per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results["table"]:
+        per_seed = ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items())
+        lines.append(f"| {r['activation']} | {_mean_std(r)} | {r['n']}/{r['seeds']} | {r['diverged']} | {per_seed} |")
+    lines.append("")
+    if "accuracy" in figs:
+        lines += [f"![top-1 per activation]({figs['accuracy']})", ""]
+    if "norms" in figs:
+        lines += [
+            "## Attention norms during training",
+            "",
+            f"‖A‖_F (top) and the Frobenius norm of its Jacobian, ‖dA/dS‖_F (bottom), per layer, mean over heads and "
+            f"over the batch, recorded every {s['norm_every']} steps of seed {s['seeds'][0]} (the paper's "
+            "Figures 2-3). Theorem 4.1 bounds softmax's by sqrt(N) and 2 sqrt(N)"
+            + (f" (N = {tokens}: {math.sqrt(tokens):.2f} and {2 * math.sqrt(tokens):.2f})" if tokens else "")
+            + "; the paper finds scaled polynomials closer to softmax than unscaled ones.",
+            "",
+            f"![attention norms]({figs['norms']})",
+            "",
+        ]
+        if results.get("norm_summary"):
+            lines += [
+                "Mean over layers and heads (seed " + str(s["seeds"][0]) + "):",
+                "",
+                "| activation | ‖A‖_F first step | last step | largest | ‖dA/dS‖_F first step | last step | largest |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for act, n in results["norm_summary"].items():
+                lines.append(
+                    f"| {act} | {n['fro_first']:.3g} | {n['fro_last']:.3g} | {n['fro_max']:.3g} | "
+                    f"{n['jac_first']:.3g} | {n['jac_last']:.3g} | {n['jac_max']:.3g} |"
+                )
+            lines.append("")
+    heat = [k for k in figs if k.startswith("attention_layer")]
+    if heat:
+        which = " and ".join(k.replace("attention_", "").replace("layer", "layer ") for k in heat)
+        lines += [
+            "## Attention heat maps",
+            "",
+            f"The attention matrix A of every head in {which} (an early and the last layer, as the paper's "
+            f"Figures 6-7), averaged over the first {HEATMAP_BATCH} validation images, after training, seed "
+            f"{s['seeds'][0]}. Red/blue: positive/negative weights (polynomials may weigh tokens negatively); "
+            "softmax rows are non-negative and sum to 1, drawn over their own range.",
+            "",
+        ]
+        lines += [f"![{k.replace('_', ' ')}]({figs[k]})" for k in heat]
+        lines.append("")
+    if "cls_attention" in figs:
+        lines += [
+            "## Class-token attention over the image",
+            "",
+            "Row 0 of A without its class-token entry, reshaped to the patch grid and enlarged with nearest "
+            "neighbours over the input (outline in black), last layer, head 1, as the paper's Figure 9.",
+            "",
+            f"![class-token attention]({figs['cls_attention']})",
+            "",
+        ]
+    lines += [
+        "## Runs",
+        "",
+        "| run | activation | seed | top-1 | best val | diverged at step | epochs | steps | time | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
+        lines.append(
+            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['seed']} | {_pct(r['top1'])} | "
+            f"{_pct(r['best_val_acc'])} | {r['diverged_step'] or '-'} | {r['epochs']} | {r['steps']} | {t} | "
+            f"{r['status']} |"
+        )
+    notes = [f"{r['name']}: {r['diverged_message']}" for r in runs if r["diverged"] and r.get("diverged_message")]
+    notes += list(results.get("notes", []))
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        reproduce_command(s, out if out is not None else results.get("out_dir", "runs/compare")),
+        "```",
+        "",
+        "Each run directory holds its resolved `config.yaml`, `metrics.jsonl` (epochs, steps, norms), "
+        "`checkpoints/last.pt` and `summary.json`; `results.json` holds every number above.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# Scale sweep (polyattn sweep): the paper's Figure 1
+# --------------------------------------------------------------------------- #
+def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
+    """Top-1 against k (the activation is x^P/k, log axis), one line per sequence length.
+
+    Error bars: one std over seeds; a k where every seed diverged is an x on
+    the bottom edge; dashed lines: the softmax run of the same length.
+    """
+    plt = pyplot()
+    s = results["settings"]
+    base = "x" if s["power"] == 1 else f"x^{s['power']}"
+    table = results["table"]
+    values = [
+        100 * c["mean"]
+        for r in table
+        for c in [*r["cells"].values(), r["softmax"] or {"mean": None}]
+        if c["mean"] is not None
+    ]
+    lo = 0.0 if not values else max(0.0, 10 * math.floor((min(values) - 5) / 10))
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    for i, r in enumerate(table):
+        color = f"C{i}"
+        ks = [float(k) for k in r["cells"]]
+        means = [None if c["mean"] is None else 100 * c["mean"] for c in r["cells"].values()]
+        errs = [0.0 if c["std"] is None else 100 * c["std"] for c in r["cells"].values()]
+        pts = [(k, m, e) for k, m, e in zip(ks, means, errs, strict=True) if m is not None]
+        label = f"{r['tokens']} patches (patch {r['patch_size']})"
+        if pts:
+            xs, ms, es = zip(*pts, strict=True)
+            ax.errorbar(xs, ms, yerr=es, color=color, marker="o", markersize=4, capsize=3, label=label)
+        else:
+            ax.plot([], [], color=color, marker="o", label=label)
+        dead = [k for k, c in zip(ks, r["cells"].values(), strict=True) if c["mean"] is None and c["diverged"]]
+        if dead:
+            ax.plot(dead, [lo] * len(dead), "x", color=color, markersize=9, markeredgewidth=2, clip_on=False)
+        if r["softmax"] and r["softmax"]["mean"] is not None:
+            ax.axhline(100 * r["softmax"]["mean"], color=color, linestyle="--", linewidth=1.0, alpha=0.8)
+    ks_all = [float(k) for k in s["scales"]]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks_all, [f"1/{k:g}" for k in ks_all])
+    ax.minorticks_off()
+    ax.set_ylim(lo, 100.0)
+    ax.set_xlabel(f"scale of {base} (activation {base}/k, log axis)")
+    ax.set_ylabel("top-1 accuracy (%)" + (f", axis from {lo:.0f}%" if lo > 0 else ""))
+    extra = "; dashed: softmax" if s.get("baseline") else ""
+    ax.set_title(
+        f"{s['model']} on {s['dataset']}, {s['epochs']} epochs, {len(s['seeds'])} seed(s){extra}; x: diverged",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
+    """report.md of a scale sweep: settings, the table, the plot, every run, the command."""
+    s = results["settings"]
+    base = "x" if s["power"] == 1 else f"x^{s['power']}"
+    machine = results.get("machine", {})
+    ks = [f"{k:g}" for k in s["scales"]]
+    lines = [
+        f"# Scale sweep of {base}: {s['model']} on {s['dataset']} (the paper's Figure 1 at CPU scale)",
+        "",
+        f"Activation {base}/k for k in {', '.join(ks)}"
+        + (" and softmax as reference" if s["baseline"] else "")
+        + f", at patch sizes {', '.join(map(str, s['patch_sizes']))} on {s['image_size'][0]}x{s['image_size'][1]} "
+        f"images; {len(s['seeds'])} seed(s), {s['epochs']} epochs per run; base config: {s['config']}"
+        + (f"; overrides: `{' '.join(s['overrides'])}`" if s["overrides"] else "")
+        + f". Machine: {machine.get('cpu_count', '?')} CPU core(s)"
+        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
+        + (f". Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else "."),
+        "",
+        "The paper (Figure 1, ViT-Tiny on Tiny-ImageNet, 8 to 256 tokens) reports that the scale needed for good "
+        "accuracy shrinks (k grows) with the sequence length, as the theory's 1/sqrt(N) predicts. Here the "
+        "sequence length is set by the patch size.",
+        "",
+        f"Top-1 (%): {results['metric']}; mean over the seeds that did not diverge. *div*: every seed diverged; "
+        "`*`: some did. *best k*: the k with the highest mean.",
+        "",
+        "| patches (+ class token) | "
+        + " | ".join(f"{base}/{k}" if k != "1" else base for k in ks)
+        + " | softmax | best k |",
+        "| --- | " + " | ".join("---" for _ in ks) + " | --- | --- |",
+    ]
+
+    def cell(c: Mapping | None) -> str:
+        if c is None:
+            return "-"
+        if c["mean"] is None:
+            return "div" if c["diverged"] else "-"
+        std = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
+        return f"{100 * c['mean']:.1f}{std}{'`*`' if c['diverged'] else ''}"
+
+    for r in results["table"]:
+        lines.append(
+            f"| {r['tokens']} (patch {r['patch_size']}) | "
+            + " | ".join(cell(r["cells"][k]) for k in ks)
+            + f" | {cell(r['softmax'])} | {r['best_k'] or '-'} |"
+        )
+    lines += ["", f"![accuracy against the scale]({results['figures']['sweep']})", "", "## Runs", ""]
+    lines += [
+        "| run | activation | patches | seed | top-1 | diverged at step | time | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["runs"]:
+        t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
+        lines.append(
+            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['tokens']} | {r['seed']} | {_pct(r['top1'])} | "
+            f"{r['diverged_step'] or '-'} | {t} | {r['status']} |"
+        )
+    cmd = [
+        "polyattn",
+        "sweep",
+        "--out",
+        str(out),
+        "--scales",
+        ",".join(ks),
+        "--patch-sizes",
+        ",".join(map(str, s["patch_sizes"])),
+        "--power",
+        str(s["power"]),
+        "--seeds",
+        ",".join(map(str, s["seeds"])) + ("," if len(s["seeds"]) == 1 else ""),
+        "--epochs",
+        str(s["epochs"]),
+    ]
+    if not s["baseline"]:
+        cmd.append("--no-baseline")
+    if not str(s["config"]).startswith("built-in"):
+        cmd += ["--config", str(s["config"])]
+    else:
+        cmd += ["--dataset", s["dataset"], "--model", s["model"]]
+    if s["overrides"]:
+        cmd += ["--set", *s["overrides"]]
+    lines += ["", "## Reproduce", "", "```bash", " ".join(shlex.quote(c) for c in cmd), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""The paper's Figure 1 at CPU scale: accuracy against the scale 1/k of x^3 for several sequence lengths.
+
+    from polyattn.experiments.sweep import sweep
+    results = sweep("runs/sweep")    # digits 8x8, patch 4/2/1 = 4/16/64 patches, k = 1, 2, ..., 64
+    print(results["table_text"])
+
+Each (patch size, k, seed) is one run of ``x^P/k`` (P = 3 by default; k = 1
+is plain ``x^P``) through the polyattn trainer, plus one softmax run per
+patch size as a reference (``baseline``). The paper's claim: the k that
+trains best grows with the sequence length (the theory's scale is
+1/sqrt(N)). Runs, resume and divergence work as in :mod:`.compare`; the
+output directory holds ``runs/``, ``results.json``, ``report.md`` and
+``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.activations import get_activation
+from ..training.config import load_config
+from ..utils import atomic_write_json, atomic_write_text
+from .compare import (
+    CompareError,
+    GridRun,
+    activation_slug,
+    base_overrides,
+    json_safe,
+    machine_info,
+    mean_std,
+    parse_seeds,
+    plan_runs,
+    relative_path,
+    run_grid,
+)
+from .report import plot_scale_sweep, sweep_markdown
+
+__all__ = [
+    "DEFAULT_PATCH_SIZES",
+    "DEFAULT_SCALES",
+    "DEFAULT_SWEEP_EPOCHS",
+    "format_sweep_table",
+    "scale_spec",
+    "summarize_sweep",
+    "sweep",
+]
+
+DEFAULT_SCALES: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_PATCH_SIZES: tuple[int, ...] = (4, 2, 1)  # on 8x8 digits: 4, 16 and 64 patches
+# Ten epochs, not the comparison's twenty: 64-patch runs cost about five times
+# a 16-patch run on a CPU, and the sweep has 24 runs.
+DEFAULT_SWEEP_EPOCHS = 10
+
+
+def scale_spec(power: int, k: float) -> str:
+    """The activation spec of x^power scaled by 1/k (``x^3/8``; k = 1 gives ``x^3``)."""
+    base = "x" if power == 1 else f"x^{power}"
+    return get_activation(base if k == 1 else f"{base}/{k:g}").spec
+
+
+def _check_scales(scales: Sequence[float]) -> list[float]:
+    out = []
+    for k in scales:
+        try:
+            v = float(k)
+        except (TypeError, ValueError):
+            raise CompareError(f"--scales: {k!r} is not a number; give k values such as 1,2,4,8") from None
+        if not (math.isfinite(v) and v > 0):
+            raise CompareError(f"--scales: k must be a positive number (the scale is 1/k), got {k!r}")
+        if v in out:
+            raise CompareError(f"--scales: k = {k:g} is listed twice")
+        out.append(int(v) if v.is_integer() else v)
+    if not out:
+        raise CompareError("--scales: at least one k is needed, e.g. --scales 1,4,16")
+    return out
+
+
+def _image_size(config: str | None, layers: Sequence[str]) -> tuple[int, int]:
+    """The (H, W) of the base config's images, from its dataset (cheap for generated and bundled data)."""
+    from ..data.registry import build_dataset
+
+    cfg = load_config(config, list(layers))
+    size = build_dataset(cfg["data"], cfg["train"]["seed"]).model_overrides.get("img_size")
+    if size is None:
+        raise CompareError(
+            f"the sweep varies the ViT patch size and needs an image dataset; {cfg['data']['name']!r} gives no img_size"
+        )
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _check_patch_sizes(patch_sizes: Sequence[int], image: tuple[int, int]) -> list[int]:
+    out = []
+    for p in patch_sizes:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise CompareError(f"--patch-sizes: patch sizes must be positive integers, got {p!r}")
+        if image[0] % p or image[1] % p:
+            fits = [q for q in range(1, min(image) + 1) if image[0] % q == 0 and image[1] % q == 0]
+            raise CompareError(
+                f"--patch-sizes: patch {p} does not tile the {image[0]}x{image[1]} images; choose from {fits}"
+            )
+        if p in out:
+            raise CompareError(f"--patch-sizes: {p} is listed twice")
+        out.append(p)
+    if not out:
+        raise CompareError("--patch-sizes: at least one patch size is needed")
+    return out
+
+
+def sweep(
+    out_dir: str | os.PathLike = "runs/sweep",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    patch_sizes: Sequence[int] = DEFAULT_PATCH_SIZES,
+    power: int = 3,
+    seeds: int | str | Sequence[int] = 1,
+    epochs: int | None = DEFAULT_SWEEP_EPOCHS,
+    dataset: str | None = None,
+    model: str | None = None,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    baseline: bool = True,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train ``x^power/k`` for every k in ``scales`` and patch size in ``patch_sizes`` (and softmax per patch size).
+
+    The base config is as in :func:`.compare.compare` (default: vit_micro on
+    digits); ``model.overrides.patch_size`` is set per run. Writes
+    ``results.json``, ``report.md`` and ``sweep.png`` into ``out_dir`` and
+    returns the results. All argument errors come before any training.
+    """
+    t0 = time.perf_counter()
+    if isinstance(power, bool) or not isinstance(power, int) or power < 1:
+        raise CompareError(f"--power must be an integer >= 1, got {power!r}")
+    ks = _check_scales(scales)
+    seed_list = parse_seeds(seeds)
+    path, layers = base_overrides(config, dataset, model, epochs, overrides)
+    image = _image_size(path, layers)
+    patches = _check_patch_sizes(patch_sizes, image)
+
+    grid = []
+    for p in patches:
+        tokens = (image[0] // p) * (image[1] // p)
+        specs = [(scale_spec(power, k), k) for k in ks] + ([("softmax", None)] if baseline else [])
+        for spec, k in specs:
+            for s in seed_list:
+                grid.append(
+                    GridRun(
+                        f"p{p}-{activation_slug(spec)}-s{s}",
+                        spec,
+                        s,
+                        (f"model.overrides.patch_size={p}",),
+                        {"patch_size": p, "tokens": tokens, "k": k},
+                    )
+                )
+    out = Path(out_dir)
+    planned = plan_runs(grid, path, layers, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    records = run_grid(planned, progress=progress, desc="sweep")
+
+    base = planned[0].cfg
+    table = summarize_sweep(records, patches, ks)
+    results: dict[str, Any] = {
+        "kind": "sweep",
+        "out_dir": str(out),
+        "settings": {
+            "power": power,
+            "scales": ks,
+            "patch_sizes": patches,
+            "image_size": list(image),
+            "seeds": seed_list,
+            "baseline": baseline,
+            "dataset": base["data"]["name"],
+            "model": base["model"]["name"],
+            "epochs": base["train"]["epochs"],
+            "config": str(config) if config is not None else "built-in digits + vit_micro",
+            "overrides": list(overrides),
+        },
+        "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
+        "base_config": {k: v for k, v in base.items() if k not in ("description",)},
+        "table": table,
+        "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
+        "machine": machine_info(),
+    }
+    results["table_text"] = format_sweep_table(table, ks, power)
+    results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
+    results["time_s"] = time.perf_counter() - t0
+    atomic_write_text(sweep_markdown(results, out), out / "report.md")
+    atomic_write_json(json_safe(results), out / "results.json")
+    return results
+
+
+def summarize_sweep(records: Sequence[dict], patch_sizes: Sequence[int], scales: Sequence[float]) -> list[dict]:
+    """One row per patch size: mean/std/diverged per k, the softmax reference, and the best k."""
+    rows = []
+    for p in patch_sizes:
+        recs = [r for r in records if r["patch_size"] == p]
+
+        def cell(rs: list[dict]) -> dict:
+            ok = [r["top1"] for r in rs if not r["diverged"] and r["top1"] is not None]
+            mean, std = mean_std(ok)
+            return {"mean": mean, "std": std, "n": len(ok), "runs": len(rs), "diverged": sum(r["diverged"] for r in rs)}
+
+        cells = {f"{k:g}": cell([r for r in recs if r["k"] == k]) for k in scales}
+        soft = [r for r in recs if r["k"] is None]
+        scored = [(c["mean"], -float(k)) for k, c in cells.items() if c["mean"] is not None]
+        best = None if not scored else f"{-max(scored)[1]:g}"  # highest mean; ties go to the smaller k
+        rows.append(
+            {
+                "patch_size": p,
+                "tokens": recs[0]["tokens"] if recs else None,
+                "cells": cells,
+                "softmax": cell(soft) if soft else None,
+                "best_k": best,
+            }
+        )
+    return rows
+
+
+def format_sweep_table(rows: Sequence[dict], scales: Sequence[float], power: int) -> str:
+    """Fixed-width text: one row per sequence length, one column per k (mean top-1 %, 'div' if all diverged)."""
+
+    def text(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        if c["mean"] is None:
+            return "div" if c["diverged"] else "-"
+        mark = "*" if c["diverged"] else ""
+        return f"{100 * c['mean']:.1f}{mark}"
+
+    base = "x" if power == 1 else f"x^{power}"
+    header = ["patches", *(f"k={k:g}" for k in scales), "softmax", "best k"]
+    lines = [header]
+    for r in rows:
+        lines.append(
+            [
+                f"{r['tokens']} (p{r['patch_size']})",
+                *(text(r["cells"][f"{k:g}"]) for k in scales),
+                text(r["softmax"]),
+                r["best_k"] or "-",
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out.append(
+        f"top-1 % of {base}/k (mean over seeds that did not diverge; 'div': all diverged, '*': some did); "
+        "patches = sequence length without the class token"
+    )
+    return "\n".join(out)

@@ -1,0 +1,190 @@
+"""polyattn compare and polyattn sweep: end to end on tiny settings, resume, divergence, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+from polyattn.cli import main
+from polyattn.experiments.compare import (
+    BASE_CONFIG,
+    CompareError,
+    _flatten,
+    activation_slug,
+    base_overrides,
+    parse_activations,
+    parse_seeds,
+)
+from polyattn.training import load_config
+from polyattn.utils import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Digits, a 2-block dim-32 ViT, 4 steps per run: about a second per run.
+TINY = ["train.max_steps=4", "model.overrides.depth=2", "model.overrides.dim=32", "model.overrides.num_heads=2"]
+
+
+def compare_cli(out: Path, *extra: str, acts: str = "softmax,x^3/sqrt(N)", seeds: str = "2") -> int:
+    argv = ["compare", "--out", str(out), "--activations", acts, "--seeds", seeds, "--epochs", "1"]
+    return main([*argv, "--norm-every", "1", "--no-progress", *extra, "--set", *TINY])
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --- arguments ------------------------------------------------------------------------------
+def test_builtin_base_config_equals_the_repository_config():
+    # The package carries the comparison's defaults so an installed polyattn needs no configs/ dir.
+    from_file = load_config(REPO / "configs" / "digits_vit_micro.yaml")
+    from_package = load_config(None, _flatten(BASE_CONFIG))
+    from_file.pop("description", None)
+    assert from_package == from_file
+    # --config FILE takes the file's settings; norms are switched on only where the file leaves them off.
+    path, layers = base_overrides(REPO / "configs" / "digits_vit_micro.yaml", epochs=3, norm_every=5)
+    cfg = load_config(path, layers)
+    assert cfg["train"]["epochs"] == 3 and cfg["diagnostics"]["every"] == 5 and cfg["train"]["lr"] == 3e-3
+    _, layers = base_overrides(None, overrides=["diagnostics.every=7"], norm_every=5)
+    assert load_config(None, layers)["diagnostics"]["every"] == 7
+
+
+def test_activation_and_seed_parsing():
+    assert parse_activations(["softmax, x^3/sqrt(N)", "x/16.0"]) == ["softmax", "x^3/sqrt(N)", "x/16"]
+    with pytest.raises(CompareError, match="listed twice"):
+        parse_activations("x^3/16,x^3/16.0")
+    with pytest.raises(CompareError, match=r"(?s)'x\^3/foo'.*accepted forms"):
+        parse_activations("softmax,x^3/foo")
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,") == [5] and parse_seeds("0,7") == [0, 7]
+    for bad in ("0", "a", "1,1", "-1,"):
+        with pytest.raises(CompareError, match="--seeds"):
+            parse_seeds(bad)
+    assert activation_slug("x^3/sqrt(N)") == "x3_divsqrtN" and activation_slug("x/0.5") == "x_div0p5"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--activations", "softmax,x^3/foo"], "bad activation spec 'x^3/foo'"),
+        (["--set", "model.activation=x"], "use --activations"),
+        (["--set", "train.epoch=3"], "unknown config key train.epoch"),
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
+    ],
+)
+def test_bad_inputs_fail_before_any_training(tmp_path, capsys, extra, message):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--out", str(out), "--no-progress", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+# --- end to end --------------------------------------------------------------------------------
+def test_compare_end_to_end_then_resume(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare_cli(out) == 0
+    stdout = capsys.readouterr().out
+    assert "softmax" in stdout and "x^3/sqrt(N)" in stdout and "2/2" in stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert [r["activation"] for r in results["table"]] == ["softmax", "x^3/sqrt(N)"]
+    assert len(results["runs"]) == 4 and {r["status"] for r in results["runs"]} == {"trained"}
+    for row in results["table"]:
+        # The table is computed from the runs' own summaries.
+        finals = [
+            json.loads((out / "runs" / f"{activation_slug(row['activation'])}-s{s}" / "summary.json").read_text())[
+                "final_val_acc"
+            ]
+            for s in (0, 1)
+        ]
+        assert row["n"] == 2 and row["diverged"] == 0
+        assert row["mean"] == pytest.approx(statistics.fmean(finals))
+        assert row["std"] == pytest.approx(statistics.stdev(finals))
+
+    run = out / "runs" / "x3_divsqrtN-s1"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    norms = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "norms"]
+    assert {r["step"] for r in norms} == {0, 1, 2, 3} and {r["layer"] for r in norms} == {0, 1}
+    # The report's norm table is the head- and layer-mean of seed 0's rows.
+    rows0 = [r for r in read_jsonl(out / "runs" / "x3_divsqrtN-s0" / "metrics.jsonl") if r["kind"] == "norms"]
+    last = [r["fro"] for r in rows0 if r["step"] == 3]
+    assert results["norm_summary"]["x^3/sqrt(N)"]["fro_last"] == pytest.approx(statistics.fmean(last))
+    assert results["tokens"] == 17
+
+    figs = results["figures"]
+    assert set(figs) == {"accuracy", "norms", "attention_layer2", "cls_attention"}
+    report = (out / "report.md").read_text()
+    for name in figs.values():
+        assert is_png(out / name), name
+        assert f"]({name})" in report
+    assert "| softmax |" in report and "| x^3/sqrt(N) |" in report and "polyattn compare" in report
+
+    # Without --resume the finished runs are not overwritten.
+    assert compare_cli(out) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    # --resume reuses finished runs (no training: checkpoints untouched) and finishes unfinished ones.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/last.pt")}
+    (run / "summary.json").unlink()
+    assert compare_cli(out, "--resume") == 0
+    capsys.readouterr()
+    again = json.loads((out / "results.json").read_text())
+    status = {r["name"]: r["status"] for r in again["runs"]}
+    assert status == {
+        "softmax-s0": "reused",
+        "softmax-s1": "reused",
+        "x3_divsqrtN-s0": "reused",
+        "x3_divsqrtN-s1": "resumed",
+    }
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["table"] == results["table"]
+
+    # Resuming with other settings would mix configs: refused, naming the key.
+    assert main(["compare", "--out", str(out), "--activations", "softmax", "--seeds", "2", "--resume"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def test_diverged_run_is_reported_not_raised(tmp_path, capsys):
+    # 64 tokens, lr 1, no clipping or warmup: x^3 overflows within a few steps, softmax does not.
+    hard = ["model.overrides.patch_size=1", "train.lr=1", "train.grad_clip=0", "train.warmup_epochs=0"]
+    out = tmp_path / "cmp"
+    code = main(
+        ["compare", "--out", str(out), "--activations", "softmax,x^3", "--seeds", "0,", "--epochs", "1"]
+        + ["--no-progress", "--set", *TINY, "train.max_steps=12", *hard]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    soft, cube = results["table"]
+    assert soft["diverged"] == 0 and soft["n"] == 1
+    assert cube["diverged"] == 1 and cube["n"] == 0 and cube["mean"] is None
+    assert "all diverged" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "diverged: loss is" in report or "gradient norm is not finite" in report
+    assert "no attention maps" in report  # x^3 never finished an epoch, so it has no checkpoint
+    assert is_png(out / "accuracy.png") and is_png(out / "cls_attention.png")
+
+
+# --- sweep -------------------------------------------------------------------------------------
+def test_sweep_tiny_and_bad_patch_size(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--scales", "1,8", "--patch-sizes", "4,2", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--set", "train.max_steps=2", "model.overrides.depth=1", "model.overrides.dim=32"]) == 0
+    stdout = capsys.readouterr().out
+    assert "k=1" in stdout and "k=8" in stdout and "softmax" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["patch_size"], r["tokens"]) for r in results["table"]] == [(4, 4), (2, 16)]
+    assert all(set(r["cells"]) == {"1", "8"} and r["softmax"]["n"] == 1 for r in results["table"])
+    names = sorted(os.listdir(out / "runs"))
+    assert names == sorted(f"p{p}-{a}-s0" for p in (4, 2) for a in ("x3", "x3_div8", "softmax"))
+    assert {r["activation"] for r in results["runs"]} == {"x^3", "x^3/8", "softmax"}
+    assert is_png(out / "sweep.png") and "](sweep.png)" in (out / "report.md").read_text()
+
+    assert main(["sweep", "--out", str(tmp_path / "bad"), "--patch-sizes", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "patch 3 does not tile the 8x8 images" in err and "[1, 2, 4, 8]" in err
+    assert not (tmp_path / "bad").exists()
