@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from polyattn.cli import main
+from polyattn.core.activations import get_activation
 from polyattn.experiments.compare import (
     BASE_CONFIG,
     CompareError,
     _flatten,
-    activation_slug,
     base_overrides,
     parse_activations,
     parse_seeds,
@@ -63,7 +63,7 @@ def test_activation_and_seed_parsing():
     for bad in ("0", "a", "1,1", "-1,"):
         with pytest.raises(CompareError, match="--seeds"):
             parse_seeds(bad)
-    assert activation_slug("x^3/sqrt(N)") == "x3_divsqrtN" and activation_slug("x/0.5") == "x_div0p5"
+    assert get_activation("x^3/sqrt(N)").slug == "x3_divsqrtN" and get_activation("x/0.5").slug == "x_div0p5"
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_compare_end_to_end_then_resume(tmp_path, capsys):
     for row in results["table"]:
         # The table is computed from the runs' own summaries.
         finals = [
-            json.loads((out / "runs" / f"{activation_slug(row['activation'])}-s{s}" / "summary.json").read_text())[
+            json.loads((out / "runs" / f"{get_activation(row['activation']).slug}-s{s}" / "summary.json").read_text())[
                 "final_val_acc"
             ]
             for s in (0, 1)

@@ -181,6 +181,7 @@ def test_polyattn_lra_end_to_end_listops(tmp_path, monkeypatch, capsys):
     assert main(argv + _tiny_listops(tmp_path)) == 0
     result = json.loads((out / "lra_result.json").read_text())
     assert result["task"] == "listops" and result["activation"] == "x^3/14" and result["reduced_scale"]
+    assert result["seed"] == 0
     assert 0.0 <= result["test_acc"] <= 1.0 and result["steps"] == 6 and result["paper_test_acc"] == 0.375
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.pt").is_file()
     printed = capsys.readouterr().out
@@ -206,7 +207,18 @@ def test_polyattn_lra_end_to_end_listops(tmp_path, monkeypatch, capsys):
     assert cached[0].stat().st_mtime_ns == stamp
     assert main(["lra", "--table", str(out), str(out2), "--out", str(tmp_path / "table.md")]) == 0
     table = (tmp_path / "table.md").read_text()
-    assert "| listops | softmax |" in table and "| listops | x^3/14 |" in table and "37.1" in table
+    assert "| listops | softmax | 0 |" in table and "| listops | x^3/14 | 0 |" in table and "37.1" in table
+    assert "mean ± std" not in table  # one seed per setting: nothing to average
+    # A second seed of the x^3/14 setting: the table adds its mean ± std over the two seeds.
+    out3 = tmp_path / "run3"
+    assert main([*argv[:-3], "--out", str(out3), "--no-progress", *_tiny_listops(tmp_path), "train.seed=1"]) == 0
+    accs = [100 * json.loads((d / "lra_result.json").read_text())["test_acc"] for d in (out, out3)]
+    capsys.readouterr()
+    assert main(["lra", "--table", str(out), str(out2), str(out3)]) == 0
+    table = capsys.readouterr().out
+    mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2**0.5
+    assert f"| listops | x^3/14 | 2 | 0 | {mean:.1f} ± {std:.1f} | 37.5 |" in table
+    assert "| listops | softmax | 1 | 0 |" in table
 
 
 def test_polyattn_lra_pathfinder_generated(tmp_path, monkeypatch):

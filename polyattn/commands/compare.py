@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import add_set_argument
+
 DEFAULT_OUT = "runs/compare"
 
 
@@ -36,15 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="base config (default: built-in vit_micro on digits, patch 2, 20 epochs = configs/digits_vit_micro.yaml)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override base config keys, e.g. --set train.lr=1e-3 model.overrides.depth=2",
-    )
+    add_set_argument(p, "train.lr=1e-3 model.overrides.depth=2")
     p.add_argument(
         "--resume",
         action="store_true",

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import add_set_argument
+
 TASK_NAMES = ("listops", "text", "retrieval", "image", "pathfinder")
 
 
@@ -29,15 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset", choices=["cpu"], help="reduced scale that runs in minutes on a CPU (listops, pathfinder)"
     )
     p.add_argument("--config", metavar="FILE.yaml", help="config file instead of the task's settings (configs/lra/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. --set train.max_steps=1000 data.num_train=20000",
-    )
+    add_set_argument(p, "train.max_steps=1000 data.num_train=20000")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (with --table: a Markdown file to write)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
@@ -64,6 +58,8 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _print_result(r: dict) -> None:
+    from ..experiments.lra import PAPER_DID_NOT_TRAIN
+
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
@@ -73,7 +69,8 @@ def _print_result(r: dict) -> None:
         ("majority class", pct(r["majority_acc"])),
         (
             "paper (Table 4)",
-            pct(r["paper_test_acc"]) + ("  (full scale; this run is reduced)" if r["reduced_scale"] else ""),
+            ("did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else pct(r["paper_test_acc"]))
+            + ("  (full scale; this run is reduced)" if r["reduced_scale"] else ""),
         ),
         ("steps", str(r["steps"])),
         ("run directory", r["run_dir"]),

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import add_set_argument
+
 DEFAULT_OUT = "runs/sweep"
 
 
@@ -44,15 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="data.name (default: digits); must be an image dataset")
     p.add_argument("--model", default=None, help="model.name (default: vit_micro)")
     p.add_argument("--config", metavar="FILE.yaml", default=None, help="base config (default: as polyattn compare)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override base config keys, e.g. --set train.lr=1e-3",
-    )
+    add_set_argument(p, "train.lr=1e-3")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out, continue interrupted ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

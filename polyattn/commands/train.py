@@ -11,18 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from . import add_set_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="config file (default: vit_micro on digits)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. --set train.epochs=5 model.activation='x^3/sqrt(N)'",
-    )
+    add_set_argument(p, "train.epochs=5 model.activation='x^3/sqrt(N)'")
     p.add_argument(
         "--out", metavar="RUN_DIR", help="run directory (default: runs/<model>_<data>_<activation>_<time>)"
     )

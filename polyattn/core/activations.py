@@ -89,6 +89,11 @@ class Activation:
             return f"{base}/{_fmt_number(self.constant)}"
         return f"{base}/{self.divisor}"
 
+    @property
+    def slug(self) -> str:
+        """The spec as a file or directory name: ``x^3/sqrt(N)`` -> ``x3_divsqrtN``, ``x/0.5`` -> ``x_div0p5``."""
+        return self.spec.replace("^", "").replace("/", "_div").replace("(", "").replace(")", "").replace(".", "p")
+
     def __str__(self) -> str:
         return self.spec
 

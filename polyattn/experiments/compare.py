@@ -48,7 +48,6 @@ __all__ = [
     "DEFAULT_SEEDS",
     "CompareError",
     "GridRun",
-    "activation_slug",
     "base_overrides",
     "compare",
     "format_table",
@@ -149,12 +148,6 @@ def parse_seeds(value: int | str | Sequence[int]) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise CompareError(f"--seeds: seed listed twice in {seeds}")
     return seeds
-
-
-def activation_slug(spec: str) -> str:
-    """A directory-name form of a spec: ``x^3/sqrt(N)`` -> ``x3_divsqrtN``, ``x^3/0.5`` -> ``x3_div0p5``."""
-    spec = get_activation(spec).spec
-    return spec.replace("^", "").replace("/", "_div").replace("(", "").replace(")", "").replace(".", "p")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -451,7 +444,7 @@ def compare(
     if isinstance(norm_every, bool) or not isinstance(norm_every, int) or norm_every < 0:
         raise CompareError(f"norm_every must be an integer >= 0 (0 = no norm curves), got {norm_every!r}")
     path, layers = base_overrides(config, dataset, model, epochs, overrides, norm_every or None)
-    grid = [GridRun(f"{activation_slug(a)}-s{s}", a, s) for a in specs for s in seed_list]
+    grid = [GridRun(f"{get_activation(a).slug}-s{s}", a, s) for a in specs for s in seed_list]
     out = Path(out_dir)
     planned = plan_runs(grid, path, layers, out, resume)
     out.mkdir(parents=True, exist_ok=True)

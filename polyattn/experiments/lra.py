@@ -26,10 +26,13 @@ import copy
 import json
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..core.activations import get_activation
 from ..training.config import dump_config, load_config, parse_override, resolve_config
@@ -40,6 +43,7 @@ __all__ = [
     "TABLE4_ACTIVATIONS",
     "CPU_PRESETS",
     "PAPER_TABLE4",
+    "PAPER_DID_NOT_TRAIN",
     "LraTask",
     "lra_config",
     "run_lra",
@@ -55,6 +59,8 @@ PAPER_TABLE4: dict[str, dict[str, float]] = {
     "x/14": {"listops": 34.3, "text": 62.9, "retrieval": 81.5, "image": 39.0, "pathfinder": 69.1},
 }
 TABLE4_ACTIVATIONS = ("softmax", "x^3/14", "x/14")
+# The paper reports that these did not train on LRA (no number in Table 4).
+PAPER_DID_NOT_TRAIN = ("x^3", "x")
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder")
 
 _TRAIN_COMMON = {
@@ -296,6 +302,7 @@ def run_lra(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progres
     result = {
         "task": task,
         "activation": activation,
+        "seed": cfg["train"]["seed"],
         "test_acc": test_acc,
         "best_val_acc": summary.get("best_val_acc"),
         "majority_acc": data_info.get("majority_test_acc"),
@@ -318,32 +325,75 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _paper(r: dict) -> str:
+    return "did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else _pct(r["paper_test_acc"])
+
+
+def _setting(run_dir: Path) -> str:
+    """What a run trained, less its seed and activation: runs that agree here are seeds of one setting."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return str(run_dir)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    cfg.pop("description", None)
+    cfg.get("model", {}).pop("activation", None)
+    cfg.get("train", {}).pop("seed", None)
+    for section, keys in _NEUTRAL.items():
+        for key in keys:
+            cfg.get(section, {}).pop(key, None)
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
 def lra_table(run_dirs: Sequence[str | os.PathLike]) -> str:
-    """Markdown table of finished runs (lra_result.json), with the paper's Table 4 beside them."""
+    """Markdown table of finished runs (lra_result.json), with the paper's Table 4 beside them.
+
+    Where several runs differ only in their seed, a second table gives the mean
+    and sample standard deviation of their test accuracy (diverged runs are
+    counted, not averaged).
+    """
     rows = []
     for d in run_dirs:
         path = Path(d) / "lra_result.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {d} a finished `polyattn lra` run?")
-        rows.append(json.loads(path.read_text()))
-    rows.sort(key=lambda r: (TASK_ORDER.index(r["task"]), r["activation"]))
+        rows.append({**json.loads(path.read_text()), "_setting": _setting(Path(d))})
+    rows.sort(key=lambda r: (TASK_ORDER.index(r["task"]), r["activation"], r.get("seed", 0)))
     lines = [
-        "| task | activation | test acc (%) | majority class (%) | paper Table 4 (%) | steps | scale | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | activation | seed | test acc (%) | majority (%) | paper Table 4 (%) | steps | scale | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = "diverged" if r["diverged"] else _pct(r["test_acc"])
         scale = "reduced (CPU preset)" if r["reduced_scale"] else "full"
         time_s = "-" if r.get("time_s") is None else f"{r['time_s']:.0f}"
         lines.append(
-            f"| {r['task']} | {r['activation']} | {acc} | {_pct(r['majority_acc'])} | "
-            f"{_pct(r['paper_test_acc'])} | {r['steps']} | {scale} | {time_s} |"
+            f"| {r['task']} | {r['activation']} | {r.get('seed', '-')} | {acc} | {_pct(r['majority_acc'])} | "
+            f"{_paper(r)} | {r['steps']} | {scale} | {time_s} |"
+        )
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["activation"], r["_setting"]), []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "| task | activation | runs | diverged | test acc, mean ± std (%) | paper Table 4 (%) | scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (task, activation, _), g in groups.items():
+        accs = [100 * r["test_acc"] for r in g if not r["diverged"] and r["test_acc"] is not None]
+        if not accs:
+            cell = "-"
+        elif len(accs) == 1:
+            cell = f"{accs[0]:.1f}"
+        else:
+            cell = f"{statistics.fmean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+        scale = "reduced (CPU preset)" if g[0]["reduced_scale"] else "full"
+        lines.append(
+            f"| {task} | {activation} | {len(g)} | {sum(bool(r['diverged']) for r in g)} | {cell} | "
+            f"{_paper(g[0])} | {scale} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _slug(spec: str) -> str:
-    return spec.replace("^", "").replace("/", "_div").replace("(", "").replace(")", "")
 
 
 def write_lra_configs(out_dir: str | os.PathLike) -> list[Path]:
@@ -352,19 +402,15 @@ def write_lra_configs(out_dir: str | os.PathLike) -> list[Path]:
     written = []
     for name in TASKS:
         for act in TABLE4_ACTIVATIONS:
-            path = out / f"{name}_{_slug(act)}.yaml"
-            atomic_write_text(_yaml(raw_lra_config(name, act)), path)
+            path = out / f"{name}_{get_activation(act).slug}.yaml"
+            atomic_write_text(dump_config(raw_lra_config(name, act)), path)
             written.append(path)
         if name in CPU_PRESETS:
             for act in (*TABLE4_ACTIVATIONS, "x^3/sqrt(N)"):
-                path = out / "cpu" / f"{name}_{_slug(act)}.yaml"
-                atomic_write_text(_yaml(raw_lra_config(name, act, "cpu")), path)
+                path = out / "cpu" / f"{name}_{get_activation(act).slug}.yaml"
+                atomic_write_text(dump_config(raw_lra_config(name, act, "cpu")), path)
                 written.append(path)
     return written
-
-
-def _yaml(cfg: dict) -> str:
-    return dump_config(cfg)
 
 
 def config_from_file(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:

@@ -28,7 +28,6 @@ from ..utils import atomic_write_json, atomic_write_text
 from .compare import (
     CompareError,
     GridRun,
-    activation_slug,
     base_overrides,
     json_safe,
     machine_info,
@@ -150,7 +149,7 @@ def sweep(
             for s in seed_list:
                 grid.append(
                     GridRun(
-                        f"p{p}-{activation_slug(spec)}-s{s}",
+                        f"p{p}-{get_activation(spec).slug}-s{s}",
                         spec,
                         s,
                         (f"model.overrides.patch_size={p}",),

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
-_OPERATOR_P = 0.25  # probability that a node (above max_depth) is an operator
+_OPERATOR_P = 0.25  # probability that a node shallower than max_depth is an operator
 SPLIT_FILES = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_test.tsv"}
 
 LISTOPS_LAYOUT = """\
