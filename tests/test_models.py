@@ -13,15 +13,6 @@ from polyattn.core.backends.reference import attention_weights
 from polyattn.models import VIT_SHAPES, ViT, create_model, list_models, register_model, resize_pos_embed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models gain nothing from a second thread; on shared cores it slows them down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_vit(activation: str = "softmax", **kw) -> ViT:
     args = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10)
     args.update(kw)

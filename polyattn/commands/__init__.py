@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 
 def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
@@ -16,3 +18,26 @@ def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override config keys, e.g. --set {example}",
     )
+
+
+def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
+    """``work()``'s results, or the exit code after one clear line: 2 for a bad input, 130 for Ctrl-C.
+
+    For commands that train a grid of runs into ``out``: an interruption keeps the finished runs,
+    and the message says how to continue them.
+    """
+    from ..data.errors import DatasetError
+    from ..experiments.compare import CompareError
+    from ..training.config import ConfigError
+
+    try:
+        return work()
+    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {out})",
+            file=sys.stderr,
+        )
+        return 130

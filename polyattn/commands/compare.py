@@ -6,10 +6,9 @@ The work is :func:`polyattn.experiments.compare.compare`; this module parses fla
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from . import add_set_argument
+from . import add_set_argument, run_experiment
 
 DEFAULT_OUT = "runs/compare"
 
@@ -54,12 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.errors import DatasetError
-    from ..experiments.compare import DEFAULT_ACTIVATIONS, DEFAULT_NORM_EVERY, CompareError, compare
-    from ..training.config import ConfigError
+    from ..experiments.compare import DEFAULT_ACTIVATIONS, DEFAULT_NORM_EVERY, compare
 
-    try:
-        results = compare(
+    results = run_experiment(
+        lambda: compare(
             args.out,
             activations=args.activations or DEFAULT_ACTIVATIONS,
             seeds=args.seeds,
@@ -71,16 +68,11 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             norm_every=DEFAULT_NORM_EVERY if args.norm_every is None else args.norm_every,
-        )
-    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {args.out})",
-            file=sys.stderr,
-        )
-        return 130
+        ),
+        args.out,
+    )
+    if isinstance(results, int):
+        return results
     out = Path(args.out)
     print()
     print(results["table_text"])

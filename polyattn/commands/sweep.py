@@ -6,10 +6,9 @@ The work is :func:`polyattn.experiments.sweep.sweep`; this module parses flags.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from . import add_set_argument
+from . import add_set_argument, run_experiment
 
 DEFAULT_OUT = "runs/sweep"
 
@@ -53,13 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.errors import DatasetError
-    from ..experiments.compare import CompareError
     from ..experiments.sweep import DEFAULT_PATCH_SIZES, DEFAULT_SCALES, DEFAULT_SWEEP_EPOCHS, sweep
-    from ..training.config import ConfigError
 
-    try:
-        results = sweep(
+    results = run_experiment(
+        lambda: sweep(
             args.out,
             scales=DEFAULT_SCALES if args.scales is None else args.scales,
             patch_sizes=DEFAULT_PATCH_SIZES if args.patch_sizes is None else args.patch_sizes,
@@ -73,16 +69,11 @@ def run(args: argparse.Namespace) -> int:
             baseline=not args.no_baseline,
             resume=args.resume,
             progress=not args.no_progress,
-        )
-    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {args.out})",
-            file=sys.stderr,
-        )
-        return 130
+        ),
+        args.out,
+    )
+    if isinstance(results, int):
+        return results
     out = Path(args.out)
     print()
     print(results["table_text"])
