@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--power", type=int, default=3, help="P in x^P/k (default 3)")
     p.add_argument("--seeds", default="1", help="a count (2: seeds 0,1) or a comma list (0,5,7; one seed: 5,)")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default 40)")
     p.add_argument("--no-baseline", action="store_true", help="no softmax reference run per patch size")
     p.add_argument("--dataset", default=None, help="data.name (default: digits); must be an image dataset")
     p.add_argument("--model", default=None, help="model.name (default: vit_micro)")
