@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "generated into $POLYATTN_CACHE or ~/.cache/polyattn and reused",
     )
     p.add_argument(
-        "--preset", choices=["cpu"], help="reduced scale that runs in minutes on a CPU (listops, pathfinder)"
+        "--preset",
+        choices=["cpu"],
+        help="reduced scale that runs in minutes on a CPU: listops (learns), pathfinder (a pipeline check, at chance)",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="config file instead of the task's settings (configs/lra/)")
     add_set_argument(p, "train.max_steps=1000 data.num_train=20000")

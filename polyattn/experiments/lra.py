@@ -185,7 +185,8 @@ CPU_PRESETS: dict[str, dict[str, Any]] = {
     },
     "pathfinder": {
         "description_note": "CPU preset: 16x16 images (256 tokens), contour length 6, 10k images, "
-        "no attention dropout (it dominates CPU time at this size)",
+        "no attention dropout (it dominates CPU time at this size); a pipeline check: at this budget "
+        "the encoder stays at chance (docs/lra.md)",
         "model": {"overrides": {"attn_drop": 0.0}},
         "data": {"difficulty": "easy", "image_size": 16, "num_images": 10000, "gen_num_distractors": 2},
         "train": {"lr": 1.0e-3, "batch_size": 64, "warmup_steps": 100, "max_steps": None, "epochs": 4},
