@@ -42,18 +42,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> dict:
-    from ..experiments.lra import config_from_file, lra_config
+    from ..experiments.lra import lra_config
+    from ..training.config import load_config
 
     if args.resume:
         saved = Path(args.out) / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} not found (is {args.out} a run directory?)")
-        return config_from_file(saved, args.overrides)
+        return load_config(saved, list(args.overrides))
     if args.config:
         extra = list(args.overrides)
         if args.data:
             extra.append(f"data.root={args.data}")
-        return config_from_file(args.config, extra)
+        return load_config(args.config, extra)
     if not args.task:
         raise ValueError("give --task (or --config FILE, or --table RUN_DIR ...)")
     return lra_config(args.task, args.activation, args.data, args.preset, args.overrides)
@@ -90,8 +91,8 @@ def _print_result(r: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.errors import DatasetError
-    from ..experiments.lra import describe, lra_table, run_lra
-    from ..training.config import ConfigError
+    from ..experiments.lra import lra_table, run_lra
+    from ..training.config import ConfigError, dump_config
     from ..training.trainer import RunExistsError
 
     try:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         cfg = _config(args)
         if args.print_config:
-            print(describe(cfg), end="")
+            print(dump_config(cfg), end="")
             return 0
         if not args.out:
             raise ValueError("give --out RUN_DIR")

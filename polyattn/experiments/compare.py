@@ -39,7 +39,7 @@ from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config
 from ..training.trainer import CHECKPOINT, train
 from ..utils import atomic_write_json, atomic_write_text
-from .report import compare_markdown, format_table, write_compare_figures
+from .report import compare_markdown, fmt_pct, format_table, write_compare_figures
 
 __all__ = [
     "BASE_CONFIG",
@@ -315,10 +315,6 @@ def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
     }
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def run_grid(planned: Sequence[PlannedRun], progress: bool = True, desc: str = "runs") -> list[dict]:
     """Train (or reuse) every planned run in order; one record per run (see ``_record``).
 
@@ -347,7 +343,7 @@ def run_grid(planned: Sequence[PlannedRun], progress: bool = True, desc: str = "
             rec = _record(p, summary, status)
             records.append(rec)
             if progress:
-                result = f"diverged at step {rec['diverged_step']}" if rec["diverged"] else _pct(rec["top1"])
+                result = f"diverged at step {rec['diverged_step']}" if rec["diverged"] else fmt_pct(rec["top1"])
                 tqdm.write(f"[{len(records)}/{len(planned)}] {p.run.name}: {result} ({status})", file=sys.stderr)
             bar.update(1)
     finally:

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ..core.activations import get_activation
-from ..training.config import dump_config, load_config, parse_override, resolve_config
+from ..training.config import dump_config, parse_override, resolve_config
 from ..utils import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -412,13 +412,3 @@ def write_lra_configs(out_dir: str | os.PathLike) -> list[Path]:
                 atomic_write_text(dump_config(raw_lra_config(name, act, "cpu")), path)
                 written.append(path)
     return written
-
-
-def config_from_file(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
-    """A config file (e.g. configs/lra/listops_x3_div14.yaml) with overrides, resolved."""
-    return load_config(path, list(overrides))
-
-
-def describe(cfg: dict) -> str:
-    """The resolved config as YAML text."""
-    return dump_config(cfg)

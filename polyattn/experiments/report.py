@@ -32,6 +32,7 @@ from .plots import plot_norm_curves, pyplot, save_figure
 
 __all__ = [
     "compare_markdown",
+    "fmt_pct",
     "format_table",
     "heatmap_activations",
     "norm_summary",
@@ -321,7 +322,8 @@ def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool 
 # --------------------------------------------------------------------------- #
 # report.md
 # --------------------------------------------------------------------------- #
-def _pct(v: float | None, digits: int = 1) -> str:
+def fmt_pct(v: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage (0.9632 -> "96.3%"); None as "-"."""
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
@@ -481,8 +483,8 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
     for r in runs:
         t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
         lines.append(
-            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['seed']} | {_pct(r['top1'])} | "
-            f"{_pct(r['best_val_acc'])} | {r['diverged_step'] or '-'} | {r['epochs']} | {r['steps']} | {t} | "
+            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['seed']} | {fmt_pct(r['top1'])} | "
+            f"{fmt_pct(r['best_val_acc'])} | {r['diverged_step'] or '-'} | {r['epochs']} | {r['steps']} | {t} | "
             f"{r['status']} |"
         )
     notes = [f"{r['name']}: {r['diverged_message']}" for r in runs if r["diverged"] and r.get("diverged_message")]
@@ -613,8 +615,8 @@ def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
     for r in results["runs"]:
         t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
         lines.append(
-            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['tokens']} | {r['seed']} | {_pct(r['top1'])} | "
-            f"{r['diverged_step'] or '-'} | {t} | {r['status']} |"
+            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['tokens']} | {r['seed']} | "
+            f"{fmt_pct(r['top1'])} | {r['diverged_step'] or '-'} | {t} | {r['status']} |"
         )
     cmd = [
         "polyattn",
