@@ -29,10 +29,11 @@ def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
     from ..data.errors import DatasetError
     from ..experiments.compare import CompareError
     from ..training.config import ConfigError
+    from ..utils.rundir import RunDirError
 
     try:
         return work()
-    except (CompareError, ConfigError, DatasetError, FileNotFoundError) as e:
+    except (CompareError, ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -71,15 +71,9 @@ _MODEL_FIELDS = (
 def _load_yaml(path_text: str | None) -> dict[str, Any]:
     if not path_text:
         return {}
-    import yaml
+    from ..utils.io import read_yaml_mapping
 
-    path = Path(path_text)
-    if not path.is_file():
-        raise ValueError(f"--config {path}: no such file (expected a YAML mapping of bench settings)")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"--config {path}: expected a YAML mapping such as 'ns: [256, 1024]'")
-    return loaded
+    return read_yaml_mapping(path_text, "--config (a YAML mapping of bench settings)")
 
 
 def build_config(args: argparse.Namespace):

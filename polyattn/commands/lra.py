@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.errors import DatasetError
     from ..experiments.lra import lra_table, run_lra
     from ..training.config import ConfigError, dump_config
-    from ..training.trainer import RunExistsError
+    from ..training.trainer import RunDirError, TrainingInterrupted
 
     try:
         if args.table:
@@ -110,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.out:
             raise ValueError("give --out RUN_DIR")
         result = run_lra(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, DatasetError, RunExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DatasetError, RunDirError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e.advice(f"polyattn lra --resume --out {e.run_dir}"), file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":
         _print_result(result)
     return 1 if result["diverged"] else 0

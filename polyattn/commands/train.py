@@ -29,17 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
-
-
 def _print_summary(s: dict) -> None:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -62,11 +51,9 @@ def _print_summary(s: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from ..data.errors import DatasetError
     from ..training.config import ConfigError, dump_config, load_config
-    from ..training.trainer import RunExistsError, train
+    from ..training.trainer import RunDirError, TrainingInterrupted, train
 
     try:
         if args.resume:
@@ -81,19 +68,21 @@ def run(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(
                     f"cannot resume: {saved} not found (is {args.resume} a run directory?)"
                 )
+            # The trainer compares this with the checkpoint's config: it applies or refuses each change.
             cfg = load_config(saved, args.overrides)
-            changed = _changed_keys(yaml.safe_load(saved.read_text()) or {}, cfg)
-            if changed and os.environ.get("RANK", "0") == "0":
-                print("resuming with changed config keys:\n  " + "\n  ".join(changed), file=sys.stderr)
         else:
             cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
         summary = train(cfg, args.resume or args.out, resume=bool(args.resume), progress=not args.no_progress)
-    except (ConfigError, DatasetError, RunExistsError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e.advice(f"polyattn train --resume {e.run_dir}"), file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":
         _print_summary(summary)
     return 1 if summary["diverged"] else 0

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config
 from ..training.trainer import CHECKPOINT, train
-from ..utils import atomic_write_json, atomic_write_text
+from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from .report import compare_markdown, fmt_pct, format_table, write_compare_figures
 
 __all__ = [
@@ -442,39 +442,40 @@ def compare(
     path, layers = base_overrides(config, dataset, model, epochs, overrides, norm_every or None)
     grid = [GridRun(f"{get_activation(a).slug}-s{s}", a, s) for a in specs for s in seed_list]
     out = Path(out_dir)
-    planned = plan_runs(grid, path, layers, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    # One comparison at a time in out: a second one would plan against runs the first is writing.
+    with RunDirLock(out, "polyattn compare"):
+        planned = plan_runs(grid, path, layers, out, resume)
 
-    records = run_grid(planned, progress=progress, desc="compare")
-    base = planned[0].cfg
-    results: dict[str, Any] = {
-        "kind": "compare",
-        "out_dir": str(out),
-        "settings": {
-            "activations": specs,
-            "seeds": seed_list,
-            "dataset": base["data"]["name"],
-            "model": base["model"]["name"],
-            "epochs": base["train"]["epochs"],
-            "config": str(config) if config is not None else BASE_CONFIG_NAME,
-            "overrides": list(overrides),
-            "norm_every": base["diagnostics"]["every"],
-        },
-        "metric": _metric_words(records),
-        "base_config": {k: v for k, v in base.items() if k != "description"},
-        "table": summarize(records, specs),
-        "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
-        "machine": machine_info(),
-    }
-    results["table_text"] = format_table(results["table"], results["metric"])
-    if figures:
-        results["figures"], results["notes"] = write_compare_figures(results, out, progress=progress)
-    else:
-        results["figures"], results["notes"] = {}, ["figures were not requested"]
-    results["time_s"] = time.perf_counter() - t0
-    atomic_write_text(compare_markdown(results, out), out / "report.md")
-    atomic_write_json(json_safe(results), out / "results.json")
-    return results
+        records = run_grid(planned, progress=progress, desc="compare")
+        base = planned[0].cfg
+        results: dict[str, Any] = {
+            "kind": "compare",
+            "out_dir": str(out),
+            "settings": {
+                "activations": specs,
+                "seeds": seed_list,
+                "dataset": base["data"]["name"],
+                "model": base["model"]["name"],
+                "epochs": base["train"]["epochs"],
+                "config": str(config) if config is not None else BASE_CONFIG_NAME,
+                "overrides": list(overrides),
+                "norm_every": base["diagnostics"]["every"],
+            },
+            "metric": _metric_words(records),
+            "base_config": {k: v for k, v in base.items() if k != "description"},
+            "table": summarize(records, specs),
+            "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
+            "machine": machine_info(),
+        }
+        results["table_text"] = format_table(results["table"], results["metric"])
+        if figures:
+            results["figures"], results["notes"] = write_compare_figures(results, out, progress=progress)
+        else:
+            results["figures"], results["notes"] = {}, ["figures were not requested"]
+        results["time_s"] = time.perf_counter() - t0
+        atomic_write_text(compare_markdown(results, out), out / "report.md")
+        atomic_write_json(json_safe(results), out / "results.json")
+        return results
 
 
 def _metric_words(records: Sequence[dict]) -> str:

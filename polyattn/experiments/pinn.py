@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,9 @@ import yaml
 
 from ..core.activations import get_activation
 from ..models.pinnsformer import build_pinn_model, pseudo_sequence
-from ..utils import atomic_save, atomic_write_json, atomic_write_text, seed_everything
+from ..utils import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, seed_everything
+from ..utils.io import load_checkpoint, read_yaml_mapping
+from ..utils.rundir import RunDirError, RunDirLock
 from .pdes import PDE, get_pde, grads
 
 __all__ = [
@@ -162,18 +163,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _load_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file {str(p)!r} does not exist; see configs/pinn/ for examples")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a mapping (sections pde, model, data, train)")
-    return data
+    return read_yaml_mapping(path, "PINN config file (examples in configs/pinn/)")
 
 
 def resolve_pinn_config(
@@ -384,25 +374,10 @@ def evaluate(model: torch.nn.Module, pde: PDE, n_x: int, n_t: int) -> dict[str, 
 # ---------------------------------------------------------------- files
 
 
-def _atomic_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig, path: Path, dpi: int = 100) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _atomic_bytes(buf.getvalue(), path)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def _label(cfg: dict) -> str:
@@ -534,7 +509,8 @@ def run_pinn(
         # a second spinning thread can slow each step several times.
         torch.set_num_threads(threads)
     try:
-        return _run_pinn(cfg, Path(out_dir), resume, progress, plots)
+        with RunDirLock(out_dir, "polyattn pinn"):
+            return _run_pinn(cfg, Path(out_dir), resume, progress, plots)
     finally:
         torch.set_num_threads(before)
 
@@ -550,10 +526,19 @@ def _run_pinn(cfg: dict, out: Path, resume: bool, progress: bool, plots: bool) -
     model = build_model_from_config(cfg)
     opt = _make_optimizer(cfg, model.parameters())
     state = {"step": 0, "func_evals": 0, "train_time_s": 0.0, "history": []}
+    if not resume and ckpt_path.exists():
+        raise RunDirError(
+            f"{out} already holds a PINN run ({ckpt_path.relative_to(out)}); continue it with --resume "
+            "or choose another --out"
+        )
     if resume:
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {str(ckpt_path)!r} does not exist; run without --resume first")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(
+            ckpt_path,
+            ("model", "optimizer", "config", "step", "func_evals", "train_time_s", "history"),
+            f"cannot resume {str(out)!r}: delete {ckpt_path.parent} and run without --resume, or use a new --out",
+        )
         if _comparable(ckpt["config"]) != _comparable(cfg):
             raise ValueError(
                 f"cannot resume {str(out)!r}: its config differs from this one beyond train.steps "
@@ -650,7 +635,7 @@ def _run_pinn(cfg: dict, out: Path, resume: bool, progress: bool, plots: bool) -
     }
     if ev is not None:
         np.savez_compressed(buf := io.BytesIO(), x=ev["x"], t=ev["t"], exact=ev["exact"], pred=ev["pred"])
-        _atomic_bytes(buf.getvalue(), out / "prediction.npz")
+        atomic_write_bytes(buf.getvalue(), out / "prediction.npz")
         if plots:
             plot_fields(ev, pde, f"{pde.name}: {label}", out / "fields.png")
     if plots and state["history"]:
@@ -775,7 +760,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(colors=128)
         small = io.BytesIO()
         img.save(small, format="PNG", optimize=True)
-        _atomic_bytes(small.getvalue(), out / f"{pde_name}.png")
+        atomic_write_bytes(small.getvalue(), out / f"{pde_name}.png")
     return table
 
 

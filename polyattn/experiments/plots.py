@@ -6,11 +6,14 @@ importing this module is cheap and works without a display.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..utils.io import atomic_write_bytes
 
 __all__ = ["norm_curves", "plot_loglog_norms", "plot_norm_curves", "plot_softmax_bounds", "pyplot", "save_figure"]
 
@@ -28,10 +31,9 @@ def pyplot() -> Any:
 def save_figure(fig: Any, out_png: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG atomically (a reader never sees half a file) and close it."""
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(buf.getvalue(), out)
     pyplot().close(fig)
     return out
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core.activations import get_activation
 from ..training.config import load_config
-from ..utils import atomic_write_json, atomic_write_text
+from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from .compare import (
     CompareError,
     GridRun,
@@ -157,40 +157,41 @@ def sweep(
                     )
                 )
     out = Path(out_dir)
-    planned = plan_runs(grid, path, layers, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    records = run_grid(planned, progress=progress, desc="sweep")
+    # One comparison at a time in out: a second one would plan against runs the first is writing.
+    with RunDirLock(out, "polyattn sweep"):
+        planned = plan_runs(grid, path, layers, out, resume)
+        records = run_grid(planned, progress=progress, desc="sweep")
 
-    base = planned[0].cfg
-    table = summarize_sweep(records, patches, ks)
-    results: dict[str, Any] = {
-        "kind": "sweep",
-        "out_dir": str(out),
-        "settings": {
-            "power": power,
-            "scales": ks,
-            "patch_sizes": patches,
-            "image_size": list(image),
-            "seeds": seed_list,
-            "baseline": baseline,
-            "dataset": base["data"]["name"],
-            "model": base["model"]["name"],
-            "epochs": base["train"]["epochs"],
-            "config": str(config) if config is not None else "built-in digits + vit_micro",
-            "overrides": list(overrides),
-        },
-        "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
-        "base_config": {k: v for k, v in base.items() if k not in ("description",)},
-        "table": table,
-        "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
-        "machine": machine_info(),
-    }
-    results["table_text"] = format_sweep_table(table, ks, power)
-    results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
-    results["time_s"] = time.perf_counter() - t0
-    atomic_write_text(sweep_markdown(results, out), out / "report.md")
-    atomic_write_json(json_safe(results), out / "results.json")
-    return results
+        base = planned[0].cfg
+        table = summarize_sweep(records, patches, ks)
+        results: dict[str, Any] = {
+            "kind": "sweep",
+            "out_dir": str(out),
+            "settings": {
+                "power": power,
+                "scales": ks,
+                "patch_sizes": patches,
+                "image_size": list(image),
+                "seeds": seed_list,
+                "baseline": baseline,
+                "dataset": base["data"]["name"],
+                "model": base["model"]["name"],
+                "epochs": base["train"]["epochs"],
+                "config": str(config) if config is not None else "built-in digits + vit_micro",
+                "overrides": list(overrides),
+            },
+            "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
+            "base_config": {k: v for k, v in base.items() if k not in ("description",)},
+            "table": table,
+            "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
+            "machine": machine_info(),
+        }
+        results["table_text"] = format_sweep_table(table, ks, power)
+        results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
+        results["time_s"] = time.perf_counter() - t0
+        atomic_write_text(sweep_markdown(results, out), out / "report.md")
+        atomic_write_json(json_safe(results), out / "results.json")
+        return results
 
 
 def summarize_sweep(records: Sequence[dict], patch_sizes: Sequence[int], scales: Sequence[float]) -> list[dict]:

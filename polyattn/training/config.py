@@ -28,6 +28,7 @@ import yaml
 from ..core.activations import get_activation
 from ..data.registry import COMMON_DATA_KEYS, dataset_choices, dataset_defaults, list_datasets
 from ..models.registry import TIMM_PREFIX, is_known_model, list_models
+from ..utils.io import read_yaml_mapping
 
 __all__ = [
     "ConfigError",
@@ -174,17 +175,10 @@ def _data_schema(name: str) -> dict[str, Key]:
 
 # --- reading and merging ----------------------------------------------------
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+        return read_yaml_mapping(path, "config file")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _merge(base: dict, layer: dict, where: str = "") -> dict:

@@ -4,16 +4,20 @@
 
 A run directory holds:
 
-    config.yaml            the resolved config
-    metrics.jsonl          one JSON object per line, "kind": "step" | "epoch" | "norms" | "summary"
+    config.yaml            the resolved config (after a resume that changed keys: the config in force now)
+    metrics.jsonl          one JSON object per line, "kind": "step" | "epoch" | "norms" | "resume" | "summary"
     checkpoints/last.pt    model, optimizer, scheduler, scaler, epoch, step, RNG states of every process,
                            config, model_args; written atomically after every epoch
     summary.json           the final summary (also returned by ``train``)
+    .lock                  held by the process training there (utils.rundir.RunDirLock)
 
 Resuming (``resume=True``) restores all of it, drops metric rows written
 after the checkpoint, and continues so that the result is bitwise the run
 that was never interrupted (CPU; the sampler order depends only on the seed
-and the epoch, the RNG states come from the checkpoint).
+and the epoch, the RNG states come from the checkpoint). Config changes on
+resume are applied (optimizer settings, schedule, step budget, logging) or
+refused (model, data, batch size, seed, amp: see ``config_changes``); applied
+ones are recorded as a "resume" row with the step they took effect at.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from tqdm.auto import tqdm
 from ..data.registry import DataBundle, build_dataset
 from ..models.registry import create_model
 from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
+from ..utils.io import load_checkpoint
+from ..utils.rundir import RunDirError, RunDirLock
 from .config import ConfigError, dump_config, resolve_config
 from .distributed import (
     DistEnv,
@@ -48,13 +54,74 @@ from .distributed import (
     init_distributed,
 )
 
-__all__ = ["train", "load_run", "build_model", "lr_at", "RunExistsError"]
+__all__ = ["train", "load_run", "build_model", "lr_at", "RunDirError", "RunExistsError", "TrainingInterrupted"]
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
-class RunExistsError(ValueError):
+class RunExistsError(RunDirError):
     """The output directory already holds a run and ``resume`` was not asked for."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: says where the run stands so that the caller can print how to resume.
+
+    ``checkpoint_epoch`` is the epoch ``checkpoints/last.pt`` holds, or None when none was written yet.
+    """
+
+    def __init__(self, run_dir: Path, checkpoint_epoch: int | None, step: int | None) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir, self.checkpoint_epoch, self.step = run_dir, checkpoint_epoch, step
+
+    def advice(self, resume_command: str) -> str:
+        """One line for the terminal; ``resume_command`` is the command that continues this run."""
+        if self.checkpoint_epoch is None:
+            return (
+                f"interrupted before the first checkpoint: nothing in {self.run_dir} to resume; "
+                "start the run again with the same command"
+            )
+        return (
+            f"interrupted: {self.run_dir / CHECKPOINT} keeps epoch {self.checkpoint_epoch} (step {self.step}); "
+            f"continue with: {resume_command}"
+        )
+
+
+# Keys a resume may change, and how: everything in ``train`` and ``diagnostics`` is read afresh each
+# step or applied to the restored optimizer below, except these, which fix the data order, the batches
+# or the numerics of the steps already taken. In ``model`` and ``data`` only these may change.
+_RESUME_FIXED_TRAIN = ("batch_size", "seed", "amp")
+_RESUME_FREE_DATA = ("root", "num_workers")
+_OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "overrides":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """(changes a resume applies, changes it refuses) between a checkpoint's config and a new one.
+
+    Each maps a dotted key to [old, new]. ``model.overrides`` counts as one key.
+    """
+    a, b = _flat(old), _flat(new)
+    applied, refused = {}, {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        section, _, name = key.partition(".")
+        fixed = (
+            section == "model"
+            or (section == "data" and name not in _RESUME_FREE_DATA)
+            or (section == "train" and name in _RESUME_FIXED_TRAIN)
+        )
+        (refused if fixed else applied)[key] = [a.get(key), b.get(key)]
+    return applied, refused
 
 
 # --- model and data -------------------------------------------------------------
@@ -300,7 +367,7 @@ class MetricsLog:
             # of the forward they measured, i.e. the updates done before it.
             if (
                 (kind == "epoch" and row.get("epoch", 0) <= epoch)
-                or (kind == "step" and row.get("step", 0) <= step)
+                or (kind in ("step", "resume") and row.get("step", 0) <= step)
                 or (kind == "norms" and row.get("step", 0) < step)
             ):
                 keep.append(row)
@@ -320,24 +387,34 @@ def _json_line(row: dict) -> str:
     return json.dumps(row) + "\n"
 
 
-def _prepare_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> Path:
+def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path, RunDirLock | None]:
+    """The run directory, locked by rank 0 for the whole run (the lock is None on other ranks)."""
     if out_dir is None:
         if resume:
             raise ValueError("resume=True needs the run directory to resume")
         out_dir = default_run_dir(cfg) if env.is_main else None
         out_dir = broadcast_object(out_dir, env)
     run_dir = Path(out_dir)
-    ckpt = run_dir / CHECKPOINT
-    if resume and not run_dir.is_dir():
-        raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
-    if not resume and ckpt.exists():
-        raise RunExistsError(
-            f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
-            "or choose another --out"
-        )
+    lock, error = None, None
     if env.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
+        try:
+            if resume and not run_dir.is_dir():
+                raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
+            lock = RunDirLock(run_dir, "polyattn train").acquire()
+            if not resume and (run_dir / CHECKPOINT).exists():
+                lock.release()
+                raise RunExistsError(
+                    f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
+                    "or choose another --out"
+                )
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+        except (RunDirError, OSError) as e:
+            error = e
+    # Every rank raises rank 0's error, so that none waits in a collective for a run that never starts.
+    error = broadcast_object(error, env)
+    if error is not None:
+        raise error
+    return run_dir, lock
 
 
 # --- the loop ----------------------------------------------------------------------
@@ -345,6 +422,7 @@ def _divergence_message(
     what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path
 ) -> str:
     act = cfg["model"]["activation"]
+    clip = cfg["train"]["grad_clip"]
     kept = (
         f"{run_dir / CHECKPOINT} keeps the weights after epoch {last_good}"
         if last_good
@@ -359,9 +437,12 @@ def _divergence_message(
             "a scaled activation (e.g. x^3/sqrt(N) or x^3/16: unscaled powers grow with the sequence "
             "length), "
         )
+    clipping = (
+        f"a smaller train.grad_clip (it is {clip:g} now)" if clip > 0 else "train.grad_clip > 0 (it is off now)"
+    )
     return (
         f"diverged: {what} at step {step} (epoch {epoch}, activation {act}); stopping. {kept}. "
-        f"Try {advice}a lower train.lr, or train.grad_clip > 0."
+        f"Try {advice}a lower train.lr (it is {cfg['train']['lr']:g} now), or {clipping}."
     )
 
 
@@ -399,9 +480,10 @@ class _Run:
         self.progress = progress and env.is_main
         if self.tc["num_threads"]:
             torch.set_num_threads(self.tc["num_threads"])
-        self.run_dir = _prepare_run_dir(cfg, out_dir, resume, env)
+        self.run_dir, self.lock = _open_run_dir(cfg, out_dir, resume, env)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
         self.resume = resume
+        self.config_changes: list[dict] = []
 
     def log(self, text: str) -> None:
         if self.env.is_main:
@@ -462,20 +544,52 @@ class _Run:
         self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
         self.last_good_epoch: int | None = None
 
+    def _read_checkpoint(self, path: Path) -> dict:
+        if not path.is_file():
+            raise RunDirError(
+                f"cannot resume {self.run_dir}: {path} not found (the run stopped before its first "
+                f"checkpoint, or the file was removed); start the run again without --resume, or train "
+                "into a new --out"
+            )
+        return load_checkpoint(
+            path,
+            ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"),
+            f"cannot resume {self.run_dir}: delete {path.parent} to start this run again from step 0, "
+            "or train into a new --out",
+        )
+
+    def _check_changes(self, ckpt: dict) -> dict[str, list]:
+        """Refuse config changes a resume cannot honour; return those it applies (key -> [old, new])."""
+        applied, refused = config_changes(ckpt["config"], self.cfg)
+        if refused:
+            listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise RunDirError(
+                f"cannot resume {self.run_dir}: the config differs from the one its checkpoint was trained "
+                f"with in keys a resume cannot change:\n  {listed}\n"
+                f"undo these changes (--set, or restore {self.run_dir / 'config.yaml'}), "
+                "or start a new run with another --out"
+            )
+        return applied
+
     def restore(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.exists():
-            self.metrics.truncate_to(0, 0)  # killed before the first checkpoint: start over
-            return
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt = self._read_checkpoint(self.run_dir / CHECKPOINT)
+        applied = self._check_changes(ckpt)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RunDirError(
+                f"cannot resume {self.run_dir}: its checkpoint does not fit the model this config builds "
+                f"({str(e).splitlines()[0][:300]}); restore the run's config.yaml, or train into a new --out"
+            ) from None
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_val, self.last_val = ckpt.get("best_val_acc"), ckpt.get("last_val")
         self.last_good_epoch = self.epoch
+        if any(f"train.{k}" in applied for k in _OPTIMIZER_KEYS):
+            self._apply_optimizer_settings()
         states = ckpt["rng"]
         if len(states) == self.env.world_size:
             _set_rng_state(states[self.env.rank], self.env.device)
@@ -486,7 +600,32 @@ class _Run:
             )
             seed_everything(self.tc["seed"] + 7919 * self.env.rank + self.epoch)
         self.metrics.truncate_to(self.epoch, self.step)
+        if self.env.is_main and self.metrics.path.exists():
+            self.config_changes = [r for r in read_jsonl(self.metrics.path) if r.get("kind") == "resume"]
+        if applied:
+            row = {"kind": "resume", "epoch": self.epoch, "step": self.step, "changed": applied}
+            self.metrics.write([row])
+            self.config_changes.append(row)
+            listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in applied.items())
+            self.log(f"resuming with changed config keys, in force from step {self.step}:\n  {listed}")
         self.log(f"resumed {self.run_dir} at epoch {self.epoch}, step {self.step}")
+
+    def _apply_optimizer_settings(self) -> None:
+        """Put the config's lr, weight decay, betas and eps into the restored optimizer and schedule.
+
+        The optimizer's state dict carries the old values; the schedule continues at the current step
+        as if the new lr had been the base all along.
+        """
+        tc = self.tc
+        groups = self.optimizer.param_groups
+        for i, g in enumerate(groups):
+            g["weight_decay"] = tc["weight_decay"] if i == 0 else 0.0  # group 1 is exempt from decay
+            g["betas"], g["eps"], g["initial_lr"] = tuple(tc["betas"]), tc["eps"], tc["lr"]
+        self.scheduler.base_lrs = [tc["lr"]] * len(groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for g in groups:
+            g["lr"] = tc["lr"] * factor
+        self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def save_checkpoint(self) -> None:
         states = gather_objects(_rng_state(self.env.device), self.env)  # collective: every rank calls it
@@ -509,7 +648,7 @@ class _Run:
             },
             self.run_dir / CHECKPOINT,
         )
-        self.last_good_epoch = self.epoch
+        self.last_good_epoch, self.checkpoint_step = self.epoch, self.step
 
     # -- one epoch --
     def train_epoch(self, recorder) -> dict | None:
@@ -684,15 +823,37 @@ class _Run:
             "device": str(self.env.device),
             "amp": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "time_s": time.perf_counter() - t_start,
+            # What --resume --set changed, with the step each change took effect (config.yaml is the final config).
+            "config_changes": [{k: r[k] for k in ("epoch", "step", "changed")} for r in self.config_changes],
             "data": self.bundle.info,
         }
 
     def run(self) -> dict:
+        try:
+            summary = self._run()
+        except KeyboardInterrupt:
+            self._release(discard=False)
+            raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
+        except BaseException:
+            # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
+            self._release(discard=True)
+            raise
+        self._release(discard=False)
+        return summary
+
+    def _release(self, discard: bool) -> None:
+        if self.lock is not None:
+            self.lock.discard() if discard else self.lock.release()
+
+    def _run(self) -> dict:
         t_start = time.perf_counter()
         self.diverged: dict | None = None
+        self.last_good_epoch: int | None = None
+        self.checkpoint_step: int | None = None
         self.setup()
         if self.resume:
             self.restore()
+            self.checkpoint_step = self.step
         elif self.env.is_main:
             self.metrics.truncate_to(0, 0)
         if self.env.is_main:

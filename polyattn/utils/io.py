@@ -10,13 +10,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_json", "atomic_write_text", "read_jsonl"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_checkpoint",
+    "read_jsonl",
+    "read_yaml_mapping",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_replace(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name starts with "." and ends with ".tmp": RunDirLock removes such leftovers of a kill.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; the finished file gets the mode open() would give it under the umask.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -28,9 +45,34 @@ def _atomic_replace(path: Path, write: Any) -> None:
         raise
 
 
+def load_checkpoint(path: str | os.PathLike, needed: tuple[str, ...] = (), fix: str = "") -> dict:
+    """torch.load of a checkpoint dict; RunDirError naming the file (and ``fix``) when it is missing,
+    truncated, not a checkpoint, or lacks one of the ``needed`` keys."""
+    from .rundir import RunDirError
+
+    p = Path(path)
+    tail = f"; {fix}" if fix else ""
+    if not p.is_file():
+        raise RunDirError(f"{p} not found{tail}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file raises any of several types
+        raise RunDirError(
+            f"{p} is unreadable, truncated or not a polyattn checkpoint ({type(e).__name__}: {str(e)[:200]}){tail}"
+        ) from None
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if not isinstance(ckpt, dict) or missing:
+        raise RunDirError(f"{p} is not a polyattn checkpoint of this kind (it lacks {missing}){tail}")
+    return ckpt
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through a temporary file in the same directory and a rename."""
     _atomic_replace(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    _atomic_replace(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -56,3 +98,30 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
     return rows
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping a YAML file holds ({} for an empty file); ValueError naming the file for anything else.
+
+    A missing file, bytes that are not UTF-8, invalid YAML and a top level that is not a mapping each
+    get their own message.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        state = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ValueError(f"{what} not found: {p} {state}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
