@@ -87,7 +87,22 @@ def build_config(args: argparse.Namespace) -> Any:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file (expected a YAML mapping of theory settings)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot read the file ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"--config {path}: not UTF-8 text (byte {e.start}); expected a YAML mapping of theory settings"
+            ) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e)
+            raise ValueError(
+                f"--config {path}: not valid YAML ({where}); expected a mapping such as 'samples: 64'"
+            ) from None
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"--config {path}: expected a YAML mapping such as 'samples: 64', got {type(loaded).__name__}"

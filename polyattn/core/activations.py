@@ -32,16 +32,30 @@ __all__ = [
 
 _ELEMENTWISE = ("relu", "elu", "gelu", "tanh", "exp", "sigmoid")
 
+# Largest power x^P accepted. Backends compute in fp32 (max 3.4e38), and scores
+# |s| near 40 do occur (see functional.compute_dtype): 40^16 ~ 4e25 leaves 1e12
+# of headroom for summing N keys times the values, while 40^24 ~ 3e38 is
+# already fp32's maximum and x^32 overflows from |s| = 16. The paper uses P <= 3;
+# higher powers only shrink the range of scores that stay finite.
+MAX_POWER = 16
+# Accepted constant divisors C (phi(S) / C). C only rescales A's rows, so six
+# decades either way of 1 cover every useful value: the paper's 14-64, and as
+# much as /N divides by at a million keys. Inside the range the largest x^16
+# weight times a million keys (40^16 / 1e-6 * 1e6 ~ 4e37) still fits fp32;
+# outside it C is a typo: 1e-300 is 0 in fp32 (1/C = inf, NaN outputs) and
+# 1/1e300 is 0 (every weight and output 0).
+MIN_DIVISOR, MAX_DIVISOR = 1e-6, 1e6
+
 _FORMS = (
     ("softmax", "row-normalised exponential (masked keys excluded from the sum)"),
-    ("x^P", "integer power P >= 1, e.g. x^3; 'x' is x^1"),
+    ("x^P", f"integer power 1 <= P <= {MAX_POWER}, e.g. x^3; 'x' is x^1"),
     ("relu", "max(x, 0)"),
     ("elu", "ELU with alpha = 1"),
     ("gelu", "GELU, exact erf form"),
     ("tanh", "hyperbolic tangent"),
     ("exp", "e^x with no row normalisation"),
     ("sigmoid", "logistic sigmoid"),
-    ("<phi>/C", "divide by a positive constant C, e.g. x^3/14"),
+    ("<phi>/C", f"divide by a constant C in [{MIN_DIVISOR:g}, {MAX_DIVISOR:g}], e.g. x^3/14"),
     ("<phi>/sqrt(N)", "divide by sqrt of the number of keys the row may attend"),
     ("<phi>/N", "divide by the number of keys the row may attend, e.g. relu/N"),
 )
@@ -73,6 +87,15 @@ class Activation:
     power: int = 1
     divisor: str | None = None
     constant: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Activations built directly, not parsed, get the same limits as spec strings.
+        if self.kind == "power" and not 1 <= self.power <= MAX_POWER:
+            raise ValueError(f"Activation power must be in 1..{MAX_POWER}, got {self.power}")
+        if self.divisor == "const" and not MIN_DIVISOR <= self.constant <= MAX_DIVISOR:
+            raise ValueError(
+                f"Activation constant divisor must be in [{MIN_DIVISOR:g}, {MAX_DIVISOR:g}], got {self.constant!r}"
+            )
 
     # --- naming -----------------------------------------------------------
     @property
@@ -206,6 +229,13 @@ def _parse_number(text: str, spec: str) -> float:
         raise ValueError(
             f"bad activation spec {spec!r}: the divisor must be a finite positive number, got {text!r}"
         )
+    if not MIN_DIVISOR <= c <= MAX_DIVISOR:
+        effect = "overflow to inf/NaN" if c < MIN_DIVISOR else "underflow towards 0"
+        raise ValueError(
+            f"bad activation spec {spec!r}: the constant divisor {text} is outside "
+            f"[{MIN_DIVISOR:g}, {MAX_DIVISOR:g}]; attention weights phi(S)/{text} would {effect} in fp32. "
+            "Use a divisor in that range (e.g. x^3/14), or /sqrt(N) or /N to scale with the number of keys"
+        )
     return c
 
 
@@ -244,6 +274,12 @@ def get_activation(spec: ActivationLike) -> Activation:
             raise ValueError(
                 f"bad activation spec {spec!r}: the power in x^P must be a positive integer, "
                 f"got {digits!r}.\n" + _forms_help()
+            )
+        if int(digits) > MAX_POWER:
+            raise ValueError(
+                f"bad activation spec {spec!r}: the power {int(digits)} is above the maximum {MAX_POWER}; "
+                f"x^{int(digits)} overflows fp32 (max 3.4e38) once |score| > {3.4e38 ** (1 / int(digits)):.3g} "
+                f"and gives inf/NaN. Use a power in 1..{MAX_POWER} (the paper uses x^3)"
             )
         kind, power = "power", int(digits)
     elif base in _ELEMENTWISE:

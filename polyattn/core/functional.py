@@ -42,6 +42,10 @@ def _check_inputs(
             raise ValueError(f"{name} must have shape (..., N, d), got {_shape(t)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    _check_devices(q, k, v, attn_mask, bias)
+    if q.shape[-1] < 1:
+        # scale 1/sqrt(d) and every score are undefined without a head dimension.
+        raise ValueError(f"the head dimension d must be >= 1, got q {_shape(q)} and k {_shape(k)} (..., N, d)")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must have the same head dimension d: q {_shape(q)} (..., Nq, d), k {_shape(k)} (..., Nk, d)"
@@ -79,6 +83,21 @@ def _check_inputs(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return s_shape
+
+
+def _check_devices(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, bias: object
+) -> None:
+    # Mixed devices must fail here: a meta q with CPU k, v would otherwise run
+    # on CPU and return uninitialised memory instead of an error.
+    named = [("q", q), ("k", k), ("v", v)]
+    named += [(n, t) for n, t in (("attn_mask", attn_mask), ("bias", bias)) if isinstance(t, torch.Tensor)]
+    if any(t.device != q.device for _, t in named):
+        listed = ", ".join(f"{n}.device: {t.device}" for n, t in named)
+        raise ValueError(
+            f"q, k and v (and attn_mask, bias when given) must be on one device, got {listed}; "
+            "move them with .to(q.device)"
+        )
 
 
 def _check_broadcast(name: str, t: torch.Tensor, s_shape: tuple[int, ...]) -> None:

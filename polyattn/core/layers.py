@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +34,13 @@ class PolyAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            # bool is an Integral too: PolyAttention(True, 1) is a mistake, not dim 1.
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        dim, num_heads = int(dim), int(num_heads)
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetFormatError, DatasetNotFoundError
-from .registry import DataBundle, register_dataset
+from .errors import DatasetError, DatasetFormatError, DatasetNotFoundError
+from .registry import IMAGE_SIZE, DataBundle, in_range, register_dataset
 from .transforms import TensorImageDataset, random_hflip, random_shift, stratified_split
 
 __all__ = ["CIFAR10_LAYOUT", "CIFAR100_LAYOUT", "CifarArrays", "load_cifar_arrays"]
@@ -181,14 +181,17 @@ def _build(variant: str, cfg: dict) -> DataBundle:
     size = _size(cfg["image_size"])
     augment = _light if cfg["augment"] == "light" else None
     frac = float(cfg["val_fraction"])
-    if not 0.0 <= frac < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {frac!r}")
 
     def ds(x, y, aug=None):
         return TensorImageDataset(x, y, CIFAR_MEAN, CIFAR_STD, augment=aug, size=size)
 
     if frac > 0:
         tr_idx, va_idx = stratified_split(arrays.train_y, frac, int(cfg["seed"]))
+        if not tr_idx or not va_idx:
+            raise DatasetError(
+                f"data.val_fraction={frac!r} leaves the {'validation' if not va_idx else 'training'} split of "
+                f"{variant} empty (each class gives round(fraction * its count) examples to validation)"
+            )
         train = ds(arrays.train_x[tr_idx], arrays.train_y[tr_idx], augment)
         val = ds(arrays.train_x[va_idx], arrays.train_y[va_idx])
         test = ds(arrays.test_x, arrays.test_y)
@@ -218,13 +221,15 @@ def _build(variant: str, cfg: dict) -> DataBundle:
 
 _CIFAR_DEFAULTS = {"image_size": 32, "val_fraction": 0.0, "augment": "none"}
 _CIFAR_CHOICES = {"augment": ("none", "light")}
+# 0 = validate on the test set, so 0 is allowed here (unlike digits).
+_CIFAR_CHECKS = {"val_fraction": in_range(0, 1, lo_closed=True), "image_size": IMAGE_SIZE}
 
 
-@register_dataset("cifar10", _CIFAR_DEFAULTS, _CIFAR_CHOICES)
+@register_dataset("cifar10", _CIFAR_DEFAULTS, _CIFAR_CHOICES, _CIFAR_CHECKS)
 def build_cifar10(cfg: dict, seed: int) -> DataBundle:
     return _build("cifar10", cfg)
 
 
-@register_dataset("cifar100", _CIFAR_DEFAULTS, _CIFAR_CHOICES)
+@register_dataset("cifar100", _CIFAR_DEFAULTS, _CIFAR_CHOICES, _CIFAR_CHECKS)
 def build_cifar100(cfg: dict, seed: int) -> DataBundle:
     return _build("cifar100", cfg)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .registry import DataBundle, register_dataset
+from .errors import DatasetError
+from .registry import DataBundle, in_range, register_dataset
 from .transforms import TensorImageDataset, random_shift, stratified_split
 
 __all__ = ["load_digits_tensors", "build_digits"]
@@ -33,10 +34,19 @@ def _shift_one(x: torch.Tensor) -> torch.Tensor:
     "digits",
     defaults={"val_fraction": 0.2, "augment": "none"},
     choices={"augment": ("none", "light")},
+    checks={"val_fraction": in_range(0, 1)},
 )
 def build_digits(cfg: dict, seed: int) -> DataBundle:
     images, labels = load_digits_tensors()
-    train_idx, val_idx = stratified_split(labels, float(cfg["val_fraction"]), int(cfg["seed"]))
+    frac = float(cfg["val_fraction"])
+    train_idx, val_idx = stratified_split(labels, frac, int(cfg["seed"]))
+    if not train_idx or not val_idx:
+        # Each class gives round(fraction * count) examples (about 180 per class), so a
+        # fraction within 1/360 of 0 or 1 leaves one side empty.
+        raise DatasetError(
+            f"data.val_fraction={frac!r} leaves the {'validation' if not val_idx else 'training'} split of "
+            "digits empty; use a fraction between about 0.01 and 0.99"
+        )
     train_x = images[train_idx]
     mean, std = train_x.mean().item(), train_x.std().item()
     augment = _shift_one if cfg["augment"] == "light" else None

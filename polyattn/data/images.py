@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import DatasetFormatError, DatasetNotFoundError
-from .registry import DataBundle, register_dataset
+from .registry import IMAGE_SIZE, DataBundle, in_range, register_dataset
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -276,21 +276,29 @@ def _bundle(name: str, cfg: dict, classes: list[str], train, val) -> DataBundle:
 
 
 _IMAGE_CHOICES = {"augment": AUGMENT_CHOICES}
+# Checked before the (possibly long) scan of the image folders.
+_IMAGE_CHECKS = {"image_size": IMAGE_SIZE, "crop_pct": in_range(0, 1, hi_closed=True)}
 
 
-@register_dataset("tiny_imagenet", {"image_size": 64, "crop_pct": 1.0, "augment": "none"}, _IMAGE_CHOICES)
+@register_dataset(
+    "tiny_imagenet", {"image_size": 64, "crop_pct": 1.0, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
+)
 def build_tiny_imagenet(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_tiny_imagenet(cfg["root"])
     return _bundle("tiny_imagenet", cfg, classes, train, val)
 
 
-@register_dataset("imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES)
+@register_dataset(
+    "imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
+)
 def build_imagenet(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_class_folders(cfg["root"], "imagenet")
     return _bundle("imagenet", cfg, classes, train, val)
 
 
-@register_dataset("image_folder", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES)
+@register_dataset(
+    "image_folder", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
+)
 def build_image_folder(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_class_folders(cfg["root"], "image_folder")
     return _bundle("image_folder", cfg, classes, train, val)

@@ -1,27 +1,37 @@
 """Dataset registry: ``build_dataset(cfg_data, seed) -> DataBundle``.
 
 A builder is ``fn(cfg_data: dict, seed: int) -> DataBundle`` registered with
-``@register_dataset(name, defaults={...}, choices={...})``. ``defaults`` declares the
-config keys the dataset accepts besides the common ones (``name``, ``root``,
-``seed``, ``num_workers``), so that ``data.<key>`` is validated per dataset.
+``@register_dataset(name, defaults={...}, choices={...}, checks={...})``. ``defaults``
+declares the config keys the dataset accepts besides the common ones (``name``,
+``root``, ``seed``, ``num_workers``), so that ``data.<key>`` is validated per dataset;
+``checks`` maps a key to ``(predicate, requirement)``, e.g.
+``{"val_fraction": in_range(0, 1)}``, tested before the builder runs.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from .errors import DatasetError
+
 __all__ = [
     "COMMON_DATA_KEYS",
+    "Check",
     "DataBundle",
+    "IMAGE_SIZE",
     "build_dataset",
+    "dataset_checks",
     "dataset_choices",
     "dataset_defaults",
+    "in_range",
+    "int_at_least",
     "list_datasets",
     "register_dataset",
 ]
@@ -46,12 +56,48 @@ class DataBundle:
 
 Builder = Callable[[dict, int], DataBundle]
 
+# (predicate, requirement): the value passes when predicate(value) is true; the
+# requirement reads "data.<key> must be <requirement>", as the config loader's own checks.
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def int_at_least(lo: int, nullable: bool = False) -> Check:
+    """Check for an int >= lo (or None when ``nullable``)."""
+    words = f"an int >= {lo}" + (" or null" if nullable else "")
+    return (lambda v: (nullable and v is None) or (_is_int(v) and v >= lo)), words
+
+
+def in_range(lo: float, hi: float, lo_closed: bool = False, hi_closed: bool = False) -> Check:
+    """Check for a finite number in the interval from lo to hi (open ends unless closed)."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (lo <= v if lo_closed else lo < v) and (v <= hi if hi_closed else v < hi)
+
+    return ok, f"in {'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+
+
+def _is_size(v: Any) -> bool:
+    return (_is_int(v) and v > 0) or (
+        isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) and i > 0 for i in v)
+    )
+
+
+# data.image_size of the image datasets: 32 or [height, width].
+IMAGE_SIZE: Check = (_is_size, "a positive int or [height, width] of positive ints")
+
 
 @dataclass(frozen=True)
 class _Entry:
     builder: Builder
     defaults: dict
     choices: dict
+    checks: dict
 
 
 _DATASETS: dict[str, _Entry] = {}
@@ -76,30 +122,40 @@ def _load_providers() -> None:
 
 
 def register_dataset(
-    name: str, defaults: dict | None = None, choices: dict[str, tuple] | None = None
+    name: str,
+    defaults: dict | None = None,
+    choices: dict[str, tuple] | None = None,
+    checks: dict[str, Check] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``fn(cfg_data, seed) -> DataBundle`` as dataset ``name``.
 
     ``defaults``: dataset-specific config keys and their default values.
     ``choices``: allowed values for some of those keys, checked by the config loader.
+    ``checks``: ``key -> (predicate, requirement)`` for keys whose values have a
+    range (fractions, sizes); checked by :func:`build_dataset` before the builder runs.
     """
     defaults = dict(defaults or {})
     choices = {k: tuple(v) for k, v in (choices or {}).items()}
+    checks = dict(checks or {})
+    for key, check in checks.items():
+        if not (isinstance(check, tuple) and len(check) == 2 and callable(check[0]) and isinstance(check[1], str)):
+            raise ValueError(f"dataset {name!r}: checks[{key!r}] must be (predicate, requirement), got {check!r}")
     clash = set(defaults) & set(COMMON_DATA_KEYS)
     if clash:
         raise ValueError(
             f"dataset {name!r}: keys {sorted(clash)} are common data keys and cannot be redefined"
         )
-    unknown = set(choices) - set(defaults) - set(COMMON_DATA_KEYS)
-    if unknown:
-        raise ValueError(f"dataset {name!r}: choices given for undeclared keys {sorted(unknown)}")
+    for what, keys in (("choices", choices), ("checks", checks)):
+        unknown = set(keys) - set(defaults) - set(COMMON_DATA_KEYS)
+        if unknown:
+            raise ValueError(f"dataset {name!r}: {what} given for undeclared keys {sorted(unknown)}")
 
     def decorator(fn: Builder) -> Builder:
         if name in _DATASETS and _DATASETS[name].builder is not fn:
             raise ValueError(
                 f"dataset {name!r} is already registered (by {_DATASETS[name].builder.__module__})"
             )
-        _DATASETS[name] = _Entry(fn, defaults, choices)
+        _DATASETS[name] = _Entry(fn, defaults, choices, checks)
         return fn
 
     return decorator
@@ -114,7 +170,7 @@ def list_datasets() -> list[str]:
 def _entry(name: str) -> _Entry:
     _load_providers()
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}")
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}")
     return _DATASETS[name]
 
 
@@ -131,6 +187,39 @@ def dataset_choices(name: str) -> dict[str, tuple]:
     return dict(_entry(name).choices)
 
 
+def dataset_checks(name: str) -> dict[str, Check]:
+    """``key -> (predicate, requirement)`` of the dataset's range-checked keys (e.g. ``val_fraction``)."""
+    return dict(_entry(name).checks)
+
+
+def _check_value(name: str, key: str, check: Check, value: Any) -> None:
+    predicate, requirement = check
+    try:
+        ok = bool(predicate(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DatasetError(f"data.{key} must be {requirement}, got {value!r} (dataset {name!r})")
+
+
+def _check_splits(name: str, bundle: DataBundle) -> None:
+    # A loader that lets an empty split through would train 0 steps or score on
+    # nothing and still exit 0; the loaders name the file, this catches the rest.
+    for split in ("train", "val", "test"):
+        ds = getattr(bundle, split)
+        if ds is None:
+            continue
+        try:
+            n = len(ds)
+        except TypeError:  # an iterable dataset: its length is not known up front
+            continue
+        if n == 0:
+            where = f" ({bundle.info['source']})" if bundle.info.get("source") else ""
+            raise DatasetError(
+                f"dataset {name!r}: the {split} split is empty{where}; check data.root and the data.* sizes"
+            )
+
+
 def build_dataset(cfg_data: dict, seed: int) -> DataBundle:
     """Build the dataset named ``cfg_data["name"]``; missing keys take their defaults.
 
@@ -138,22 +227,25 @@ def build_dataset(cfg_data: dict, seed: int) -> DataBundle:
     is ``cfg_data["seed"]``.
     """
     if "name" not in cfg_data:
-        raise ValueError(f"the data section needs a 'name'; known datasets: {', '.join(list_datasets())}")
+        raise DatasetError(f"the data section needs a 'name'; known datasets: {', '.join(list_datasets())}")
     name = cfg_data["name"]
     resolved = dataset_defaults(name)
     unknown = sorted(set(cfg_data) - set(resolved))
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"unknown key(s) {', '.join('data.' + k for k in unknown)} for dataset {name!r}; "
             f"allowed: {', '.join(sorted(resolved))}"
         )
     resolved.update(cfg_data)
     for key, allowed in dataset_choices(name).items():
         if resolved[key] not in allowed:
-            raise ValueError(
+            raise DatasetError(
                 f"data.{key} must be one of {list(allowed)} for dataset {name!r}, got {resolved[key]!r}"
             )
+    for key, check in dataset_checks(name).items():
+        _check_value(name, key, check, resolved[key])
     bundle = _entry(name).builder(resolved, seed)
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")
+    _check_splits(name, bundle)
     return bundle

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import DataBundle, register_dataset
+from .registry import IMAGE_SIZE, DataBundle, in_range, int_at_least, register_dataset
 from .transforms import TensorImageDataset, random_hflip, random_shift
 
 __all__ = ["make_synthetic_images", "build_synthetic"]
@@ -58,13 +58,18 @@ def make_synthetic_images(
         "augment": "none",
     },
     choices={"augment": ("none", "light")},
+    checks={
+        "num_train": int_at_least(1),
+        "num_val": int_at_least(1),
+        "num_test": int_at_least(0),
+        "num_classes": int_at_least(2),
+        "channels": int_at_least(1),
+        "image_size": IMAGE_SIZE,
+        "noise": in_range(0, float("inf"), lo_closed=True),
+    },
 )
 def build_synthetic(cfg: dict, seed: int) -> DataBundle:
     size = _size(cfg["image_size"], "image_size")
-    for key, low in (("num_train", 1), ("num_val", 1), ("num_test", 0), ("num_classes", 2), ("channels", 1)):
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise ValueError(f"data.{key} must be an int >= {low}, got {v!r}")
     noise = float(cfg["noise"])
     g = torch.Generator().manual_seed(int(cfg["seed"]))
     args = (cfg["num_classes"], size, cfg["channels"], noise, g)

@@ -95,45 +95,83 @@ class TheoryConfig:
     )
 
     def resolved(self) -> TheoryConfig:
-        """A validated copy with sigma_t filled in; raises ValueError naming the bad field."""
+        """A validated copy with sigma_t filled in; raises ValueError naming the bad field and its option."""
         cfg = TheoryConfig(**asdict(self))
-        if cfg.sigma_t is None:
-            cfg.sigma_t = cfg.D**-0.5
+        # Integers first: sigma_t's default is D ** -0.5, which fails (D = 0) or turns
+        # complex (D < 0) before sigma_t itself could be checked.
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+            raise ValueError(f"theory config: {_name('seed')} must be an integer >= 0, got {cfg.seed!r}")
         for name in ("bound_samples", "samples", "D", "d", "threads"):
             v = getattr(cfg, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"theory config: {name} must be a positive integer, got {v!r}")
+                raise ValueError(f"theory config: {_name(name)} must be a positive integer, got {v!r}")
         if cfg.samples < 2:
             raise ValueError(
-                f"theory config: samples must be at least 2 (for an interval), got {cfg.samples}"
+                f"theory config: {_name('samples')} must be at least 2 (for an interval), got {cfg.samples}"
             )
         for name, lo in (("bound_n", 2), ("n_grid", 2)):
             v = getattr(cfg, name)
-            if not v or any(isinstance(n, bool) or not isinstance(n, int) or n < lo for n in v):
+            if (
+                not isinstance(v, (list, tuple))
+                or not v
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < lo for n in v)
+            ):
                 raise ValueError(
-                    f"theory config: {name} must be a non-empty list of integers >= {lo}, got {v!r}"
+                    f"theory config: {_name(name)} must be a non-empty list of integers >= {lo}, got {v!r}"
                 )
             setattr(cfg, name, sorted(set(v)))
         if len(cfg.n_grid) < 2:
             raise ValueError(
-                f"theory config: n_grid needs at least two sizes to fit a slope, got {cfg.n_grid}"
+                f"theory config: {_name('n_grid')} needs at least two sizes to fit a slope, got {cfg.n_grid}"
             )
+        if cfg.sigma_t is None:
+            cfg.sigma_t = cfg.D**-0.5
         for name in ("sigma_x", "sigma_t"):
             v = getattr(cfg, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"theory config: {name} must be a positive number, got {v!r}")
-        if not cfg.activations:
-            raise ValueError("theory config: activations must name at least one activation spec")
-        cfg.activations = [get_activation(a).spec for a in cfg.activations]  # ValueError on a bad spec
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"theory config: {_name(name)} must be a positive number, got {v!r}")
+        acts = cfg.activations
+        if isinstance(acts, str) or not isinstance(acts, (list, tuple)) or not all(isinstance(a, str) for a in acts):
+            raise ValueError(
+                f"theory config: {_name('activations')} must be a list of activation spec strings, got {acts!r}"
+            )
+        if not acts:
+            raise ValueError(f"theory config: {_name('activations')} must name at least one activation spec")
+        try:
+            cfg.activations = [get_activation(a).spec for a in acts]
+        except ValueError as e:
+            raise ValueError(f"theory config: {_name('activations')}: {e}") from None
         return cfg
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TheoryConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"theory config: expected a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ValueError(f"theory config: unknown key(s) {unknown}; allowed keys: {sorted(known)}")
         return cls(**data)
+
+
+# Command-line spelling of each setting, so that an error names what the user typed.
+_OPTIONS = {
+    "seed": "--seed",
+    "bound_n": "--bound-n",
+    "bound_samples": "--bound-samples",
+    "n_grid": "--n-grid",
+    "samples": "--samples",
+    "D": "--D",
+    "d": "--d",
+    "sigma_x": "--sigma-x",
+    "sigma_t": "--sigma-t",
+    "threads": "--threads",
+    "activations": "--activations",
+}
+
+
+def _name(field_name: str) -> str:
+    return f"{field_name} ({_OPTIONS[field_name]})"
 
 
 # Settings of ``--quick``: the same checks on smaller grids (about 10 s on 2 cores).

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..core.activations import Activation, ActivationLike, get_activation
+from ..core.backends.common import values_known
 from ..core.functional import attention
 from ..core.layers import PolyAttention
 
@@ -171,6 +172,10 @@ def additive_mask_to_bool(mask: torch.Tensor | None) -> tuple[torch.Tensor | Non
     if not mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True = may attend) or an additive float mask, got {mask.dtype}")
     blocked = mask <= MASKED_AT
+    if not values_known(mask):
+        # No values to inspect (torch.compile, meta, fake): keep both parts.
+        # An all-True mask and an all-zero bias give the same result as None.
+        return ~blocked, mask.masked_fill(blocked, 0.0)
     if not bool(blocked.any()):
         return None, mask if bool(mask.any()) else None
     bias = mask.masked_fill(blocked, 0.0)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..core.activations import ActivationLike
 from ..core.layers import PolyAttention
+from . import _checks
 from .registry import register_model
 
 __all__ = ["LRAEncoder", "LRAClassifier", "LRADualClassifier", "LRA_DEFAULTS"]
@@ -63,8 +64,12 @@ class LRAEncoder(nn.Module):
         attn_drop: float = 0.1,
     ) -> None:
         super().__init__()
-        if vocab_size < 1 or max_len < 1:
-            raise ValueError(f"vocab_size and max_len must be >= 1, got {vocab_size}, {max_len}")
+        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("depth", depth)):
+            _checks.positive_int(name, value)
+        _checks.heads("dim", dim, num_heads)
+        _checks.positive_int("mlp_dim", mlp_dim)
+        _checks.probability("dropout", dropout)
+        _checks.probability("attn_drop", attn_drop)
         self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_len, dim)
@@ -122,6 +127,7 @@ class LRAClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, max_len: int, num_classes: int, activation="softmax", **kwargs) -> None:
         super().__init__()
+        _checks.positive_int("num_classes", num_classes)
         self.encoder = LRAEncoder(vocab_size, max_len, activation, **kwargs)
         self.head = _head(self.encoder.dim, kwargs.get("mlp_dim", LRA_DEFAULTS["mlp_dim"]), num_classes)
 
@@ -134,6 +140,7 @@ class LRADualClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, max_len: int, num_classes: int, activation="softmax", **kwargs) -> None:
         super().__init__()
+        _checks.positive_int("num_classes", num_classes)
         self.encoder = LRAEncoder(vocab_size, max_len, activation, **kwargs)
         self.head = _head(4 * self.encoder.dim, kwargs.get("mlp_dim", LRA_DEFAULTS["mlp_dim"]), num_classes)
 

@@ -18,11 +18,14 @@ of shape (P, k, 1) and return (P, k, d_out); the MLP has k = 1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..core.activations import ActivationLike
 from ..core.layers import PolyAttention
+from . import _checks
 
 __all__ = [
     "MLPPINN",
@@ -127,10 +130,19 @@ class PINNsFormer(nn.Module):
         d_out: int = 1,
     ) -> None:
         super().__init__()
-        if seq_len < 1:
-            raise ValueError(f"seq_len (the pseudo-sequence length k) must be >= 1, got {seq_len}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len (the pseudo-sequence length k) must be >= 1, got {seq_len!r}")
+        for name, value in (
+            ("d_model", d_model),
+            ("d_ff", d_ff),
+            ("d_hidden", d_hidden),
+            ("num_layers", num_layers),
+            ("d_out", d_out),
+        ):
+            _checks.positive_int(name, value)
+        _checks.heads("d_model", d_model, num_heads)
+        if isinstance(seq_step, bool) or not isinstance(seq_step, (int, float)) or not math.isfinite(seq_step):
+            raise ValueError(f"seq_step (the time shift dt) must be a finite number, got {seq_step!r}")
         self.seq_len = int(seq_len)
         self.seq_step = float(seq_step)
         self.mixer = nn.Linear(2, d_model)
@@ -187,8 +199,10 @@ class MLPPINN(nn.Module):
 
     def __init__(self, hidden: int = 512, num_layers: int = 4, d_out: int = 1) -> None:
         super().__init__()
-        if num_layers < 2:
-            raise ValueError(f"num_layers (linear layers) must be >= 2, got {num_layers}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+            raise ValueError(f"num_layers (linear layers) must be >= 2, got {num_layers!r}")
+        _checks.positive_int("hidden", hidden)
+        _checks.positive_int("d_out", d_out)
         layers: list[nn.Module] = [nn.Linear(2, hidden), nn.Tanh()]
         for _ in range(num_layers - 2):
             layers += [nn.Linear(hidden, hidden), nn.Tanh()]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..core.activations import ActivationLike, get_activation
 from ..core.backends.reference import attention_weights
 from ..core.layers import PolyAttention
+from . import _checks
 from .registry import register_model
 
 __all__ = [
@@ -209,8 +210,17 @@ class ViT(nn.Module):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        # PolyAttention checks heads too, but in its own terms; these name the ViT's arguments.
+        _checks.heads("dim", dim, num_heads)
+        _checks.positive_number("mlp_ratio", mlp_ratio)
+        if int(dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio ({mlp_ratio}) times dim ({dim}) must give an MLP width of at least 1")
+        for name, value in (
+            ("drop_rate", drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            _checks.probability(name, value)
         self.num_classes = num_classes
         self.dim = dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)

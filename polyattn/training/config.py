@@ -18,25 +18,31 @@ import copy
 import difflib
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..core.activations import get_activation
-from ..data.registry import COMMON_DATA_KEYS, dataset_choices, dataset_defaults, list_datasets
+from ..data.registry import COMMON_DATA_KEYS, dataset_checks, dataset_choices, dataset_defaults, list_datasets
 from ..models.registry import TIMM_PREFIX, is_known_model, list_models
 from ..utils.io import read_yaml_mapping
 
 __all__ = [
     "ConfigError",
+    "ConfigSchema",
+    "Key",
+    "apply_overrides",
+    "at_least",
     "default_config",
     "dump_config",
     "get_key",
+    "greater_than",
     "load_config",
     "parse_override",
+    "read_config_file",
     "register_config_section",
     "resolve_config",
 ]
@@ -60,11 +66,11 @@ class Key:
     requirement: str = ""  # words for the error message, e.g. ">= 1"
 
 
-def _ge(lo: float) -> Callable[[Any], bool]:
+def at_least(lo: float) -> Callable[[Any], bool]:
     return lambda v: v >= lo
 
 
-def _gt(lo: float) -> Callable[[Any], bool]:
+def greater_than(lo: float) -> Callable[[Any], bool]:
     return lambda v: v > lo
 
 
@@ -76,35 +82,35 @@ _BUILTIN: dict[str, dict[str, Key]] = {
         "init_from": Key(None, "str", nullable=True),
     },
     "train": {
-        "epochs": Key(10, "int", check=_ge(1), requirement=">= 1"),
-        "batch_size": Key(64, "int", check=_ge(1), requirement=">= 1"),
-        "eval_batch_size": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
-        "lr": Key(1e-3, "float", check=_gt(0), requirement="> 0"),
-        "min_lr": Key(0.0, "float", check=_ge(0), requirement=">= 0"),
-        "weight_decay": Key(0.05, "float", check=_ge(0), requirement=">= 0"),
+        "epochs": Key(10, "int", check=at_least(1), requirement=">= 1"),
+        "batch_size": Key(64, "int", check=at_least(1), requirement=">= 1"),
+        "eval_batch_size": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "lr": Key(1e-3, "float", check=greater_than(0), requirement="> 0"),
+        "min_lr": Key(0.0, "float", check=at_least(0), requirement=">= 0"),
+        "weight_decay": Key(0.05, "float", check=at_least(0), requirement=">= 0"),
         "betas": Key(
             [0.9, 0.999],
             "list",
             check=lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
             requirement="two numbers in [0, 1)",
         ),
-        "eps": Key(1e-8, "float", check=_gt(0), requirement="> 0"),
-        "warmup_epochs": Key(1.0, "float", check=_ge(0), requirement=">= 0"),
-        "warmup_steps": Key(None, "int", nullable=True, check=_ge(0), requirement=">= 0"),
+        "eps": Key(1e-8, "float", check=greater_than(0), requirement="> 0"),
+        "warmup_epochs": Key(1.0, "float", check=at_least(0), requirement=">= 0"),
+        "warmup_steps": Key(None, "int", nullable=True, check=at_least(0), requirement=">= 0"),
         "label_smoothing": Key(0.1, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
-        "grad_clip": Key(1.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
-        "mixup": Key(0.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
-        "cutmix": Key(0.0, "float", check=_ge(0), requirement=">= 0 (0 = off)"),
-        "seed": Key(0, "int", check=_ge(0), requirement=">= 0"),
+        "grad_clip": Key(1.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
+        "mixup": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
+        "cutmix": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
+        "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
         "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16")),
         "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
-        "max_steps": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
-        "eval_every": Key(1, "int", check=_ge(1), requirement=">= 1"),
-        "log_every": Key(10, "int", check=_ge(1), requirement=">= 1"),
-        "num_threads": Key(None, "int", nullable=True, check=_ge(1), requirement=">= 1"),
+        "max_steps": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "eval_every": Key(1, "int", check=at_least(1), requirement=">= 1"),
+        "log_every": Key(10, "int", check=at_least(1), requirement=">= 1"),
+        "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
     },
     "diagnostics": {
-        "every": Key(0, "int", check=_ge(0), requirement=">= 0 (0 = off)"),
+        "every": Key(0, "int", check=at_least(0), requirement=">= 0 (0 = off)"),
     },
 }
 
@@ -170,6 +176,10 @@ def _data_schema(name: str) -> dict[str, Key]:
     keys["root"] = Key(None, "str", nullable=True)
     for k, allowed in choices.items():
         keys[k] = Key(keys[k].default, keys[k].kind, keys[k].nullable, choices=allowed)
+    # The dataset's range checks run at config time too, before any run directory exists.
+    for k, (predicate, requirement) in dataset_checks(name).items():
+        if k in keys:
+            keys[k] = Key(keys[k].default, keys[k].kind, keys[k].nullable, keys[k].choices, predicate, requirement)
     return keys
 
 
@@ -407,13 +417,23 @@ def default_config() -> dict:
     return resolve_config({})
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate."""
-    raw = {} if path is None else _load_file(Path(os.path.expanduser(str(path))))
-    for text in overrides or ():
-        parts, value = parse_override(text)
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The raw mapping of a config file with its ``inherit`` chain merged in (no defaults, no validation)."""
+    return _load_file(Path(os.path.expanduser(str(path))))
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict:
+    """``raw`` with ``a.b=value`` strings (values parsed as YAML) or a ``{"a.b": value}`` mapping applied."""
+    items = (
+        [(k.split("."), v) for k, v in overrides.items()]
+        if isinstance(overrides, Mapping)
+        else [parse_override(text) for text in overrides or ()]
+    )
+    for parts, value in items:
+        if not all(parts):
+            raise ConfigError(f"override {'.'.join(parts)!r}: bad key")
         if parts[0] in META_KEYS:
-            raise ConfigError(f"override {text!r}: {parts[0]!r} cannot be overridden")
+            raise ConfigError(f"override {'.'.join(parts)}: {parts[0]!r} cannot be overridden")
         if (
             parts[0] == "data"
             and len(parts) == 2
@@ -424,7 +444,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raw["data"] = _merge_data(raw["data"], {"name": value})
             continue
         raw = _apply_override(raw, parts, value)
-    return resolve_config(raw)
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict:
+    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate."""
+    raw = {} if path is None else read_config_file(path)
+    return resolve_config(apply_overrides(raw, overrides))
 
 
 def get_key(cfg: dict, dotted: str) -> Any:
@@ -450,3 +476,66 @@ def dump_config(cfg: dict) -> str:
     ordered = {k: cfg[k] for k in order if k in cfg}
     ordered.update({k: v for k, v in cfg.items() if k not in ordered})
     return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+# --- other kinds of config ---------------------------------------------------------
+@dataclass(frozen=True)
+class ConfigSchema:
+    """A kind of config besides the trainer's (PINN runs, benchmarks), with the same file rules.
+
+    The same YAML files, ``inherit`` chains, dotted ``--set`` overrides, typed keys and
+    did-you-mean errors as :func:`load_config`; ``sections`` maps section names to their keys,
+    ``top`` holds top-level keys (such as ``preset``), ``presets`` are partial configs layered
+    between the defaults and the file, ``check`` validates across keys (raise ConfigError), and
+    ``renamed`` maps an old dotted spelling to the current one.
+    """
+
+    kind: str
+    sections: dict[str, dict[str, Key]]
+    top: dict[str, Key] = field(default_factory=dict)
+    presets: dict[str, dict] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, raw: dict | None) -> dict:
+        raw = copy.deepcopy(raw or {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a {self.kind} must be a mapping of sections, got {type(raw).__name__}")
+        for old, new in self.renamed.items():
+            section, _, key = old.partition(".")
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                raise ConfigError(f"{self.kind} key {old} is now called {new}: rename it")
+        allowed = [*self.sections, *self.top, *META_KEYS]
+        for key in raw:
+            if key not in allowed:
+                raise _unknown(str(key), allowed, "")
+        out: dict = {}
+        if raw.get("description") is not None:
+            out["description"] = str(raw["description"])
+        for key, spec in self.top.items():
+            out[key] = _coerce(key, spec, raw.get(key, copy.deepcopy(spec.default)))
+        for name, keys in self.sections.items():
+            out[name] = _resolve_section(name, keys, raw.get(name))
+        if self.check is not None:
+            self.check(out)
+        return out
+
+    def load(
+        self,
+        path: str | os.PathLike | None = None,
+        overrides: Sequence[str] | Mapping[str, Any] = (),
+        preset: str | None = None,
+    ) -> dict:
+        """Defaults < the preset (``preset``, else the one the file or overrides name) < file < overrides."""
+        raw = apply_overrides({} if path is None else read_config_file(path), overrides)
+        if self.presets:
+            name = preset or raw.get("preset") or self.top["preset"].default
+            if name not in self.presets:
+                raise ConfigError(f"preset must be one of {sorted(self.presets)}, got {name!r}")
+            raw = _merge(copy.deepcopy(self.presets[name]), {**raw, "preset": name})
+        return self.resolve(raw)
+
+    def dump(self, cfg: dict) -> str:
+        order = ["description", *self.top, *self.sections]
+        ordered = {k: cfg[k] for k in order if k in cfg}
+        return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)

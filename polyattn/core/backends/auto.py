@@ -141,7 +141,8 @@ def _linear(info: CallInfo, m: MachineRates) -> Estimate:
         ew = ew * 5 / 3
         chunks = math.ceil(n / c) * 2
     t = flops / m.matmul_flops + ew / m.ew_cache + (chunks * (12 + 4 * p) + 20) * m.op_overhead
-    return Estimate(t, f"{f:,} features")
+    # f may be symbolic under torch.compile(dynamic=True), which has no "," format; nobody reads notes there.
+    return Estimate(t, f"{f} features" if torch.compiler.is_compiling() else f"{f:,} features")
 
 
 def _sdpa(info: CallInfo, m: MachineRates) -> Estimate:

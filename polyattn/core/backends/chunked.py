@@ -34,10 +34,12 @@ from .common import (
     Layout,
     causal_block,
     flatten_heads,
+    num_threads,
     refuse_double_backward,
     row_counts,
     row_factors,
     unflatten,
+    values_known,
 )
 
 __all__ = ["chunked_attention", "default_block_sizes"]
@@ -71,7 +73,7 @@ def default_block_sizes(layout: Layout, device: torch.device) -> tuple[int, int]
 
 def tile_group(layout: Layout, bq: int, bk: int, dtype_bytes: int, device: torch.device) -> int:
     """How many heads share one batched tile operation."""
-    budget = _GPU_TILE_BYTES if device.type == "cuda" else _CPU_TILE_BYTES * max(1, torch.get_num_threads())
+    budget = _GPU_TILE_BYTES if device.type == "cuda" else _CPU_TILE_BYTES * max(1, num_threads())
     return max(1, min(layout.bh, budget // max(bq * bk * dtype_bytes, 1)))
 
 
@@ -143,7 +145,14 @@ class Plan:
 
 
 def _mask_summary(mask: BlockSource, i0: int, i1: int, j0: int, j1: int) -> tuple[bool, bool]:
-    """(any allowed, all allowed) over every head for this block."""
+    """(any allowed, all allowed) over every head for this block.
+
+    Without readable values (torch.compile, meta or fake tensors) every block
+    is (True, False): computed with its mask tile, which is what skipping or
+    not masking would have given.
+    """
+    if not values_known(mask.flat):
+        return True, False
     b = mask.flat[:, slice(0, 1) if mask.rows_broadcast else slice(i0, i1),
                   slice(0, 1) if mask.cols_broadcast else slice(j0, j1)]
     return bool(b.any()), bool(b.all())

@@ -17,6 +17,12 @@ import torch
 
 from ..activations import Activation
 
+try:  # private, but the one test that covers every fake-tensor subclass
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - depends on the torch version
+    def _is_fake(t: torch.Tensor) -> bool:
+        return False
+
 __all__ = [
     "BackendUnsupported",
     "BlockSource",
@@ -25,10 +31,12 @@ __all__ = [
     "causal_block",
     "flatten_heads",
     "mask_kind",
+    "num_threads",
     "refuse_double_backward",
     "row_counts",
     "row_factors",
     "unflatten",
+    "values_known",
 ]
 
 
@@ -36,17 +44,41 @@ class BackendUnsupported(ValueError):
     """A backend was asked for a combination of inputs it cannot compute."""
 
 
-def refuse_double_backward(name: str) -> None:
+def refuse_double_backward(name: str, why: str = "") -> None:
     """Called at the top of a custom backward: its gradients carry no graph of their own.
 
     Grad mode is on inside backward only under ``create_graph=True``; returning
     graph-less gradients there would silently drop every second-order term.
+    ``why`` is appended to the backend's name in the message.
     """
     if torch.is_grad_enabled():
         raise RuntimeError(
-            f"backend {name!r} is not twice differentiable (create_graph=True through attention); "
+            f"backend {name!r}{why} is not twice differentiable (create_graph=True through attention); "
             "use backend='reference' for higher derivatives"
         )
+
+
+def values_known(*tensors: torch.Tensor | None) -> bool:
+    """Whether Python may read these tensors' values (``bool(mask.all())`` and the like).
+
+    False while torch.compile traces (reading a value breaks the graph) and for
+    meta and fake tensors, which have no values. Data-dependent shortcuts (such
+    as skipping key blocks that are masked for every query) must then take the
+    general path, which computes the same result.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (t.is_meta or _is_fake(t)) for t in tensors)
+
+
+@torch.compiler.assume_constant_result
+def num_threads() -> int:
+    """``torch.get_num_threads()``, which dynamo cannot put in a graph.
+
+    It only sizes tiles, so under torch.compile the value at trace time is
+    baked into the graph instead of breaking it.
+    """
+    return torch.get_num_threads()
 
 
 def batch_shape(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -69,7 +101,8 @@ def flatten_heads(
     def flat(t: torch.Tensor) -> torch.Tensor:
         if tuple(t.shape[:-2]) != batch:
             t = t.expand(*batch, *t.shape[-2:])
-        return t.reshape(-1, *t.shape[-2:]).contiguous()
+        # An explicit BH, not -1: reshape cannot infer -1 for an empty tensor (B = 0 or dv = 0).
+        return t.reshape(math.prod(batch), *t.shape[-2:]).contiguous()
 
     return flat(q), flat(k), flat(v), batch
 

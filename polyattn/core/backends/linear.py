@@ -58,12 +58,34 @@ _GLOBAL_CHUNK = 128
 
 def feature_count(d: int, p: int) -> int:
     """C(d + p - 1, p): the number of symmetric degree-p features of a d-vector."""
-    return math.comb(d + p - 1, p)
+    # The product form of math.comb, since d may be a symbolic size under torch.compile:
+    # after step i, c = C(d - 1 + i, i), an integer, so every division is exact.
+    c = 1
+    for i in range(1, p + 1):
+        c = c * (d - 1 + i) // i
+    return c
+
+
+def _feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, F) index table (row t: the t-th index of each multiset) and the multinomial coefficients (F,)."""
+    if torch.compiler.is_compiling():
+        # d may be symbolic (torch.compile(dynamic=True)), which dynamo cannot hand to
+        # assume_constant_result; iterating range(d) specialises it (with a guard on
+        # its value): the tables exist per d anyway. (Dynamo reports a SymInt as an
+        # int to isinstance, so this cannot test for one.)
+        d = len(list(range(d)))
+    return _constant_feature_tables(d, p)
+
+
+@torch.compiler.assume_constant_result
+def _constant_feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Under torch.compile the tables become graph constants instead of dynamo
+    # tracing the Python loop over all F multisets (47,905 for d = 64, p = 3).
+    return _build_feature_tables(d, p)
 
 
 @lru_cache(maxsize=32)
-def _feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, F) index table (row t: the t-th index of each multiset) and the multinomial coefficients (F,)."""
+def _build_feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     combos = list(itertools.combinations_with_replacement(range(d), p))
     idx = torch.tensor(combos, dtype=torch.long).T.contiguous()
     coefs = []
@@ -100,7 +122,7 @@ class _Monomials:
         idx, coef = _feature_tables(d, p)
         self.idx = [idx[t].to(device) for t in range(p)]
         self.coef = coef.to(device=device, dtype=dtype).view(1, -1, 1)
-        self.count = idx.shape[1]
+        self.count = feature_count(d, p)  # idx.shape[1], which dynamo cannot read off a constant
 
     def _columns(self, xt: torch.Tensor) -> list[torch.Tensor]:
         return [xt.index_select(1, i) for i in self.idx]

@@ -6,6 +6,14 @@ those rows are unmasked before the call and zeroed after it, which also keeps
 NaN out of the gradients); ``bias`` and ``attn_mask`` may be given together;
 ``causal`` combines with a mask (SDPA takes one or the other, so the two are
 merged into one (Nq, Nk) mask).
+
+SDPA's fused kernels (FlashAttention, memory-efficient, cuDNN, and the CPU
+flash kernel) are differentiable once; its math kernel (taken e.g. for a bias
+that requires grad, or dropout on CPU) twice. A double backward through a
+fused kernel fails in PyTorch with "derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+implemented", which does not say what to do, so the first backward under
+``create_graph=True`` raises polyattn's "use backend='reference'" instead.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch.nn.functional as F
 
 from ..activations import Activation
 from ..masking import combine_masks
-from .common import BackendUnsupported, batch_shape
+from .common import BackendUnsupported, batch_shape, refuse_double_backward
 
 __all__ = ["sdpa_attention", "sdpa_unsupported_reason"]
 
@@ -24,6 +32,62 @@ def sdpa_unsupported_reason(activation: Activation) -> str | None:
     if not activation.is_softmax:
         return f"SDPA computes softmax only, not {activation.spec!r}"
     return None
+
+
+class _KernelSeen:
+    """Filled in after the SDPA call: whether it ran a fused (once-differentiable) kernel."""
+
+    fused = False
+
+
+class _GuardDoubleBackward(torch.autograd.Function):
+    """Identity on the inputs of SDPA; its backward runs after SDPA's.
+
+    On the inputs, not the output, so that no view made by a custom Function
+    reaches the caller (in-place ops on those are forbidden).
+    """
+
+    @staticmethod
+    def forward(ctx, seen: _KernelSeen, *tensors: torch.Tensor):
+        ctx.seen = seen
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.seen.fused:
+            refuse_double_backward("sdpa", " (a fused SDPA kernel ran)")
+        return (None, *grads)
+
+
+def _is_fused(out: torch.Tensor) -> bool:
+    # The fused kernels are single autograd nodes named ScaledDotProduct*Backward
+    # (Flash, Efficient, Cudnn, FlashAttentionForCpu); the math kernel is
+    # decomposed into ordinary, twice differentiable ops.
+    return out.grad_fn is not None and type(out.grad_fn).__name__.startswith("ScaledDotProduct")
+
+
+def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale) -> torch.Tensor:
+    """F.scaled_dot_product_attention, refusing a double backward through a fused kernel with a hint."""
+    # Compiled graphs have no double backward at all (AOTAutograd says so), and
+    # inspecting grad_fn is not traceable: the guard is for eager calls only.
+    guard = (
+        torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        and any(t.requires_grad for t in (q, k, v))
+    )
+    if not guard:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    seen = _KernelSeen()
+    # One guard output per distinct tensor: self-attention may pass q is k is v.
+    distinct = list({id(t): t for t in (q, k, v) if t.requires_grad}.values())
+    guarded = dict(zip((id(t) for t in distinct), _GuardDoubleBackward.apply(seen, *distinct), strict=True))
+    q, k, v = (guarded.get(id(t), t) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+    seen.fused = _is_fused(out)
+    return out
 
 
 def sdpa_attention(
@@ -57,9 +121,7 @@ def sdpa_attention(
     if bias is not None:
         b = bias.to(q.dtype)
         sdpa_mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal, scale=scale
-    )
+    out = _sdpa(q, k, v, sdpa_mask, dropout_p, causal, scale)
     if has_any is not None:
         out = out.masked_fill(~has_any, 0.0)
     return out

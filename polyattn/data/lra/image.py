@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..cifar import load_cifar_arrays
-from ..registry import DataBundle, register_dataset
+from ..errors import DatasetError
+from ..registry import DataBundle, in_range, register_dataset
 from .common import FixedLengthDataset, majority_fraction
 
 __all__ = ["grayscale_tokens", "load_cifar_gray"]
@@ -35,6 +36,11 @@ def load_cifar_gray(root, train_fraction: float = 0.9) -> dict[str, FixedLengthD
     train_x = grayscale_tokens(arrays.train_x.numpy())
     train_y = arrays.train_y.numpy()
     cut = int(round(train_fraction * len(train_y)))
+    if not 0 < cut < len(train_y):
+        raise DatasetError(
+            f"data.train_fraction={train_fraction!r} of the {len(train_y)} CIFAR-10 training images leaves the "
+            f"{'training' if cut <= 0 else 'validation'} split empty; use a fraction in (0, 1) such as 0.9"
+        )
     return {
         "train": FixedLengthDataset(train_x[:cut], train_y[:cut]),
         "val": FixedLengthDataset(train_x[cut:], train_y[cut:]),
@@ -42,11 +48,9 @@ def load_cifar_gray(root, train_fraction: float = 0.9) -> dict[str, FixedLengthD
     }
 
 
-@register_dataset("lra_image", {"train_fraction": 0.9})
+@register_dataset("lra_image", {"train_fraction": 0.9}, checks={"train_fraction": in_range(0, 1)})
 def build_lra_image(cfg: dict, seed: int) -> DataBundle:
     frac = float(cfg["train_fraction"])
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"data.train_fraction must be in (0, 1), got {frac!r}")
     splits = load_cifar_gray(cfg["root"], frac)
     return DataBundle(
         train=splits["train"],

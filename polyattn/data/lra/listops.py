@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..registry import DataBundle, register_dataset
+from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
+from ..registry import DataBundle, int_at_least, register_dataset
 from .common import SequenceDataset, TokenStore, bar_disabled, cached_dir, majority_fraction
 
 __all__ = [
@@ -62,6 +62,10 @@ ROOT/   (e.g. lra_release/listops-1000/)
 """
 _GENERATE_HINT = (
     "generate it with: polyattn data listops --out DIR   (or leave data.root unset to generate into the cache)"
+)
+_REGENERATE_HINT = (
+    "regenerate the files with: polyattn data listops --out DIR   (or leave data.root unset to generate into "
+    "the cache), or restore them from the LRA release"
 )
 
 # Token ids: 0 = padding, digits 1-10, operators 11-16, "]" 17. FIRST and LAST are
@@ -186,12 +190,13 @@ def write_listops(
     progress: bool | None = None,
 ) -> dict[str, Path]:
     """Generate the three splits (mutually unique) into ``out_dir`` as the official TSV files."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     for split, k in sizes.items():
-        if not isinstance(k, int) or k < 0:
-            raise ValueError(f"the number of {split} samples must be an int >= 0, got {k!r}")
+        # An empty split file is refused when loaded, so refuse to write one.
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"the number of {split} samples must be an int >= 1, got {k!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stream = generate_listops(sum(sizes.values()), seed, min_length, max_length, max_depth, max_args)
     paths = {}
     with tqdm(total=sum(sizes.values()), desc="listops", unit="sample", disable=bar_disabled(progress)) as bar:
@@ -274,10 +279,15 @@ def read_listops_tsv(
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
+        if header is None:
+            raise DatasetFormatError.for_path(
+                path, LISTOPS_LAYOUT, _REGENERATE_HINT, problem="empty ListOps file (not even the header line)"
+            )
         if header != ["Source", "Target"]:
             raise DatasetFormatError.for_path(
                 path,
                 LISTOPS_LAYOUT,
+                _REGENERATE_HINT,
                 problem=f"malformed ListOps file (first line must be 'Source<TAB>Target', got {header!r})",
             )
         for row in reader:
@@ -286,18 +296,31 @@ def read_listops_tsv(
             line = reader.line_num
             if len(row) != 2:
                 raise DatasetFormatError.for_path(
-                    path, LISTOPS_LAYOUT, problem=f"malformed ListOps file (line {line}: {len(row)} fields, expected 2)"
+                    path,
+                    LISTOPS_LAYOUT,
+                    _REGENERATE_HINT,
+                    problem=f"malformed ListOps file (line {line}: {len(row)} fields, expected 2)",
                 )
             try:
                 label = int(row[1])
                 if not 0 <= label <= 9:
                     raise ValueError(f"target {label} is not a digit")
-                seqs.append(tokenize_listops(row[0], tokens))
+                ids = tokenize_listops(row[0], tokens)
+                if not ids.size:
+                    # An all-padding sequence would train as noise, not fail.
+                    raise ValueError("empty expression" if not row[0].strip() else f"no tokens in {row[0]!r}")
+                seqs.append(ids)
             except ValueError as e:
                 raise DatasetFormatError.for_path(
-                    path, LISTOPS_LAYOUT, problem=f"malformed ListOps file (line {line}: {e})"
+                    path, LISTOPS_LAYOUT, _REGENERATE_HINT, problem=f"malformed ListOps file (line {line}: {e})"
                 ) from None
             labels.append(label)
+    if not labels:
+        # Without this an empty train split trains 0 steps and still reports a test accuracy.
+        what = "no lines were read (limit 0)" if limit == 0 else "only the header line, no examples"
+        raise DatasetFormatError.for_path(
+            path, LISTOPS_LAYOUT, _REGENERATE_HINT, problem=f"empty ListOps file ({what})"
+        )
     return TokenStore.from_sequences(seqs), np.asarray(labels, dtype=np.int64)
 
 
@@ -340,7 +363,25 @@ _DEFAULTS = {
 }
 
 
+_CHECKS = {
+    "max_len": int_at_least(1),
+    # with data.root these cap the lines read, so 0 would mean an empty split
+    "num_train": int_at_least(1),
+    "num_val": int_at_least(1),
+    "num_test": int_at_least(1),
+    "gen_min_length": int_at_least(0),
+    "gen_max_length": int_at_least(3),
+    "gen_max_depth": int_at_least(1),
+    "gen_max_args": int_at_least(2),
+}
+
+
 def _generated_root(cfg: dict) -> Path:
+    if not cfg["gen_min_length"] < cfg["gen_max_length"] - 1:
+        raise DatasetError(
+            f"data.gen_min_length ({cfg['gen_min_length']}) must be less than data.gen_max_length - 1 "
+            f"({cfg['gen_max_length'] - 1}): lengths lie strictly between the two"
+        )
     params = {
         "format": 1,
         "seed": int(cfg["seed"]),
@@ -364,7 +405,7 @@ def _generated_root(cfg: dict) -> Path:
     return cached_dir("listops", params, generate)
 
 
-@register_dataset("lra_listops", _DEFAULTS, {"tokens": ("lra", "brackets")})
+@register_dataset("lra_listops", _DEFAULTS, {"tokens": ("lra", "brackets")}, _CHECKS)
 def build_lra_listops(cfg: dict, seed: int) -> DataBundle:
     """ListOps from ``data.root`` (official TSV files), or generated into the cache when root is unset.
 

@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..registry import DataBundle, register_dataset
+from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
+from ..registry import DataBundle, int_at_least, register_dataset
 from .common import FixedLengthDataset, bar_disabled, cached_dir, majority_fraction, split_indices
 
 __all__ = [
@@ -491,6 +491,13 @@ def load_pathfinder(
     images, labels, info = read_pathfinder(root, difficulty, limit, progress)
     tokens = images.reshape(len(images), -1)
     parts = split_indices(len(labels), (0.8, 0.1, 0.1), seed)
+    empty = [name for name, idx in zip(("train", "val", "test"), parts, strict=True) if not len(idx)]
+    if empty:
+        raise DatasetError(
+            f"Pathfinder: {len(labels)} readable images in {info['level']} leave the {' and '.join(empty)} "
+            "split(s) of the 80/10/10 split empty; use at least 10 images (raise data.num_images, or "
+            "generate more with: polyattn data pathfinder --out DIR)"
+        )
     splits = {
         name: FixedLengthDataset(tokens[idx], labels[idx])
         for name, idx in zip(("train", "val", "test"), parts, strict=True)
@@ -524,7 +531,17 @@ def _generated_root(cfg: dict) -> Path:
     return cached_dir("pathfinder", params, generate) / level_folder(spec.contour_length)
 
 
-@register_dataset("lra_pathfinder", _DEFAULTS, {"difficulty": tuple(DIFFICULTIES)})
+_CHECKS = {
+    # the 80/10/10 split needs 10 images for a non-empty test split
+    "num_images": int_at_least(10),
+    "image_size": int_at_least(8),
+    "gen_contour_length": int_at_least(1, nullable=True),
+    "gen_num_distractors": int_at_least(0, nullable=True),
+    "gen_workers": int_at_least(0),
+}
+
+
+@register_dataset("lra_pathfinder", _DEFAULTS, {"difficulty": tuple(DIFFICULTIES)}, _CHECKS)
 def build_lra_pathfinder(cfg: dict, seed: int) -> DataBundle:
     """Pathfinder from ``data.root`` (release layout), or generated into the cache when root is unset."""
     if cfg["root"]:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..registry import DataBundle, register_dataset
+from ..registry import DataBundle, int_at_least, register_dataset
 from .common import PairDataset, TokenStore, bar_disabled, majority_fraction
 
 __all__ = ["AAN_LAYOUT", "AAN_FILES", "read_aan_tsv", "load_aan"]
@@ -33,6 +33,7 @@ ROOT/   (e.g. lra_release/tsv_data/)
   new_aan_pairs.test.tsv
 """
 _HINT = "get the LRA release (lra_release.gz, tsv_data/ folder), then set --data DIR / data.root=DIR"
+_FIX_HINT = "restore the file from the LRA release (lra_release.gz, tsv_data/ folder)"
 
 
 def read_aan_tsv(
@@ -59,13 +60,20 @@ def read_aan_tsv(
                 label = float(fields[0])
                 if label not in (0.0, 1.0):
                     raise ValueError(f"label {fields[0].decode(errors='replace')!r} is not 0 or 1")
+                for k in (3, 4):
+                    if not fields[k].strip():
+                        raise ValueError(f"empty text of document {k - 2} (field {k + 1})")
             except ValueError as e:
                 raise DatasetFormatError.for_path(
-                    path, AAN_LAYOUT, problem=f"malformed AAN pairs file (line {line_no}: {e})"
+                    path, AAN_LAYOUT, _FIX_HINT, problem=f"malformed AAN pairs file (line {line_no}: {e})"
                 ) from None
             first.append(np.frombuffer(fields[3][:max_len], dtype=np.uint8))
             second.append(np.frombuffer(fields[4][:max_len], dtype=np.uint8))
             labels.append(int(label))
+    if not labels:
+        # An empty split would train 0 steps or score on nothing, and still exit 0.
+        what = "no lines were read (limit 0)" if limit == 0 else "no pairs"
+        raise DatasetFormatError.for_path(path, AAN_LAYOUT, _FIX_HINT, problem=f"empty AAN pairs file ({what})")
     return TokenStore.from_sequences(first), TokenStore.from_sequences(second), np.asarray(labels, dtype=np.int64)
 
 
@@ -88,7 +96,11 @@ def load_aan(
     return out
 
 
-@register_dataset("lra_retrieval", {"max_len": 4000, "num_train": 0, "num_val": 0, "num_test": 0})
+@register_dataset(
+    "lra_retrieval",
+    {"max_len": 4000, "num_train": 0, "num_val": 0, "num_test": 0},
+    checks={"max_len": int_at_least(1), **{f"num_{s}": int_at_least(0) for s in ("train", "val", "test")}},
+)
 def build_lra_retrieval(cfg: dict, seed: int) -> DataBundle:
     """AAN pairs from ``data.root``; num_* > 0 reads only that many pairs of a split (0 = all)."""
     max_len = int(cfg["max_len"])

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DatasetNotFoundError
-from ..registry import DataBundle, register_dataset
+from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
+from ..registry import DataBundle, in_range, int_at_least, register_dataset
 from .common import SequenceDataset, TokenStore, bar_disabled, majority_fraction, split_indices
 
 __all__ = ["IMDB_LAYOUT", "read_imdb_split", "load_imdb"]
@@ -67,7 +67,13 @@ def read_imdb_split(folder: Path, max_len: int, progress: bool | None = None) ->
         files, desc=f"imdb {folder.name}", unit="file", disable=bar_disabled(progress), leave=False
     ):
         with open(p, "rb") as f:
-            seqs.append(np.frombuffer(f.read(max_len), dtype=np.uint8))
+            seq = np.frombuffer(f.read(max_len), dtype=np.uint8)
+        if not seq.size:
+            # An empty review is an all-padding sequence: a label with nothing to learn it from.
+            raise DatasetFormatError.for_path(
+                p, IMDB_LAYOUT, f"delete the file or restore it from aclImdb_v1.tar.gz; {_HINT}", problem="empty review"
+            )
+        seqs.append(seq)
         labels.append(label)
     return TokenStore.from_sequences(seqs), np.asarray(labels, dtype=np.int64)
 
@@ -82,7 +88,15 @@ def load_imdb(
     test = SequenceDataset(test_store, test_y, max_len, shift=1)
     if val_fraction <= 0:
         return {"train": SequenceDataset(train_store, train_y, max_len, shift=1), "val": test, "test": None}
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
     tr, va = split_indices(len(train_y), (1 - val_fraction, val_fraction), seed)
+    if not len(tr) or not len(va):
+        raise DatasetError(
+            f"data.val_fraction={val_fraction!r} of the {len(train_y)} training reviews in {path / 'train'} "
+            f"leaves the {'validation' if not len(va) else 'training'} split empty; use a smaller fraction, "
+            "or 0 to validate on the test set"
+        )
     return {
         "train": SequenceDataset(train_store.subset(tr), train_y[tr], max_len, shift=1),
         "val": SequenceDataset(train_store.subset(va), train_y[va], max_len, shift=1),
@@ -90,11 +104,13 @@ def load_imdb(
     }
 
 
-@register_dataset("lra_text", {"max_len": 1000, "val_fraction": 0.0})
+@register_dataset(
+    "lra_text",
+    {"max_len": 1000, "val_fraction": 0.0},
+    checks={"max_len": int_at_least(1), "val_fraction": in_range(0, 1, lo_closed=True)},
+)
 def build_lra_text(cfg: dict, seed: int) -> DataBundle:
     frac = float(cfg["val_fraction"])
-    if not 0.0 <= frac < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {frac!r}")
     max_len = int(cfg["max_len"])
     splits = load_imdb(cfg["root"], max_len, frac, int(cfg["seed"]))
     evaluation = splits["test"] or splits["val"]
