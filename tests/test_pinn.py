@@ -42,10 +42,10 @@ TINY = {
     "model.d_ff": 8,
     "model.d_hidden": 8,
     "model.mlp_hidden": 8,
-    "train.steps": 2,
+    "train.max_steps": 2,
     "train.lbfgs_max_iter": 3,
     "train.checkpoint_every": 1,
-    "train.threads": 1,
+    "train.num_threads": 1,
 }
 
 
@@ -274,16 +274,16 @@ def test_config_layers_and_errors(tmp_path):
     assert quick["preset"] == "quick" and quick["data"]["train_grid"] == [17, 17]
     assert quick["data"]["test_grid"] == [101, 101]
     f = tmp_path / "c.yaml"
-    f.write_text("pde: {name: wave}\nmodel: {activation: 'x^3/sqrt(N)'}\ntrain: {steps: 7}\n")
-    cfg = resolve_pinn_config(f, {"train.steps": 3, "pde.params.beta": 4})
-    assert (cfg["pde"]["name"], cfg["model"]["activation"], cfg["train"]["steps"]) == (
+    f.write_text("pde: {name: wave}\nmodel: {activation: 'x^3/sqrt(N)'}\ntrain: {max_steps: 7}\n")
+    cfg = resolve_pinn_config(f, {"train.max_steps": 3, "pde.params.beta": 4})
+    assert (cfg["pde"]["name"], cfg["model"]["activation"], cfg["train"]["max_steps"]) == (
         "wave",
         "x^3/sqrt(N)",
         3,
     )
     assert cfg["pde"]["params"] == {"beta": 4}
     assert parse_set(["a.b=[1, 2]", "c=x^3"]) == {"a.b": [1, 2], "c": "x^3"}
-    with pytest.raises(ValueError, match="unknown config key 'train.epochs'.*steps"):
+    with pytest.raises(ValueError, match="unknown config key train.epochs.*steps"):
         resolve_pinn_config(None, {"train.epochs": 3})
     with pytest.raises(ValueError, match="x\\^"):
         resolve_pinn_config(None, {"model.activation": "cubic"})
@@ -317,7 +317,7 @@ def _params(model):
 
 
 def test_training_is_seeded_and_resume_is_exact(tmp_path):
-    cfg = tiny_cfg(**{"pde.name": "convection", "model.activation": "x^3/sqrt(N)", "train.steps": 3})
+    cfg = tiny_cfg(**{"pde.name": "convection", "model.activation": "x^3/sqrt(N)", "train.max_steps": 3})
     a = run_pinn(cfg, tmp_path / "a", progress=False, plots=False)
     b = run_pinn(cfg, tmp_path / "b", progress=False, plots=False)
     assert a["rMAE"] == b["rMAE"] and a["final_loss"] == b["final_loss"]
@@ -328,7 +328,7 @@ def test_training_is_seeded_and_resume_is_exact(tmp_path):
 
     other = run_pinn(
         tiny_cfg(
-            **{"pde.name": "convection", "model.activation": "x^3/sqrt(N)", "train.steps": 3, "train.seed": 1}
+            **{"pde.name": "convection", "model.activation": "x^3/sqrt(N)", "train.max_steps": 3, "train.seed": 1}
         ),
         tmp_path / "c",
         progress=False,
@@ -337,7 +337,7 @@ def test_training_is_seeded_and_resume_is_exact(tmp_path):
     assert other["rMAE"] != a["rMAE"]
 
     # 1 step, then resume to 3: the same weights as 3 steps in one go.
-    short = dict(cfg, train={**cfg["train"], "steps": 1})
+    short = dict(cfg, train={**cfg["train"], "max_steps": 1})
     run_pinn(short, tmp_path / "r", progress=False, plots=False)
     resumed = run_pinn(cfg, tmp_path / "r", resume=True, progress=False, plots=False)
     assert resumed["steps"] == 3 and resumed["final_loss"] == a["final_loss"]
@@ -396,7 +396,7 @@ def test_cli_end_to_end(tmp_path, capsys):
             "--no-progress",
             "--steps",
             "1",
-            *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items() if k != "train.steps"],
+            *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items() if k != "train.max_steps"],
         ]
     )
     assert rc == 0

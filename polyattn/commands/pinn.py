@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from . import add_set_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,42 +30,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--optimizer", choices=["lbfgs", "adam"], help="L-BFGS with strong Wolfe (default) or Adam"
     )
     p.add_argument(
-        "--steps", type=int, help="optimizer steps (L-BFGS: each up to train.lbfgs_max_iter iterations)"
+        "--steps",
+        type=int,
+        help="train.max_steps: optimizer steps (L-BFGS: each up to train.lbfgs_max_iter iterations)",
     )
     p.add_argument("--seed", type=int, help="seed for the initial weights")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set data.train_grid=[31,31] --set pde.params.beta=30",
-    )
+    add_set_argument(p, "data.train_grid=[31,31] pde.params.beta=30")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")
-    p.add_argument("--threads", type=int, help="torch CPU threads (train.threads; --quick uses 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (train.num_threads; --quick uses 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    from ..experiments.pinn import parse_set
-
-    over = parse_set(args.set)
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set strings, then the flags (as dotted overrides: they win)."""
+    over = list(args.overrides)
     for flag, key in (
         ("pde", "pde.name"),
         ("activation", "model.activation"),
         ("model", "model.name"),
         ("optimizer", "train.optimizer"),
-        ("steps", "train.steps"),
+        ("steps", "train.max_steps"),
         ("seed", "train.seed"),
-        ("threads", "train.threads"),
+        ("threads", "train.num_threads"),
     ):
         value = getattr(args, flag)
         if value is not None:
-            over[key] = value
+            over.append(f"{key}={json.dumps(value)}")
     return over
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments.pinn import compare_runs, resolve_pinn_config, run_pinn, summary_row
+    from ..training.checkpoint import divergence_advice
 
     if args.compare:
         try:
@@ -83,12 +82,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {args.out}/checkpoints/last.pt keeps the last checkpoint (every "
+            f"train.checkpoint_every={cfg['train']['checkpoint_every']} steps); continue with the same "
+            "command plus --resume",
+            file=sys.stderr,
+        )
+        return 130
     print(summary_row(metrics))
     if metrics["diverged"]:
+        advice = divergence_advice(metrics["activation"])
         print(
-            "training stopped: the loss became non-finite. Try a scaled activation "
-            "(e.g. 'x^3/sqrt(N)'), --optimizer adam with a smaller --set train.lr=..., or another --seed. "
-            f"Details in {args.out}/metrics.json",
+            f"training stopped: the loss became non-finite. Try {advice}--optimizer adam with a smaller "
+            f"--set train.lr=..., or another --seed. Details in {args.out}/metrics.json",
             file=sys.stderr,
         )
         return 1

@@ -30,7 +30,6 @@ import ctypes
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,12 @@ from ..core.activations import get_activation
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.functional import attention
+from ..utils.machine import machine_line
 
 __all__ = [
     "BenchConfig",
     "QUICK",
     "format_table",
-    "machine_description",
     "run_bench",
 ]
 
@@ -136,22 +135,6 @@ def _is_number(text: str) -> bool:
 
 # The --quick grid: the headline shape (d = 64, x^3) at three lengths.
 QUICK: dict[str, Any] = {"ns": [256, 1024, 4096], "ds": [64], "ps": [3], "repeats": 2}
-
-
-def machine_description(device: str) -> str:
-    if device == "cuda" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {threads} torch threads, torch {torch.__version__}"
 
 
 # --------------------------------------------------------------------------
@@ -383,7 +366,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, progre
                 if src["key"] in mem:
                     c.update({f"memory_{k}" if k == "error" else k: v for k, v in mem[src["key"]].items()})
         _add_ratios(cases)
-        machine = machine_description(cfg.device)
+        machine = machine_line(cfg.device)
     finally:
         torch.set_num_threads(old_threads)
     results = {

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.layers import PolyAttention
-from .bench import machine_description
+from ..utils.machine import machine_line
 
 __all__ = ["ModelBenchConfig", "format_model_table", "run_model_bench"]
 
@@ -160,7 +160,7 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
             times = row["step_times_s"]
             row["imgs_per_s"] = cfg.batch_size / min(times)
             row["imgs_per_s_median"] = cfg.batch_size / statistics.median(times)
-        machine = machine_description(device.type)
+        machine = machine_line(device.type)
     finally:
         torch.set_num_threads(old_threads)
         runners.clear()

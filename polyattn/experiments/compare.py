@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -39,6 +37,7 @@ from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config
 from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
+from ..utils.machine import machine_info
 from .report import compare_markdown, fmt_pct, format_table, write_compare_figures
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "compare",
     "format_table",
     "json_safe",
-    "machine_info",
     "mean_std",
     "parse_activations",
     "parse_seeds",
@@ -382,18 +380,6 @@ def summarize(records: Sequence[dict], activations: Sequence[str]) -> list[dict]
             }
         )
     return rows
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def relative_path(path: str | os.PathLike, root: Path) -> str:

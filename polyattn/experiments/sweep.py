@@ -25,12 +25,12 @@ from typing import Any
 from ..core.activations import get_activation
 from ..training.config import load_config
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
+from ..utils.machine import machine_info
 from .compare import (
     CompareError,
     GridRun,
     base_overrides,
     json_safe,
-    machine_info,
     mean_std,
     parse_seeds,
     plan_runs,

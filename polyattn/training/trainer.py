@@ -16,7 +16,7 @@ after the checkpoint, and continues so that the result is bitwise the run
 that was never interrupted (CPU; the sampler order depends only on the seed
 and the epoch, the RNG states come from the checkpoint). Config changes on
 resume are applied (optimizer settings, schedule, step budget, logging) or
-refused (model, data, batch size, seed, amp: see ``config_changes``); applied
+refused (model, data, batch size, seed, amp: see ``_fixed_on_resume``); applied
 ones are recorded as a "resume" row with the step they took effect at.
 """
 
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from ..data.registry import DataBundle, build_dataset
 from ..models.registry import create_model
 from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
-from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError, RunDirLock
+from .checkpoint import CHECKPOINT, config_changes, divergence_advice, read_checkpoint, refuse_changes
 from .config import ConfigError, dump_config, resolve_config
 from .distributed import (
     DistEnv,
@@ -55,9 +55,6 @@ from .distributed import (
 )
 
 __all__ = ["train", "load_run", "build_model", "lr_at", "RunDirError", "RunExistsError", "TrainingInterrupted"]
-
-CHECKPOINT = Path("checkpoints") / "last.pt"
-
 
 class RunExistsError(RunDirError):
     """The output directory already holds a run and ``resume`` was not asked for."""
@@ -94,34 +91,13 @@ _RESUME_FREE_DATA = ("root", "num_workers")
 _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps")
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k != "overrides":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(old: dict, new: dict) -> tuple[dict[str, list], dict[str, list]]:
-    """(changes a resume applies, changes it refuses) between a checkpoint's config and a new one.
-
-    Each maps a dotted key to [old, new]. ``model.overrides`` counts as one key.
-    """
-    a, b = _flat(old), _flat(new)
-    applied, refused = {}, {}
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key):
-            continue
-        section, _, name = key.partition(".")
-        fixed = (
-            section == "model"
-            or (section == "data" and name not in _RESUME_FREE_DATA)
-            or (section == "train" and name in _RESUME_FIXED_TRAIN)
-        )
-        (refused if fixed else applied)[key] = [a.get(key), b.get(key)]
-    return applied, refused
+def _fixed_on_resume(key: str) -> bool:
+    section, _, name = key.partition(".")
+    return (
+        section == "model"
+        or (section == "data" and name not in _RESUME_FREE_DATA)
+        or (section == "train" and name in _RESUME_FIXED_TRAIN)
+    )
 
 
 # --- model and data -------------------------------------------------------------
@@ -428,15 +404,7 @@ def _divergence_message(
         if last_good
         else "no checkpoint was written yet (it diverged in the first epoch)"
     )
-    if act == "softmax":
-        advice = ""
-    elif "/" in act:
-        advice = "a larger divisor in the activation, "
-    else:
-        advice = (
-            "a scaled activation (e.g. x^3/sqrt(N) or x^3/16: unscaled powers grow with the sequence "
-            "length), "
-        )
+    advice = divergence_advice(act)
     clipping = (
         f"a smaller train.grad_clip (it is {clip:g} now)" if clip > 0 else "train.grad_clip > 0 (it is off now)"
     )
@@ -483,7 +451,7 @@ class _Run:
         self.run_dir, self.lock = _open_run_dir(cfg, out_dir, resume, env)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
         self.resume = resume
-        self.config_changes: list[dict] = []
+        self.resume_rows: list[dict] = []
 
     def log(self, text: str) -> None:
         if self.env.is_main:
@@ -544,36 +512,12 @@ class _Run:
         self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
         self.last_good_epoch: int | None = None
 
-    def _read_checkpoint(self, path: Path) -> dict:
-        if not path.is_file():
-            raise RunDirError(
-                f"cannot resume {self.run_dir}: {path} not found (the run stopped before its first "
-                f"checkpoint, or the file was removed); start the run again without --resume, or train "
-                "into a new --out"
-            )
-        return load_checkpoint(
-            path,
-            ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"),
-            f"cannot resume {self.run_dir}: delete {path.parent} to start this run again from step 0, "
-            "or train into a new --out",
-        )
-
-    def _check_changes(self, ckpt: dict) -> dict[str, list]:
-        """Refuse config changes a resume cannot honour; return those it applies (key -> [old, new])."""
-        applied, refused = config_changes(ckpt["config"], self.cfg)
-        if refused:
-            listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-            raise RunDirError(
-                f"cannot resume {self.run_dir}: the config differs from the one its checkpoint was trained "
-                f"with in keys a resume cannot change:\n  {listed}\n"
-                f"undo these changes (--set, or restore {self.run_dir / 'config.yaml'}), "
-                "or start a new run with another --out"
-            )
-        return applied
-
     def restore(self) -> None:
-        ckpt = self._read_checkpoint(self.run_dir / CHECKPOINT)
-        applied = self._check_changes(ckpt)
+        ckpt = read_checkpoint(
+            self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config")
+        )
+        applied, refused = config_changes(ckpt["config"], self.cfg, _fixed_on_resume)
+        refuse_changes(self.run_dir, refused)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -601,11 +545,11 @@ class _Run:
             seed_everything(self.tc["seed"] + 7919 * self.env.rank + self.epoch)
         self.metrics.truncate_to(self.epoch, self.step)
         if self.env.is_main and self.metrics.path.exists():
-            self.config_changes = [r for r in read_jsonl(self.metrics.path) if r.get("kind") == "resume"]
+            self.resume_rows = [r for r in read_jsonl(self.metrics.path) if r.get("kind") == "resume"]
         if applied:
             row = {"kind": "resume", "epoch": self.epoch, "step": self.step, "changed": applied}
             self.metrics.write([row])
-            self.config_changes.append(row)
+            self.resume_rows.append(row)
             listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in applied.items())
             self.log(f"resuming with changed config keys, in force from step {self.step}:\n  {listed}")
         self.log(f"resumed {self.run_dir} at epoch {self.epoch}, step {self.step}")
@@ -824,7 +768,7 @@ class _Run:
             "amp": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "time_s": time.perf_counter() - t_start,
             # What --resume --set changed, with the step each change took effect (config.yaml is the final config).
-            "config_changes": [{k: r[k] for k in ("epoch", "step", "changed")} for r in self.config_changes],
+            "config_changes": [{k: r[k] for k in ("epoch", "step", "changed")} for r in self.resume_rows],
             "data": self.bundle.info,
         }
 

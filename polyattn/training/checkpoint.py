@@ -1,0 +1,83 @@
+"""Checkpoints and resume rules shared by every training loop (the trainer, the PINN loop).
+
+A resume reads ``RUN/checkpoints/last.pt`` and compares the config stored in it (what actually
+ran) with the config asked for now: each changed key is either applied from the current step on
+or refused, by a rule each loop states. Missing, truncated and foreign checkpoints, and refused
+changes, raise :class:`~polyattn.utils.rundir.RunDirError` naming the file or the keys and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..utils.io import load_checkpoint
+from ..utils.rundir import RunDirError
+
+__all__ = ["CHECKPOINT", "config_changes", "divergence_advice", "read_checkpoint", "refuse_changes"]
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def read_checkpoint(run_dir: Path, needed: Sequence[str], command: str = "polyattn train") -> dict:
+    """The checkpoint of ``run_dir`` for a resume, or a RunDirError saying what is wrong and what to do."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise RunDirError(
+            f"cannot resume {run_dir}: {path} not found (the run stopped before its first checkpoint, or the "
+            f"file was removed); start the run again without --resume, or train into a new --out"
+        )
+    return load_checkpoint(
+        path,
+        tuple(needed),
+        f"cannot resume {run_dir}: delete {path.parent} to start this run again from step 0 "
+        f"({command} without --resume), or train into a new --out",
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        # model.overrides and pde.params are one key each: their entries change together.
+        if isinstance(v, dict) and v and k not in ("overrides", "params"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(
+    old: dict, new: dict, fixed: Callable[[str], bool]
+) -> tuple[dict[str, list], dict[str, list]]:
+    """(changes a resume applies, changes it refuses) between a checkpoint's config and a new one.
+
+    Each maps a dotted key to ``[old, new]``; ``fixed(key)`` says whether a key may not change.
+    """
+    a, b = _flat(old), _flat(new)
+    applied, refused = {}, {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            (refused if fixed(key) else applied)[key] = [a.get(key), b.get(key)]
+    return applied, refused
+
+
+def refuse_changes(run_dir: Path, refused: dict[str, list]) -> None:
+    """Raise the RunDirError that lists the refused changes and how to proceed (no-op when there are none)."""
+    if not refused:
+        return
+    listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    raise RunDirError(
+        f"cannot resume {run_dir}: the config differs from the one its checkpoint was trained with in keys "
+        f"a resume cannot change:\n  {listed}\n"
+        f"undo these changes (--set, or restore {run_dir / 'config.yaml'}), or start a new run with another --out"
+    )
+
+
+def divergence_advice(activation: str | None) -> str:
+    """What to try first about the attention activation after a non-finite loss ("" when nothing)."""
+    if activation is None or activation == "softmax":
+        return ""
+    if "/" in activation:
+        return "a larger divisor in the activation, "
+    return "a scaled activation (e.g. x^3/sqrt(N) or x^3/16: unscaled powers grow with the sequence length), "
