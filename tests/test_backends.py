@@ -44,8 +44,11 @@ def _masks(nq=NQ, nk=NK):
 
 def _bias(dtype=torch.float64, nq=NQ, nk=NK):
     g = torch.Generator().manual_seed(2)
-    return {"none": None, "shared": torch.randn(nq, nk, generator=g, dtype=dtype),
-            "per_head": torch.randn(1, H, nq, nk, generator=g, dtype=dtype)}
+    return {
+        "none": None,
+        "shared": torch.randn(nq, nk, generator=g, dtype=dtype),
+        "per_head": torch.randn(1, H, nq, nk, generator=g, dtype=dtype),
+    }
 
 
 def _run(fn, q, k, v, bias=None, **kw):
@@ -64,9 +67,7 @@ def _assert_close(got, want, rtol):
         assert torch.isfinite(x).all(), f"tensor {i} has non-finite entries"
         err = (x.double() - y.double()).abs().max().item()
         scale = y.double().abs().max().item() + 1e-30
-        assert err <= rtol * scale, (
-            f"tensor {i} (out, dq, dk, dv, dbias): max error {err:.3g} vs scale {scale:.3g}"
-        )
+        assert err <= rtol * scale, f"tensor {i} (out, dq, dk, dv, dbias): max error {err:.3g} vs scale {scale:.3g}"
 
 
 def _ref(act, q, k, v, **kw):
@@ -74,7 +75,17 @@ def _ref(act, q, k, v, **kw):
 
 
 ELEMENTWISE = [
-    "x", "x^2", "x^3/sqrt(N)", "x^3/N", "x^4/7", "relu/N", "gelu", "exp/sqrt(N)", "tanh", "sigmoid/N", "elu",
+    "x",
+    "x^2",
+    "x^3/sqrt(N)",
+    "x^3/N",
+    "x^4/7",
+    "relu/N",
+    "gelu",
+    "exp/sqrt(N)",
+    "tanh",
+    "sigmoid/N",
+    "elu",
 ]
 
 
@@ -193,7 +204,11 @@ def test_symmetric_features_give_the_power_of_the_dot_product():
         assert fa.shape[-1] == feature_count(7, p) == math.comb(7 + p - 1, p)
         torch.testing.assert_close(fa @ fb.T, (a @ b.T) ** p, rtol=1e-12, atol=1e-12)
     assert (feature_count(32, 2), feature_count(64, 2), feature_count(32, 3), feature_count(64, 3)) == (
-        528, 2080, 5984, 45760)
+        528,
+        2080,
+        5984,
+        45760,
+    )
 
 
 @pytest.mark.parametrize("spec", ["x", "x^2", "x^2/sqrt(N)", "x^3/sqrt(N)", "x^3/N", "x^4/7"])
@@ -292,8 +307,7 @@ def test_auto_equals_reference_on_every_combination(spec):
     for mname, causal, bname in combos:
         kw = dict(attn_mask=masks[mname], causal=causal, bias=biases[bname])
         choice = select_backend(q, k, act, v=v, **kw)
-        assert BACKENDS[choice.name].unsupported(
-            polyattn.core.backends.call_info(q, k, act, v=v, **kw)) is None
+        assert BACKENDS[choice.name].unsupported(polyattn.core.backends.call_info(q, k, act, v=v, **kw)) is None
         want = _ref(act, q, k, v, **kw)
         got = _run(lambda *a, **k_: polyattn.attention(*a[:3], act, **k_), q, k, v, **kw)
         _assert_close(got, want, 1e-8)
@@ -341,8 +355,9 @@ def test_low_precision_inputs_are_computed_in_fp32_and_returned_as_given():
     q, k, v = _inputs(torch.float32, nq=300, nk=300)
     for backend in ("chunked", "linear"):
         out = polyattn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "x^3/sqrt(N)", backend=backend)
-        want = polyattn.attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
-                                  "x^3/sqrt(N)", backend="reference")
+        want = polyattn.attention(
+            q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), "x^3/sqrt(N)", backend="reference"
+        )
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
 
@@ -362,3 +377,61 @@ def test_polyattention_layer_matches_across_backends():
         results[backend] = [out.detach()] + [p.grad.clone() for p in layer.parameters()]
     for backend in ("chunked", "linear"):
         _assert_close(results[backend], results["reference"], 1e-8)
+
+
+# --------------------------------------------------------------------------
+# the backend protocol and the cost model
+# --------------------------------------------------------------------------
+def test_every_backend_module_follows_the_protocol():
+    from polyattn.core.backends.auto import MODULES
+    from polyattn.core.backends.common import CallInfo, Estimate
+
+    assert [m.NAME for m in MODULES] == list(BACKENDS)
+    q, k, v = _inputs()
+    info = CallInfo.of(q, k, "x^3/sqrt(N)", v=v, dropout_p=0.1)
+    for m in MODULES:
+        assert BACKENDS[m.NAME].fn is m.run and BACKENDS[m.NAME].unsupported is m.unsupported
+        assert isinstance(m.cost(info, polyattn.core.backends.auto.rates_for(info.device)), Estimate)
+        why_not = m.unsupported(info)
+        if why_not is None:
+            continue
+        # run() checks the same rule and says the same thing
+        with pytest.raises(BackendUnsupported, match=f"backend '{m.NAME}' cannot compute this call"):
+            m.run(q, k, v, get_activation("x^3/sqrt(N)"), dropout_p=0.1)
+
+
+def test_cost_model_reads_the_backends_own_tile_and_chunk_sizes(monkeypatch):
+    from polyattn.core.backends import auto, linear
+    from polyattn.core.backends.chunked import default_block_sizes
+
+    q = _meta(1, 4, 4096, 32)
+    info = polyattn.core.backends.call_info(q, q, "x^2/sqrt(N)")
+    bq, bk = default_block_sizes(info.layout, info.device)
+    assert f"of {bq}x{bk}" in auto.estimate("chunked", info).note
+    before = auto.estimate("linear", info).seconds
+    monkeypatch.setattr(linear, "_CHUNK", 4 * linear._CHUNK)  # fewer, larger steps: less per-op overhead
+    assert auto.estimate("linear", info).seconds < before
+
+
+def test_rates_calibrated_from_bench_results():
+    from polyattn.core.backends import auto
+
+    q = _meta(1, 4, 1024, 32)
+    info = polyattn.core.backends.call_info(q, q, "x^3/sqrt(N)")
+    chunked_s = auto.estimate("chunked", info).seconds
+    results = {
+        "config": {"device": "cpu", "dtype": "float32", "batch": 1, "heads": 4},
+        "cases": [
+            {"n": 1024, "d": 32, "p": 3, "backend": "chunked", "spec": "x^3/sqrt(N)", "time_s": 2 * chunked_s},
+            {"n": 1024, "d": 32, "p": 3, "backend": "auto", "spec": "x^3/sqrt(N)", "time_s": 1.0},  # ignored
+            {"n": 1024, "d": 32, "p": 3, "backend": "linear", "spec": "x^3/sqrt(N)", "skipped": "slow"},
+        ],
+    }
+    rates = auto.calibrated(results)
+    assert rates.scale == pytest.approx({"chunked": 2.0})
+    auto.set_rates("cpu", rates)
+    try:
+        assert auto.estimate("chunked", info).seconds == pytest.approx(2 * chunked_s)
+    finally:
+        auto.set_rates("cpu", None)
+    assert auto.estimate("chunked", info).seconds == pytest.approx(chunked_s)

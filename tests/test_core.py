@@ -13,8 +13,26 @@ import polyattn
 from polyattn import PolyAttention, attention, get_activation
 
 ALL_SPECS = [
-    "softmax", "x", "x^2", "x^3", "x^3/14", "x^3/16", "x^3/sqrt(N)", "x^3/N", "x/14", "x/sqrt(N)",
-    "relu", "relu/N", "elu", "gelu", "tanh", "exp", "sigmoid", "sigmoid/sqrt(N)", "gelu/4", "x^4/N",
+    "softmax",
+    "x",
+    "x^2",
+    "x^3",
+    "x^3/14",
+    "x^3/16",
+    "x^3/sqrt(N)",
+    "x^3/N",
+    "x/14",
+    "x/sqrt(N)",
+    "relu",
+    "relu/N",
+    "elu",
+    "gelu",
+    "tanh",
+    "exp",
+    "sigmoid",
+    "sigmoid/sqrt(N)",
+    "gelu/4",
+    "x^4/N",
 ]
 
 
@@ -88,9 +106,11 @@ def check_against_loops(q, k, v, spec, allowed, bias=None, atol=1e-9):
 
 def _qkv(b=2, h=2, nq=5, nk=7, d=4, dv=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, nq, d, generator=g, dtype=dtype),
-            torch.randn(b, h, nk, d, generator=g, dtype=dtype),
-            torch.randn(b, h, nk, dv, generator=g, dtype=dtype))
+    return (
+        torch.randn(b, h, nq, d, generator=g, dtype=dtype),
+        torch.randn(b, h, nk, d, generator=g, dtype=dtype),
+        torch.randn(b, h, nk, dv, generator=g, dtype=dtype),
+    )
 
 
 # --- activation specs --------------------------------------------------------------------------
@@ -102,19 +122,37 @@ def test_spec_round_trip(spec):
     assert get_activation(act) is act
 
 
-@pytest.mark.parametrize(("raw", "canonical"), [
-    (" x ^ 3 / sqrt( N ) ", "x^3/sqrt(N)"), ("X^3/SQRT(n)", "x^3/sqrt(N)"), ("x^1", "x"),
-    ("x^3/14.0", "x^3/14"), ("ReLU / n", "relu/N"), ("x^2/0.5", "x^2/0.5"), ("Softmax", "softmax"),
-])
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        (" x ^ 3 / sqrt( N ) ", "x^3/sqrt(N)"),
+        ("X^3/SQRT(n)", "x^3/sqrt(N)"),
+        ("x^1", "x"),
+        ("x^3/14.0", "x^3/14"),
+        ("ReLU / n", "relu/N"),
+        ("x^2/0.5", "x^2/0.5"),
+        ("Softmax", "softmax"),
+    ],
+)
 def test_spec_normalisation(raw, canonical):
     assert get_activation(raw).spec == canonical
 
 
-@pytest.mark.parametrize(("bad", "fragment"), [
-    ("x^0", "positive integer"), ("x^-1", "positive integer"), ("x^1.5", "positive integer"),
-    ("softmax/2", "softmax takes no divisor"), ("swish", "unknown activation"), ("", "bad activation spec"),
-    ("x^3/0", "positive"), ("x^3/-2", "positive"), ("x^3/abc", "not a number"), ("x^3/inf", "finite"),
-])
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        ("x^0", "positive integer"),
+        ("x^-1", "positive integer"),
+        ("x^1.5", "positive integer"),
+        ("softmax/2", "softmax takes no divisor"),
+        ("swish", "unknown activation"),
+        ("", "bad activation spec"),
+        ("x^3/0", "positive"),
+        ("x^3/-2", "positive"),
+        ("x^3/abc", "not a number"),
+        ("x^3/inf", "finite"),
+    ],
+)
 def test_bad_spec_errors_show_forms(bad, fragment):
     with pytest.raises(ValueError) as e:
         get_activation(bad)
@@ -236,9 +274,7 @@ def test_gradcheck_with_padding_mask(spec):
     v = torch.randn(2, 1, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, 1, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     pad = torch.tensor([[True] * 5, [True, True, True, False, False]]).view(2, 1, 1, 5)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v, b: attention(q, k, v, spec, attn_mask=pad, bias=b), (q, k, v, bias)
-    )
+    assert torch.autograd.gradcheck(lambda q, k, v, b: attention(q, k, v, spec, attn_mask=pad, bias=b), (q, k, v, bias))
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, spec, attn_mask=pad, causal=True), (q, k, v))
 
 
@@ -367,8 +403,9 @@ def test_polyattention_matches_manual(spec):
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
-    torch.testing.assert_close(layer(x, key_padding_mask=pad, causal=True),
-                               _manual_mha(layer, x, allowed=~pad[:, None, :], causal=True))
+    torch.testing.assert_close(
+        layer(x, key_padding_mask=pad, causal=True), _manual_mha(layer, x, allowed=~pad[:, None, :], causal=True)
+    )
     ctx = torch.randn(2, 7, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x, context=ctx), _manual_mha(layer, x, context=ctx))
 

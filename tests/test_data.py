@@ -83,9 +83,7 @@ def test_stratified_split_is_disjoint_and_complete():
     labels = torch.arange(100) % 4
     tr, va = stratified_split(labels, 0.25, seed=3)
     assert sorted(tr + va) == list(range(100)) and not set(tr) & set(va)
-    assert (
-        torch.bincount(labels[va]).tolist() == [6, 6, 6, 6] or torch.bincount(labels[va]).tolist() == [7] * 4
-    )
+    assert torch.bincount(labels[va]).tolist() == [6, 6, 6, 6] or torch.bincount(labels[va]).tolist() == [7] * 4
     with pytest.raises(ValueError):
         stratified_split(labels, 1.0, 0)
 
@@ -149,14 +147,10 @@ def test_tiny_imagenet_layout_is_read(tmp_path):
     x, y = b.val[0]
     assert x.shape == (3, 64, 64) and y.item() == 1
     # The tensor is the JPEG's pixels, normalised with ImageNet statistics.
-    pixels = (
-        np.asarray(Image.open(root / "val" / "images" / "v0.JPEG").convert("RGB"), dtype=np.float32) / 255
-    )
+    pixels = np.asarray(Image.open(root / "val" / "images" / "v0.JPEG").convert("RGB"), dtype=np.float32) / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(x * std + mean, torch.from_numpy(pixels).permute(2, 0, 1), atol=1e-5, rtol=0)
-    small = build_dataset(
-        {"name": "tiny_imagenet", "root": str(root), "image_size": 32, "augment": "crop"}, 0
-    )
+    small = build_dataset({"name": "tiny_imagenet", "root": str(root), "image_size": 32, "augment": "crop"}, 0)
     assert small.train[0][0].shape == (3, 32, 32) and small.val[1][0].shape == (3, 32, 32)
     assert small.model_overrides == {"img_size": 32, "in_chans": 3, "num_classes": 3}
 

@@ -320,9 +320,7 @@ def test_plot_norm_curves_draws_runs(tmp_path):
             for step in range(6):
                 rec.set_step(step)
                 model(torch.randn(2, 6, 16))
-        runs[spec] = [{"kind": "epoch", "step": 5, "val_acc": 0.5}] + [
-            {"kind": "norms", **r} for r in rec.rows
-        ]
+        runs[spec] = [{"kind": "epoch", "step": 5, "val_acc": 0.5}] + [{"kind": "norms", **r} for r in rec.rows]
     curves = norm_curves(runs["softmax"])
     assert sorted(curves) == [0, 1, 2] and [s for s, _ in curves[1]["fro"]] == [0, 2, 4]
     out = plot_norm_curves(runs, tmp_path / "norms.png", layers=[0, 2], title="test")

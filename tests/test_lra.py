@@ -140,8 +140,17 @@ def test_config_files_are_the_task_settings(tmp_path):
         repo_file = REPO / "configs" / "lra" / rel
         assert repo_file.is_file(), f"configs/lra/{rel} missing: run write_lra_configs('configs/lra')"
         assert yaml.safe_load(repo_file.read_text()) == yaml.safe_load(path.read_text()), rel
-    cfg = polyattn.training.load_config(REPO / "configs" / "lra" / "cpu" / "listops_x3_div14.yaml")
+    cfg = polyattn.training.load_config(REPO / "configs" / "lra" / "cpu.yaml", point="listops_x3_div14")
     assert cfg == lra_config("listops", "x^3/14", preset="cpu")
+    # Every point of both grids is the task's config.
+    from polyattn.training.config import grid_points
+
+    for grid, preset in (("table4.yaml", None), ("cpu.yaml", "cpu")):
+        for name in grid_points(REPO / "configs" / "lra" / grid):
+            task, _, act = name.partition("_")
+            act = {"softmax": "softmax", "x3_div14": "x^3/14", "x_div14": "x/14", "x3_divsqrtN": "x^3/sqrt(N)"}[act]
+            got = polyattn.training.load_config(REPO / "configs" / "lra" / grid, point=name)
+            assert got == lra_config(task, act, preset=preset), name
 
 
 def test_full_scale_detection():

@@ -47,7 +47,7 @@ class PolyToyAttention(PatchedAttention, ToyAttention):
     def forward(self, x, mask=None):
         q, k, v = self._qkv(x)
         attn_mask, bias = additive_mask_to_bool(mask)
-        out = self._poly_attention(q, k, v, attn_mask=attn_mask, bias=bias, scale=self.head_dim**-0.5)
+        out = self.attend(q, k, v, attn_mask=attn_mask, bias=bias, scale=self.head_dim**-0.5)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 

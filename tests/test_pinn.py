@@ -171,9 +171,7 @@ def test_attention_on_a_pseudo_sequence_is_nearly_pointwise():
     torch.manual_seed(0)
     model = PINNsFormer(d_ff=8, d_hidden=8).double()
     attn = model.encoder[0].attn
-    xs, ts = pseudo_sequence(
-        torch.rand(6, dtype=torch.float64) * 6, torch.rand(6, dtype=torch.float64), 5, 1e-4
-    )
+    xs, ts = pseudo_sequence(torch.rand(6, dtype=torch.float64) * 6, torch.rand(6, dtype=torch.float64), 5, 1e-4)
     h = model.encoder[0].act1(model.mixer(torch.cat((xs, ts), dim=-1)))
     q, k, v = attn.project_qkv(h)
     s = (q * k).sum(-1, keepdim=True) * attn.scale  # the diagonal score of each token
@@ -300,13 +298,14 @@ def test_config_layers_and_errors(tmp_path):
 
 
 def test_shipped_configs_resolve():
-    files = sorted(CONFIG_DIR.glob("*.yaml"))
-    assert len(files) >= 12
-    for f in files:
-        cfg = resolve_pinn_config(f)
-        stem = f.stem
-        assert stem.startswith(cfg["pde"]["name"])
-        assert (cfg["preset"] == "quick") == stem.endswith("_quick")
+    from polyattn.training.config import grid_points
+
+    runs = [(f, name) for f in sorted(CONFIG_DIR.glob("*.yaml")) for name in grid_points(f)]
+    assert len(runs) >= 12
+    for f, name in runs:
+        cfg = resolve_pinn_config(f, point=name)
+        assert name.startswith(cfg["pde"]["name"])
+        assert (cfg["preset"] == "quick") == (f.stem == "quick")
 
 
 # ---------------------------------------------------------------- training

@@ -30,16 +30,27 @@ def test_meta_query_with_cpu_keys_raises_naming_devices():
 @pytest.mark.parametrize("which", ["attn_mask", "bias"])
 def test_mask_or_bias_on_another_device_raises(which):
     q, k, v = _qkv(1, 1, 8, 4)
-    other = {"attn_mask": torch.ones(8, 8, dtype=torch.bool, device="meta"),
-             "bias": torch.zeros(8, 8, dtype=torch.float64, device="meta")}[which]
+    other = {
+        "attn_mask": torch.ones(8, 8, dtype=torch.bool, device="meta"),
+        "bias": torch.zeros(8, 8, dtype=torch.float64, device="meta"),
+    }[which]
     with pytest.raises(ValueError, match=rf"q\.device: cpu.*{which}\.device: meta"):
         attention(q, k, v, **{which: other})
 
 
-@pytest.mark.parametrize(("spec", "backend"), [
-    ("softmax", "reference"), ("softmax", "sdpa"), ("softmax", "chunked"), ("softmax", "auto"),
-    ("x^3/sqrt(N)", "reference"), ("x^3/sqrt(N)", "chunked"), ("x^3/sqrt(N)", "linear"), ("x^3/sqrt(N)", "auto"),
-])
+@pytest.mark.parametrize(
+    ("spec", "backend"),
+    [
+        ("softmax", "reference"),
+        ("softmax", "sdpa"),
+        ("softmax", "chunked"),
+        ("softmax", "auto"),
+        ("x^3/sqrt(N)", "reference"),
+        ("x^3/sqrt(N)", "chunked"),
+        ("x^3/sqrt(N)", "linear"),
+        ("x^3/sqrt(N)", "auto"),
+    ],
+)
 def test_all_meta_inputs_propagate_shapes(spec, backend):
     # N = 300 keeps auto off the tiny-problem reference path; the padding mask takes chunked's mask summary.
     q = torch.empty(2, 3, 300, 8, device="meta")
@@ -56,10 +67,15 @@ def test_zero_head_dim_is_a_clear_value_error():
         attention(q, q, torch.randn(1, 1, 4, 3))
 
 
-@pytest.mark.parametrize(("dim", "heads", "message"), [
-    (0, 1, "dim must be >= 1, got 0"), (-8, 2, "dim must be >= 1, got -8"),
-    (8, 0, "num_heads must be >= 1, got 0"), (8, -2, "num_heads must be >= 1, got -2"),
-])
+@pytest.mark.parametrize(
+    ("dim", "heads", "message"),
+    [
+        (0, 1, "dim must be >= 1, got 0"),
+        (-8, 2, "dim must be >= 1, got -8"),
+        (8, 0, "num_heads must be >= 1, got 0"),
+        (8, -2, "num_heads must be >= 1, got -2"),
+    ],
+)
 def test_polyattention_rejects_nonpositive_sizes(dim, heads, message):
     with pytest.raises(ValueError, match=message):
         PolyAttention(dim, heads)
@@ -92,9 +108,15 @@ def test_powers_above_the_maximum_are_rejected(spec):
         get_activation(spec)
 
 
-@pytest.mark.parametrize(("spec", "effect"), [
-    ("x^3/1e-300", "overflow"), ("x^3/1e-7", "overflow"), ("relu/1e300", "underflow"), ("x/2e6", "underflow"),
-])
+@pytest.mark.parametrize(
+    ("spec", "effect"),
+    [
+        ("x^3/1e-300", "overflow"),
+        ("x^3/1e-7", "overflow"),
+        ("relu/1e300", "underflow"),
+        ("x/2e6", "underflow"),
+    ],
+)
 def test_divisors_outside_the_range_are_rejected(spec, effect):
     with pytest.raises(ValueError, match=rf"outside \[1e-06, 1e\+06\].*{effect}.*Use a divisor in that range"):
         get_activation(spec)
@@ -117,10 +139,25 @@ def test_activation_built_directly_gets_the_same_limits():
         Activation("power", 3, "const", 1e-300)
 
 
-@pytest.mark.parametrize("spec", [
-    "x^3/14", "x/16", "x^2/14", "relu/N", "x^3/sqrt(N)", "x/0.5", "x/14", "x^3/64", "x^3/2", "x^4/N",
-    "gelu/4", "sigmoid/sqrt(N)", "x^3/14.0", "x^2/0.5",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "x^3/14",
+        "x/16",
+        "x^2/14",
+        "relu/N",
+        "x^3/sqrt(N)",
+        "x/0.5",
+        "x/14",
+        "x^3/64",
+        "x^3/2",
+        "x^4/N",
+        "gelu/4",
+        "sigmoid/sqrt(N)",
+        "x^3/14.0",
+        "x^2/0.5",
+    ],
+)
 def test_specs_used_in_the_repo_still_parse(spec):
     assert get_activation(get_activation(spec).spec) == get_activation(spec)
 
@@ -159,10 +196,13 @@ def test_sdpa_guard_leaves_first_order_results_unchanged():
 
 
 # --- 5. meta and fake tensors ----------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "kwargs", "how"), [
-    ("swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 7}, "device"),
-    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}, "to"),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "how"),
+    [
+        ("swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 7}, "device"),
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}, "to"),
+    ],
+)
 def test_patched_timm_model_forward_on_meta(name, kwargs, how):
     timm = pytest.importorskip("timm")
     if how == "device":
@@ -269,8 +309,9 @@ def test_polyattn_vit_compiles_without_graph_breaks():
 
 def test_patched_timm_vit_compiles_without_graph_breaks():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
-                              depth=2).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=2
+    ).eval()
     polyattn.patch(model, "x^3/sqrt(N)")
     assert _graph_breaks(model, torch.randn(2, 3, 32, 32)) == 0
     # The attention module alone, fullgraph, with an additive float mask (skipped checks of its values).

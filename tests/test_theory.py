@@ -24,9 +24,7 @@ from polyattn.experiments.theory import (
 TINY = dict(bound_n=[2, 4, 16], bound_samples=1, n_grid=[8, 16, 32], samples=4)
 
 
-@pytest.mark.parametrize(
-    "spec", ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)", "relu/N", "gelu", "x^2/7"]
-)
+@pytest.mark.parametrize("spec", ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)", "relu/N", "gelu", "x^2/7"])
 def test_q_jacobian_closed_form_matches_autograd(spec):
     for n, scale in ((3, 1.0), (6, 0.5), (6, 2.0)):  # 2.0: peaky softmax rows
         g = torch.Generator().manual_seed(n)
@@ -100,9 +98,7 @@ def test_monte_carlo_means_match_a_direct_computation():
     n = cfg.n_grid[0]
     vals = []
     for i in range(cfg.samples):
-        x, q, k = sample_inputs(
-            n, cfg.D, cfg.d, cfg.sigma_x, cfg.sigma_t, theory._generator(cfg.seed, 42, n, i)
-        )
+        x, q, k = sample_inputs(n, cfg.D, cfg.d, cfg.sigma_x, cfg.sigma_t, theory._generator(cfg.seed, 42, n, i))
         s = x @ q @ (x @ k).T / math.sqrt(cfg.d)
         vals.append(float((s**3 / math.sqrt(n)).norm()))
     assert mc["stats"]["x^3/sqrt(N)"]["fro"][0]["mean"] == pytest.approx(np.mean(vals), rel=1e-12)
@@ -112,16 +108,10 @@ def test_claims_and_verdicts():
     fit = {"slope": 0.95, "ci_low": 0.9, "ci_high": 1.0}
     act = theory.get_activation
     assert theory._claim(act("x^3"), "fro", fit)["verdict"] == "agrees"
-    assert (
-        "SLOWER"
-        in theory._claim(act("x^3"), "fro", {"slope": 0.6, "ci_low": 0.55, "ci_high": 0.65})["verdict"]
-    )
+    assert "SLOWER" in theory._claim(act("x^3"), "fro", {"slope": 0.6, "ci_low": 0.55, "ci_high": 0.65})["verdict"]
     assert "FASTER" in theory._claim(act("x/sqrt(N)"), "fro", fit)["verdict"]
     assert "EXCEEDS" in theory._claim(act("softmax"), "fro", fit)["verdict"]
-    assert (
-        "within"
-        in theory._claim(act("softmax"), "fro", {"slope": 0.1, "ci_low": 0.05, "ci_high": 0.15})["verdict"]
-    )
+    assert "within" in theory._claim(act("softmax"), "fro", {"slope": 0.1, "ci_low": 0.05, "ci_high": 0.15})["verdict"]
 
 
 def test_config_validation():

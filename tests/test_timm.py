@@ -398,13 +398,23 @@ def test_polyattn_train_cli_trains_a_timm_model_with_norms(tmp_path):
     from polyattn.cli import main
 
     out = tmp_path / "run"
-    rc = main([
-        "train", "--no-progress", "--out", str(out),
-        "--set", "model.name=timm:swin_tiny_patch4_window7_224", "model.activation=x^3/sqrt(N)",
-        "model.overrides={window_size: 4, depths: [2, 2], num_heads: [2, 4], embed_dim: 32}",
-        "data={name: synthetic, num_train: 8, num_val: 4, num_classes: 3, image_size: 32, channels: 3}",
-        "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "diagnostics.every=1",
-    ])
+    rc = main(
+        [
+            "train",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--set",
+            "model.name=timm:swin_tiny_patch4_window7_224",
+            "model.activation=x^3/sqrt(N)",
+            "model.overrides={window_size: 4, depths: [2, 2], num_heads: [2, 4], embed_dim: 32}",
+            "data={name: synthetic, num_train: 8, num_val: 4, num_classes: 3, image_size: 32, channels: 3}",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "diagnostics.every=1",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and not summary["diverged"]
@@ -417,7 +427,7 @@ def test_polyattn_train_cli_trains_a_timm_model_with_norms(tmp_path):
 # --------------------------------------------------------------------------- #
 # the Table 2 configs
 # --------------------------------------------------------------------------- #
-RUN_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+TABLE2 = CONFIG_DIR / "table2.yaml"
 PAPER_MODELS = {
     "swin_small": ("timm:swin_small_patch4_window7_224", 24),
     "swin_base": ("timm:swin_base_patch4_window7_224", 24),
@@ -429,11 +439,13 @@ ACTIVATIONS = {"softmax": "softmax", "x3_div14": "x^3/14", "x3": "x^3", "x_div14
 
 def test_table2_timm_configs_are_all_there_and_mean_their_names():
     from polyattn.training import load_config
+    from polyattn.training.config import grid_points
 
-    assert len(RUN_CONFIGS) == len(PAPER_MODELS) * len(ACTIVATIONS)
-    for path in RUN_CONFIGS:
-        stem, act = next((m, a) for m in PAPER_MODELS for a in ACTIVATIONS if path.stem == f"{m}_{a}")
-        cfg = load_config(path, ["data.root=/data/imagenet"])
+    points = list(grid_points(TABLE2))
+    assert len(points) == len(PAPER_MODELS) * len(ACTIVATIONS)
+    for point in points:
+        stem, act = next((m, a) for m in PAPER_MODELS for a in ACTIVATIONS if point == f"{m}_{a}")
+        cfg = load_config(TABLE2, ["data.root=/data/imagenet"], point=point)
         assert cfg["description"] and cfg["data"]["name"] == "imagenet"
         assert cfg["model"]["name"] == PAPER_MODELS[stem][0]
         assert cfg["model"]["activation"] == ACTIVATIONS[act]
@@ -454,7 +466,7 @@ def test_paper_models_have_the_paper_attention(stem):
         assert {m.qkv.out_features // 3 // m.num_heads for m in mods} == {32}  # head dim 32, as in the paper
 
 
-@pytest.mark.parametrize("config", ["swin_small_x3_div14.yaml", "xcit_small_x_div14.yaml"])
+@pytest.mark.parametrize("config", ["swin_small_x3_div14", "xcit_small_x_div14"])
 def test_timm_config_trains_for_two_steps_on_generated_data(config, tmp_path):
     from polyattn.training import load_config, train
 
@@ -463,10 +475,18 @@ def test_timm_config_trains_for_two_steps_on_generated_data(config, tmp_path):
         if config.startswith("swin")
         else "{embed_dim: 32, depth: 2, num_heads: 4, drop_path_rate: 0.05}"
     )
-    cfg = load_config(CONFIG_DIR / config, [
-        f"model.overrides={narrow}",
-        "data={name: synthetic, num_train: 8, num_val: 4, num_classes: 3, image_size: 32, channels: 3}",
-        "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "train.mixup=0.0", "train.cutmix=0.0",
-    ])
+    cfg = load_config(
+        TABLE2,
+        point=config,
+        overrides=[
+            f"model.overrides={narrow}",
+            "data={name: synthetic, num_train: 8, num_val: 4, num_classes: 3, image_size: 32, channels: 3}",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.mixup=0.0",
+            "train.cutmix=0.0",
+        ],
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 2 and not summary["diverged"]

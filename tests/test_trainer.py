@@ -144,11 +144,7 @@ def test_switching_dataset_drops_keys_the_new_one_lacks(tmp_path):
     f.write_text("data:\n  name: tiny_imagenet\n  root: /data/tiny\n  crop_pct: 0.9\n  image_size: 64\n")
     cfg = load_config(f, ["data.name=synthetic", "data.num_train=10"])
     assert cfg["data"]["name"] == "synthetic" and "crop_pct" not in cfg["data"]
-    assert (
-        cfg["data"]["image_size"] == 64
-        and cfg["data"]["num_train"] == 10
-        and cfg["data"]["root"] == "/data/tiny"
-    )
+    assert cfg["data"]["image_size"] == 64 and cfg["data"]["num_train"] == 10 and cfg["data"]["root"] == "/data/tiny"
     whole = load_config(f, ["data={name: synthetic, num_val: 3}"])  # a mapping replaces the section
     assert whole["data"]["root"] is None and whole["data"]["num_val"] == 3
 
@@ -170,9 +166,7 @@ def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1.0, 0.1, 4, 20) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
-    assert lrs[-1] == pytest.approx(
-        0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 15 / 16)).item())
-    )
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 15 / 16)).item()))
     assert lr_at(20, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
 
 
@@ -195,9 +189,7 @@ def test_run_directory_contents_and_learning(tmp_path):
     kinds = [r["kind"] for r in rows]
     assert kinds.count("step") == 16 and kinds.count("epoch") == 4 and kinds[-1] == "summary"
     epoch_rows = [r for r in rows if r["kind"] == "epoch"]
-    assert {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s"} <= set(
-        epoch_rows[0]
-    )
+    assert {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s"} <= set(epoch_rows[0])
     assert [r["step"] for r in epoch_rows] == [4, 8, 12, 16]
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "config"} <= set(ckpt)
@@ -237,9 +229,7 @@ def test_init_from_another_image_size_and_class_count(tmp_path, capsys):
     train(cfg, tmp_path / "dst", progress=False)
     assert "skipped (shape differs) ['head.weight', 'head.bias']" in capsys.readouterr().err
     dst = torch.load(tmp_path / "dst" / "checkpoints" / "last.pt", weights_only=False)["model"]
-    torch.testing.assert_close(
-        dst["blocks.1.mlp.fc1.weight"], src["blocks.1.mlp.fc1.weight"], atol=1e-9, rtol=0
-    )
+    torch.testing.assert_close(dst["blocks.1.mlp.fc1.weight"], src["blocks.1.mlp.fc1.weight"], atol=1e-9, rtol=0)
     assert dst["pos_embed"].shape == (1, 1 + 16, 32) and dst["head.weight"].shape == (5, 32)
     with pytest.raises(ConfigError, match="model.init_from: no checkpoint"):
         train(small_cfg(f"model.init_from={tmp_path / 'none'}"), tmp_path / "x", progress=False)
@@ -352,10 +342,7 @@ def test_norm_rows_every_k_steps(tmp_path):
 def test_cli_errors_and_print_config(tmp_path, capsys):
     assert main(["train", "--set", "train.epoch=3"]) == 2
     assert "unknown config key train.epoch" in capsys.readouterr().err
-    assert (
-        main(["train", "--set", "data.name=tiny_imagenet", "--out", str(tmp_path / "x"), "--no-progress"])
-        == 2
-    )
+    assert main(["train", "--set", "data.name=tiny_imagenet", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "data.root is not set" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "none")]) == 2
     assert "cannot resume" in capsys.readouterr().err

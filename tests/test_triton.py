@@ -115,19 +115,18 @@ _SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
-    assert proc.returncode == 0 and lines, (
-        f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(lines[-1][len("RESULTS"):])
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULTS") :])
 
 
 def test_kernels_equal_reference_in_values_and_gradients(interpreter_results):
-    cases = {k: v for k, v in interpreter_results.items() if k not in ("bf16", "unsupported", "auto_on_cpu",
-                                                                       "double_backward")}
+    cases = {
+        k: v
+        for k, v in interpreter_results.items()
+        if k not in ("bf16", "unsupported", "auto_on_cpu", "double_backward")
+    }
     assert len(cases) == 11
     bad = {k: v for k, v in cases.items() if max(v) > 1e-5}
     assert not bad, f"fp32 kernels differ from the reference beyond 1e-5 (out, dq, dk, dv): {bad}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
@@ -18,6 +20,71 @@ def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override config keys, e.g. --set {example}",
     )
+
+
+def int_list(text: str, positive: bool = False) -> list[int]:
+    """argparse type for ``8,16,32``: comma-separated integers, at least one (``positive``: all >= 1)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,16,32, got {text!r}") from None
+    if not values or (positive and min(values) < 1):
+        raise argparse.ArgumentTypeError(f"expected at least one {'positive ' if positive else ''}integer")
+    return values
+
+
+def str_list(text: str) -> list[str]:
+    """argparse type for ``softmax,x^3/sqrt(N)``: comma-separated names, blanks dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def positive_int_list(text: str) -> list[int]:
+    return int_list(text, positive=True)
+
+
+def add_point_arguments(p: argparse.ArgumentParser) -> None:
+    """``--point NAME`` and ``--list-points``: one run of a grid config file (configs/table2.yaml, ...)."""
+    p.add_argument("--point", metavar="NAME", help="the run to take from a grid --config (see --list-points)")
+    p.add_argument("--list-points", action="store_true", help="list the runs of a grid --config and exit")
+
+
+def print_points(config: str | None) -> int:
+    """Print the points of a grid config file, one per line; the exit code."""
+    from ..training.config import ConfigError, grid_points
+
+    try:
+        if not config:
+            raise ConfigError("--list-points needs --config FILE (a grid file such as configs/table2.yaml)")
+        points = grid_points(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{config}: {len(points)} points (run one with --point NAME)")
+    for name in points:
+        print(f"  {name}")
+    return 0
+
+
+def run_training(work: Callable[[], Any], resume_command: str, errors: tuple[type, ...] = ()) -> Any:
+    """``work()``'s result, or an exit code after one clear line: 2 for a bad input, 130 for Ctrl-C.
+
+    For commands that train one run: after Ctrl-C the line says what the checkpoint holds and gives
+    ``resume_command`` (``{run_dir}`` is filled in). Only rank 0 prints under torchrun.
+    """
+    from ..data.errors import DatasetError
+    from ..training.config import ConfigError
+    from ..training.trainer import TrainingInterrupted
+    from ..utils.rundir import RunDirError
+
+    try:
+        return work()
+    except (ConfigError, DatasetError, RunDirError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e.advice(resume_command.format(run_dir=e.run_dir)), file=sys.stderr)
+        return 130
 
 
 def run_experiment(work: Callable[[], dict], out: str) -> dict | int:

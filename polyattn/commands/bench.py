@@ -7,43 +7,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 256,1024, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected at least one positive integer")
-    return values
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+from . import positive_int_list, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default runs/bench, or runs/bench_<model>)")
     p.add_argument("--quick", action="store_true", help="N in 256,1024,4096, d=64, x^3 only (about a minute)")
+    p.add_argument("--config", default=None, help="YAML file with any of the settings below (keys as in config.yaml)")
+    p.add_argument("--ns", type=positive_int_list, default=None, help="sequence lengths (default 256,512,...,16384)")
+    p.add_argument("--ds", type=positive_int_list, default=None, help="head dimensions (default 32,64)")
+    p.add_argument("--ps", type=positive_int_list, default=None, help="powers p of x^p/sqrt(N) (default 1,2,3)")
     p.add_argument(
-        "--config", default=None, help="YAML file with any of the settings below (keys as in config.yaml)"
-    )
-    p.add_argument("--ns", type=_int_list, default=None, help="sequence lengths (default 256,512,...,16384)")
-    p.add_argument("--ds", type=_int_list, default=None, help="head dimensions (default 32,64)")
-    p.add_argument("--ps", type=_int_list, default=None, help="powers p of x^p/sqrt(N) (default 1,2,3)")
-    p.add_argument(
-        "--backends", type=_str_list, default=None,
+        "--backends",
+        type=str_list,
+        default=None,
         help="polyattn backends to time (default auto,chunked,linear,reference; triton added on GPU)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
     p.add_argument("--divisor", default=None, help="divisor of x^p: sqrt(N) (default), N, none or a number")
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if available"
-    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -51,9 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("end-to-end training throughput (--model)")
     g.add_argument("--model", default=None, help="a polyattn.create_model name, e.g. vit_tiny")
-    g.add_argument(
-        "--activations", type=_str_list, default=None, help="activation specs (default softmax,x^3/sqrt(N))"
-    )
+    g.add_argument("--activations", type=str_list, default=None, help="activation specs (default softmax,x^3/sqrt(N))")
     g.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     g.add_argument("--steps", type=int, default=None, help="timed training steps (default 5)")
     g.add_argument("--img-size", type=int, default=None, help="image side (default 64)")
@@ -61,10 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _GRID_FIELDS = (
-    "ns", "ds", "ps", "backends", "repeats", "heads", "batch", "divisor", "device", "dtype", "threads",
+    "ns",
+    "ds",
+    "ps",
+    "backends",
+    "repeats",
+    "heads",
+    "batch",
+    "divisor",
+    "device",
+    "dtype",
+    "threads",
 )
 _MODEL_FIELDS = (
-    "activations", "backends", "batch_size", "steps", "img_size", "patch_size", "device", "threads",
+    "activations",
+    "backends",
+    "batch_size",
+    "steps",
+    "img_size",
+    "patch_size",
+    "device",
+    "threads",
 )
 
 

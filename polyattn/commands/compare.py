@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(results, int):
         return results
     out = Path(args.out)
-    print()
-    print(results["table_text"])
+    print(f"\n{results['table_text']}")
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}", end="")
     figs = results.get("figures", {})
     print(f" and {len(figs)} figure(s) in {out}" if figs else "")

@@ -14,11 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ListOps TSV files (basic_train/val/test.tsv), LRA's generator specification",
         description="Generate ListOps into DIR/basic_{train,val,test}.tsv (header Source<TAB>Target).",
     )
-    lo.add_argument("--out", required=True, metavar="DIR")
     lo.add_argument("--train", type=int, default=96000, help="training samples (default 96000)")
     lo.add_argument("--val", type=int, default=2000, help="validation samples (default 2000)")
     lo.add_argument("--test", type=int, default=2000, help="test samples (default 2000)")
-    lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--min-length", type=int, default=500, help="keep length > this (default 500)")
     lo.add_argument("--max-length", type=int, default=2000, help="keep length < this (default 2000)")
     lo.add_argument("--max-depth", type=int, default=10)
@@ -28,9 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Pathfinder PNG images + metadata in the layout of LRA's pathfinder32",
         description="Generate Pathfinder images into DIR/<curv_...>/imgs/<b>/sample_<i>.png + metadata/<b>.npy.",
     )
-    pf.add_argument("--out", required=True, metavar="DIR")
     pf.add_argument("--num", type=int, default=200000, help="number of images (default 200000)")
-    pf.add_argument("--seed", type=int, default=0)
     pf.add_argument(
         "--difficulty",
         choices=["easy", "intermediate", "hard"],
@@ -42,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pf.add_argument("--distractors", type=int, help="distractor contours (default 20 // (contour length // 3))")
     pf.add_argument("--workers", type=int, default=0, help="processes (default 0 = all cores)")
     for q in (lo, pf):
+        q.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+        q.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
         q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import add_set_argument
+from . import add_point_arguments, add_set_argument, print_points, run_training
 
 TASK_NAMES = ("listops", "text", "retrieval", "image", "pathfinder")
 
@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["cpu"],
         help="reduced scale that runs in minutes on a CPU: listops (learns), pathfinder (a pipeline check, at chance)",
     )
-    p.add_argument("--config", metavar="FILE.yaml", help="config file instead of the task's settings (configs/lra/)")
+    p.add_argument(
+        "--config", metavar="FILE.yaml", help="config file instead of the task's settings (configs/lra/*.yaml)"
+    )
+    add_point_arguments(p)
     add_set_argument(p, "train.max_steps=1000 data.num_train=20000")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (with --table: a Markdown file to write)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -54,7 +57,7 @@ def _config(args: argparse.Namespace) -> dict:
         extra = list(args.overrides)
         if args.data:
             extra.append(f"data.root={args.data}")
-        return load_config(args.config, extra)
+        return load_config(args.config, extra, point=args.point)
     if not args.task:
         raise ValueError("give --task (or --config FILE, or --table RUN_DIR ...)")
     return lra_config(args.task, args.activation, args.data, args.preset, args.overrides)
@@ -62,17 +65,15 @@ def _config(args: argparse.Namespace) -> dict:
 
 def _print_result(r: dict) -> None:
     from ..experiments.lra import PAPER_DID_NOT_TRAIN
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}%"
+    from ..utils.format import fmt_pct
 
     rows = [
         ("task / activation", f"{r['task']} / {r['activation']}"),
-        ("test accuracy", "diverged" if r["diverged"] else pct(r["test_acc"])),
-        ("majority class", pct(r["majority_acc"])),
+        ("test accuracy", "diverged" if r["diverged"] else fmt_pct(r["test_acc"], 2)),
+        ("majority class", fmt_pct(r["majority_acc"], 2)),
         (
             "paper (Table 4)",
-            ("did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else pct(r["paper_test_acc"]))
+            ("did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else fmt_pct(r["paper_test_acc"], 2))
             + ("  (full scale; this run is reduced)" if r["reduced_scale"] else ""),
         ),
         ("steps", str(r["steps"])),
@@ -90,12 +91,12 @@ def _print_result(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.errors import DatasetError
     from ..experiments.lra import lra_table, run_lra
-    from ..training.config import ConfigError, dump_config
-    from ..training.trainer import RunDirError, TrainingInterrupted
+    from ..training.config import dump_config
 
-    try:
+    def work() -> dict | int:
+        if args.list_points:
+            return print_points(args.config)
         if args.table:
             text = lra_table(args.table)
             if args.out:
@@ -109,14 +110,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not args.out:
             raise ValueError("give --out RUN_DIR")
-        result = run_lra(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, DatasetError, RunDirError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(e.advice(f"polyattn lra --resume --out {e.run_dir}"), file=sys.stderr)
-        return 130
+        return run_lra(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+
+    result = run_training(work, "polyattn lra --resume --out {run_dir}", errors=(ValueError,))
+    if isinstance(result, int):
+        return result
     if os.environ.get("RANK", "0") == "0":
         _print_result(result)
     return 1 if result["diverged"] else 0

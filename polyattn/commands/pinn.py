@@ -6,19 +6,18 @@ import argparse
 import json
 import sys
 
-from . import add_set_argument
+from . import add_point_arguments, add_set_argument, print_points
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", metavar="FILE", help="YAML config (examples in configs/pinn/); flags below override it"
+        "--config", metavar="FILE", help="YAML config (configs/pinn/quick.yaml, paper.yaml); flags override it"
     )
+    add_point_arguments(p)
     p.add_argument("--pde", choices=["convection", "reaction", "wave"], help="PDE (default convection)")
     p.add_argument("--activation", metavar="SPEC", help="attention activation, e.g. softmax, 'x^3/sqrt(N)'")
     p.add_argument("--model", choices=["pinnsformer", "mlp"], help="PINNsFormer or the plain MLP PINN")
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="run directory (config, metrics, checkpoint, PNGs)"
-    )
+    p.add_argument("--out", metavar="DIR", help="run directory (config, metrics, checkpoint, PNGs); required to train")
     p.add_argument(
         "--compare",
         nargs="+",
@@ -26,9 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="instead of training: tabulate finished runs into DIR/comparison.md and DIR/<pde>.png",
     )
     p.add_argument("--quick", action="store_true", help="CPU preset: small grid and model, 20 L-BFGS steps")
-    p.add_argument(
-        "--optimizer", choices=["lbfgs", "adam"], help="L-BFGS with strong Wolfe (default) or Adam"
-    )
+    p.add_argument("--optimizer", choices=["lbfgs", "adam"], help="L-BFGS with strong Wolfe (default) or Adam")
     p.add_argument(
         "--steps",
         type=int,
@@ -63,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.pinn import compare_runs, resolve_pinn_config, run_pinn, summary_row
     from ..training.checkpoint import divergence_advice
 
+    if args.list_points:
+        return print_points(args.config)
+    if not args.out:
+        print("error: give --out DIR (the run directory, or with --compare the report folder)", file=sys.stderr)
+        return 2
     if args.compare:
         try:
             print(compare_runs(args.compare, args.out), end="")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        cfg = resolve_pinn_config(args.config, _overrides(args), quick=args.quick)
+        cfg = resolve_pinn_config(args.config, _overrides(args), quick=args.quick, point=args.point)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

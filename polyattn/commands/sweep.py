@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(results, int):
         return results
     out = Path(args.out)
-    print()
-    print(results["table_text"])
+    print(f"\n{results['table_text']}")
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'} and {out / 'sweep.png'}")
     print(f"({results['time_s'] / 60:.1f} min)")
     return 0

@@ -7,39 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 8,16,32, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+from . import int_list, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/theory", help="output directory (default: runs/theory)")
     p.add_argument("--quick", action="store_true", help="smaller grids and fewer samples (about 10-30 s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0); same seed, same numbers")
-    p.add_argument(
-        "--config", default=None, help="YAML file with any of the settings below (keys as in config.yaml)"
-    )
+    p.add_argument("--config", default=None, help="YAML file with any of the settings below (keys as in config.yaml)")
     g = p.add_argument_group("Theorems 4.2/4.4 Monte Carlo")
-    g.add_argument(
-        "--n-grid", type=_int_list, default=None, help="sequence lengths N (default 8,16,...,1024)"
-    )
+    g.add_argument("--n-grid", type=int_list, default=None, help="sequence lengths N (default 8,16,...,1024)")
     g.add_argument("--samples", type=int, default=None, help="draws of (X, Q, K) per N (default 100)")
     g.add_argument("--D", dest="D", type=int, default=None, help="model width, columns of X (default 64)")
-    g.add_argument(
-        "--d", dest="d", type=int, default=None, help="head width, columns of Q and K (default 16)"
-    )
+    g.add_argument("--d", dest="d", type=int, default=None, help="head width, columns of Q and K (default 16)")
     g.add_argument("--sigma-x", type=float, default=None, help="std of the entries of X (default 1)")
     g.add_argument(
         "--sigma-t",
@@ -49,12 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--activations",
-        type=_str_list,
+        type=str_list,
         default=None,
         help="comma-separated activation specs (default softmax,x,x^3,x/sqrt(N),x^3/sqrt(N))",
     )
     g = p.add_argument_group("Theorem 4.1")
-    g.add_argument("--bound-n", type=_int_list, default=None, help="matrix sizes N (default 2,4,...,4096)")
+    g.add_argument("--bound-n", type=int_list, default=None, help="matrix sizes N (default 2,4,...,4096)")
     g.add_argument("--bound-samples", type=int, default=None, help="matrices per family and N (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while running (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,35 +58,13 @@ _FIELDS = (
 
 def build_config(args: argparse.Namespace) -> Any:
     """Defaults < --quick < --config file < explicit options."""
-    import yaml
-
     from ..experiments.theory import QUICK, TheoryConfig
 
     data: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path}: no such file (expected a YAML mapping of theory settings)")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except OSError as e:
-            raise ValueError(f"--config {path}: cannot read the file ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"--config {path}: not UTF-8 text (byte {e.start}); expected a YAML mapping of theory settings"
-            ) from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e)
-            raise ValueError(
-                f"--config {path}: not valid YAML ({where}); expected a mapping such as 'samples: 64'"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"--config {path}: expected a YAML mapping such as 'samples: 64', got {type(loaded).__name__}"
-            )
+        from ..utils.io import read_yaml_mapping
+
+        loaded = read_yaml_mapping(args.config, "--config (a YAML mapping of theory settings such as 'samples: 64')")
         data.update(loaded)
     data.update({k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None})
     return TheoryConfig.from_dict(data).resolved()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,33 @@ def _forms_help() -> str:
 
 def _fmt_number(c: float) -> str:
     return f"{c:g}"
+
+
+def _gelu_derivative(s: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(s / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * s * s) / math.sqrt(2.0 * math.pi)
+    return cdf + s * pdf
+
+
+def _tanh_derivative(s: torch.Tensor) -> torch.Tensor:
+    t = torch.tanh(s)
+    return 1.0 - t * t
+
+
+def _sigmoid_derivative(s: torch.Tensor) -> torch.Tensor:
+    g = torch.sigmoid(s)
+    return g * (1.0 - g)
+
+
+# The named elementwise activations: (phi, d phi / d s in closed form, as the backends' backward uses it).
+_NAMED: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "relu": (F.relu, lambda s: (s > 0).to(s.dtype)),
+    "elu": (F.elu, lambda s: torch.where(s > 0, torch.ones_like(s), torch.exp(s))),
+    "gelu": (F.gelu, _gelu_derivative),
+    "tanh": (torch.tanh, _tanh_derivative),
+    "exp": (torch.exp, torch.exp),
+    "sigmoid": (torch.sigmoid, _sigmoid_derivative),
+}
 
 
 @dataclass(frozen=True)
@@ -157,46 +185,21 @@ class Activation:
 
     def base(self, s: torch.Tensor) -> torch.Tensor:
         """phi without its divisor, elementwise. Not defined for softmax."""
-        k = self.kind
-        if k == "power":
+        if self.kind == "power":
             return s if self.power == 1 else s.pow(self.power)
-        if k == "relu":
-            return F.relu(s)
-        if k == "elu":
-            return F.elu(s)
-        if k == "gelu":
-            return F.gelu(s)
-        if k == "tanh":
-            return torch.tanh(s)
-        if k == "exp":
-            return torch.exp(s)
-        if k == "sigmoid":
-            return torch.sigmoid(s)
-        raise ValueError(f"activation {self.spec!r} is not elementwise")
+        return self._named()[0](s)
 
     def base_derivative(self, s: torch.Tensor) -> torch.Tensor:
         """d phi / d s without the divisor, elementwise, in closed form."""
-        k = self.kind
-        if k == "power":
+        if self.kind == "power":
             p = self.power
             return torch.ones_like(s) if p == 1 else p * s.pow(p - 1)
-        if k == "relu":
-            return (s > 0).to(s.dtype)
-        if k == "elu":
-            return torch.where(s > 0, torch.ones_like(s), torch.exp(s))
-        if k == "gelu":
-            cdf = 0.5 * (1.0 + torch.erf(s / math.sqrt(2.0)))
-            pdf = torch.exp(-0.5 * s * s) / math.sqrt(2.0 * math.pi)
-            return cdf + s * pdf
-        if k == "tanh":
-            t = torch.tanh(s)
-            return 1.0 - t * t
-        if k == "exp":
-            return torch.exp(s)
-        if k == "sigmoid":
-            g = torch.sigmoid(s)
-            return g * (1.0 - g)
-        raise ValueError(f"activation {self.spec!r} is not elementwise")
+        return self._named()[1](s)
+
+    def _named(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        if self.kind not in _NAMED:
+            raise ValueError(f"activation {self.spec!r} is not elementwise")
+        return _NAMED[self.kind]
 
     def __call__(self, s: torch.Tensor, n: torch.Tensor | float | None = None) -> torch.Tensor:
         """phi(S) for an elementwise activation; n = attendable keys per row.
@@ -222,13 +225,10 @@ def _parse_number(text: str, spec: str) -> float:
         c = float(text)
     except ValueError:
         raise ValueError(
-            f"bad activation spec {spec!r}: divisor {text!r} is not a number, 'sqrt(N)' or 'N'.\n"
-            + _forms_help()
+            f"bad activation spec {spec!r}: divisor {text!r} is not a number, 'sqrt(N)' or 'N'.\n" + _forms_help()
         ) from None
     if not math.isfinite(c) or c <= 0:
-        raise ValueError(
-            f"bad activation spec {spec!r}: the divisor must be a finite positive number, got {text!r}"
-        )
+        raise ValueError(f"bad activation spec {spec!r}: the divisor must be a finite positive number, got {text!r}")
     if not MIN_DIVISOR <= c <= MAX_DIVISOR:
         effect = "overflow to inf/NaN" if c < MIN_DIVISOR else "underflow towards 0"
         raise ValueError(
@@ -249,8 +249,7 @@ def get_activation(spec: ActivationLike) -> Activation:
         return spec
     if not isinstance(spec, str):
         raise TypeError(
-            f"activation must be a spec string such as 'x^3/sqrt(N)' or an Activation, "
-            f"got {type(spec).__name__}"
+            f"activation must be a spec string such as 'x^3/sqrt(N)' or an Activation, got {type(spec).__name__}"
         )
     text = re.sub(r"\s+", "", spec).lower()
     m = _DIV_RE.match(text)
@@ -261,8 +260,7 @@ def get_activation(spec: ActivationLike) -> Activation:
     if base == "softmax":
         if div is not None:
             raise ValueError(
-                f"bad activation spec {spec!r}: softmax takes no divisor "
-                "(its rows already sum to 1). Use 'softmax'."
+                f"bad activation spec {spec!r}: softmax takes no divisor (its rows already sum to 1). Use 'softmax'."
             )
         return Activation("softmax")
 

@@ -1,4 +1,4 @@
-"""Norm diagnostics: the Frobenius norm of the attention matrix and of its Jacobian.
+"""Diagnostics of attention: the norms of the attention matrix and of its Jacobian, and the matrix itself.
 
 The paper's argument is about two numbers per attention matrix A = phi(S):
 
@@ -8,7 +8,9 @@ The paper's argument is about two numbers per attention matrix A = phi(S):
 
 :func:`attention_norms` computes both in O(Nq * Nk) time and memory, never
 materialising the (Nq Nk) x (Nq Nk) Jacobian; :class:`NormRecorder` records
-them per layer and head while a model trains.
+them per layer and head while a model trains. :class:`AttentionMapRecorder`
+records A itself (the paper's heat maps and class-token maps), from any model
+whose attention follows the protocol of :mod:`polyattn.core.module`.
 
 Closed forms (rows i, allowed keys j; masked entries neither vary nor count):
 
@@ -23,7 +25,8 @@ Closed forms (rows i, allowed keys j; masked entries neither vary nor count):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -32,8 +35,9 @@ from .activations import Activation, ActivationLike, get_activation
 from .backends.reference import attention_weights
 from .functional import compute_dtype
 from .masking import combine_masks, valid_key_counts
+from .module import attention_modules, module_activation
 
-__all__ = ["NormRecorder", "attention_norms", "find_attention_modules"]
+__all__ = ["AttentionMapRecorder", "NormRecorder", "attention_norms", "observed_attention_weights"]
 
 
 # --------------------------------------------------------------------------- #
@@ -90,9 +94,7 @@ def _softmax_jacobian_fro(a: torch.Tensor) -> torch.Tensor:
     return per_entry.sum(dim=(-2, -1)).clamp_min(0).sqrt()
 
 
-def _elementwise_jacobian_fro(
-    scores: torch.Tensor, act: Activation, mask: torch.Tensor | None
-) -> torch.Tensor:
+def _elementwise_jacobian_fro(scores: torch.Tensor, act: Activation, mask: torch.Tensor | None) -> torch.Tensor:
     """||diag(phi'(S) / c)||_F on allowed entries: the Jacobian of an elementwise phi is diagonal."""
     if mask is None:
         deriv = act.base_derivative(scores)
@@ -143,31 +145,18 @@ def attention_norms(
 
 
 # --------------------------------------------------------------------------- #
-# NormRecorder
+# From an observer call to S
 # --------------------------------------------------------------------------- #
-def _has_activation(module: nn.Module) -> bool:
-    return hasattr(module, "_activation") or hasattr(module, "activation")
-
-
-def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every attention module, in ``model.modules()`` order.
-
-    An attention module is one with an ``attention_observers`` list and an
-    ``activation`` (or ``_activation``) attribute: :class:`PolyAttention`, and
-    any patched third-party attention that follows the same protocol.
-    """
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "attention_observers", None), list) and _has_activation(m)
-    ]
-
-
-def _module_activation(module: nn.Module) -> Activation:
-    act = getattr(module, "activation", None)
-    if act is None:
-        act = module._activation
-    return get_activation(act)
+def _observed_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """S = scale q k^T + bias as polyattn.attention forms it, from detached copies in the compute dtype."""
+    cd = compute_dtype(q.dtype)
+    q, k = q.detach().to(cd), k.detach().to(cd)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias.detach().to(cd)
+    return scores
 
 
 def head_norms(
@@ -181,14 +170,8 @@ def head_norms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-averaged (fro, jac_fro) per head, each of shape (H,), from an observer call."""
     with torch.no_grad():
-        cd = compute_dtype(q.dtype)
-        q, k = q.detach().to(cd), k.detach().to(cd)
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
-        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-        if bias is not None:
-            scores = scores + bias.detach().to(cd)
-        fro, jac = attention_norms(scores, _module_activation(module), attn_mask, causal)
+        scores = _observed_scores(q, k, bias, scale)
+        fro, jac = attention_norms(scores, module_activation(module), attn_mask, causal)
         if fro.dim() <= 1:  # no head dimension: one "head"
             return fro.mean().reshape(1), jac.mean().reshape(1)
         # q is (B, H, N, hd): norms are (B, H); average every leading dim but the heads.
@@ -196,7 +179,67 @@ def head_norms(
         return fro.mean(dim=lead), jac.mean(dim=lead)
 
 
-class NormRecorder:
+def _no_attention_error(recorder: str) -> ValueError:
+    return ValueError(
+        f"{recorder} found no attention module in the model: it needs PolyAttention layers "
+        "(or modules with an `attention_observers` list and an `activation` attribute, such as "
+        "timm attention patched by polyattn)"
+    )
+
+
+_R = TypeVar("_R", bound="_Recorder")
+
+
+class _Recorder:
+    """What both recorders share: one observer per recorded attention module, attached and detached
+    as a group, and the context-manager protocol."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        self.model = model
+        self.layers = attention_modules(model)
+        if not self.layers:
+            raise _no_attention_error(kind)
+        self._hooks: list[tuple[nn.Module, Callable]] = []
+
+    def _recorded_layers(self) -> list[int]:
+        return list(range(len(self.layers)))
+
+    def _make_observer(self, index: int, name: str) -> Callable:
+        raise NotImplementedError
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def attach(self: _R) -> _R:
+        """Add one observer to every recorded attention module (idempotent)."""
+        if self._hooks:
+            return self
+        for index in self._recorded_layers():
+            name, module = self.layers[index]
+            fn = self._make_observer(index, name)
+            module.attention_observers.append(fn)
+            self._hooks.append((module, fn))
+        return self
+
+    def detach(self) -> None:
+        """Remove this recorder's observers; what it recorded stays available."""
+        for module, fn in self._hooks:
+            # Identity, not equality: another recorder's observer must stay.
+            module.attention_observers[:] = [f for f in module.attention_observers if f is not fn]
+        self._hooks = []
+
+    def __enter__(self: _R) -> _R:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+# --------------------------------------------------------------------------- #
+# NormRecorder
+# --------------------------------------------------------------------------- #
+class NormRecorder(_Recorder):
     """Record ||A||_F and ||dA/dS||_F per attention layer and head during training.
 
     ::
@@ -221,48 +264,12 @@ class NormRecorder:
     def __init__(self, model: nn.Module, every: int = 1) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (record every K steps), got {every!r}")
-        self.model = model
+        super().__init__(model, "NormRecorder")
         self.every = every
-        self.layers = find_attention_modules(model)
-        if not self.layers:
-            raise ValueError(
-                "NormRecorder found no attention module in the model: it needs PolyAttention layers "
-                "(or modules with an `attention_observers` list and an `activation` attribute, such as "
-                "timm attention patched by polyattn)"
-            )
         self.rows: list[dict] = []
         self._step = 0
         self._active = True
         self._done: set[int] = set()
-        self._hooks: list[tuple[nn.Module, Callable]] = []
-
-    # --- lifecycle -----------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return bool(self._hooks)
-
-    def attach(self) -> NormRecorder:
-        """Add one observer to every attention module (idempotent)."""
-        if self._hooks:
-            return self
-        for index, (name, module) in enumerate(self.layers):
-            fn = self._make_observer(index, name)
-            module.attention_observers.append(fn)
-            self._hooks.append((module, fn))
-        return self
-
-    def detach(self) -> None:
-        """Remove this recorder's observers; recorded rows stay available."""
-        for module, fn in self._hooks:
-            # Identity, not equality: another recorder's observer must stay.
-            module.attention_observers[:] = [f for f in module.attention_observers if f is not fn]
-        self._hooks = []
-
-    def __enter__(self) -> NormRecorder:
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
 
     # --- stepping --------------------------------------------------------------
     @property
@@ -298,3 +305,124 @@ class NormRecorder:
                 )
 
         return observe
+
+
+# --------------------------------------------------------------------------- #
+# Attention maps
+# --------------------------------------------------------------------------- #
+def _pick(t: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t.index_select(dim, index.to(t.device))
+
+
+def observed_attention_weights(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    *,
+    heads: Sequence[int] | None = None,
+    batch: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The attention matrix A of one observer call: (B, H, Nq, Nk) for q of shape (B, H, Nq, d).
+
+    A is what :func:`polyattn.attention` applies to v: phi of the scaled, biased
+    scores with masked entries exactly 0, computed by the reference backend's
+    ``attention_weights`` in the compute dtype (fp32 for fp16/bf16), before
+    attention dropout. ``batch`` and ``heads`` select items of the first and
+    second dimension before anything is computed. Detached, under no_grad.
+    """
+    with torch.no_grad():
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        full = (*lead, q.shape[-2], k.shape[-2])
+        if heads is not None and len(full) < 4:
+            raise ValueError(f"heads given, but the attention of this module has no head dimension: A is {full}")
+        if batch is not None and len(full) < 3:
+            raise ValueError(f"batch given, but the attention of this module has no batch dimension: A is {full}")
+        b_idx = None if batch is None else torch.as_tensor(list(batch), dtype=torch.long)
+        h_idx = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
+
+        def select(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+            # expand() is a view, so only the selected items are ever copied.
+            return _pick(_pick(t.expand(shape), 0, b_idx), 1, h_idx)
+
+        q = select(q, (*lead, *q.shape[-2:]))
+        k = select(k, (*lead, *k.shape[-2:]))
+        scores = _observed_scores(q, k, None if bias is None else select(bias, full), scale)
+        mask = combine_masks(attn_mask, causal, full[-2], full[-1], scores.device)
+        if mask is not None:
+            mask = select(mask, full)
+        return attention_weights(scores, module_activation(module), mask)
+
+
+class AttentionMapRecorder(_Recorder):
+    """Record the attention matrices A of chosen layers, heads and batch items.
+
+    ::
+
+        with polyattn.core.AttentionMapRecorder(model, layers=[1, -1], heads=[0]) as rec:
+            model(images)
+        a = rec.get(-1)            # (B, 1, T, T): A of the last attention layer, head 0
+
+    ``layers`` are 0-based positions in :func:`polyattn.core.attention_modules`
+    (negative counts from the end; default all), so it works on every model
+    whose attention follows the protocol, timm models after :func:`polyattn.patch`
+    included. ``heads`` and ``batch`` select along the first two dimensions of
+    A (default all); for Swin the batch dimension holds each image's windows
+    in turn. Each forward while attached appends one tensor per recorded layer
+    to ``maps[layer]``, computed by :func:`observed_attention_weights` and
+    moved to ``device`` (None: left where the attention ran); model outputs
+    and gradients are unchanged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        batch: Sequence[int] | None = None,
+        device: torch.device | str | None = "cpu",
+    ) -> None:
+        super().__init__(model, "AttentionMapRecorder")
+        n = len(self.layers)
+        wanted = range(n) if layers is None else list(layers)
+        bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a model with {n} attention layers")
+        self._wanted = sorted({i % n for i in wanted})
+        for name, value in (("heads", heads), ("batch", batch)):
+            if value is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+                raise ValueError(f"{name} must be non-negative integer indices, got {list(value)!r}")
+        self.heads = None if heads is None else list(heads)
+        self.batch = None if batch is None else list(batch)
+        self.device = device
+        self.maps: dict[int, list[torch.Tensor]] = {i: [] for i in self._wanted}
+
+    def _recorded_layers(self) -> list[int]:
+        return self._wanted
+
+    def _make_observer(self, index: int, name: str) -> Callable:
+        def observe(module, q, k, attn_mask, bias, causal, scale) -> None:  # noqa: ANN001
+            a = observed_attention_weights(
+                module, q, k, attn_mask, bias, causal, scale, heads=self.heads, batch=self.batch
+            )
+            self.maps[index].append(a if self.device is None else a.to(self.device))
+
+        return observe
+
+    def get(self, layer: int) -> torch.Tensor:
+        """A of ``layer`` (negative counts from the end) over every recorded forward, joined along the batch."""
+        n = len(self.layers)
+        index = layer % n if -n <= layer < n else layer
+        if index not in self.maps:
+            raise ValueError(f"layer {layer} is not recorded; recorded layers: {self._wanted}")
+        if not self.maps[index]:
+            raise ValueError(f"layer {layer} ({self.layers[index][0]}) has seen no forward while attached")
+        return torch.cat(self.maps[index], dim=0)
+
+    def clear(self) -> None:
+        """Forget what was recorded."""
+        for maps in self.maps.values():
+            maps.clear()

@@ -58,8 +58,7 @@ def _check_inputs(
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:
         raise ValueError(
-            f"the leading (batch/head) dimensions of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} "
-            "do not broadcast"
+            f"the leading (batch/head) dimensions of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
         ) from None
     s_shape = (*batch, q.shape[-2], k.shape[-2])
 
@@ -85,9 +84,7 @@ def _check_inputs(
     return s_shape
 
 
-def _check_devices(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, bias: object
-) -> None:
+def _check_devices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, bias: object) -> None:
     # Mixed devices must fail here: a meta q with CPU k, v would otherwise run
     # on CPU and return uninitialised memory instead of an error.
     named = [("q", q), ("k", k), ("v", v)]
@@ -108,9 +105,7 @@ def _check_broadcast(name: str, t: torch.Tensor, s_shape: tuple[int, ...]) -> No
         except RuntimeError:
             ok = False
     if not ok:
-        raise ValueError(
-            f"{name} of shape {_shape(t)} does not broadcast to the score shape {s_shape} (..., Nq, Nk)"
-        )
+        raise ValueError(f"{name} of shape {_shape(t)} does not broadcast to the score shape {s_shape} (..., Nq, Nk)")
 
 
 def attention(

@@ -8,20 +8,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activations import Activation, ActivationLike, get_activation
-from .functional import attention
+from .activations import ActivationLike
 from .masking import padding_to_attn_mask
+from .module import AttentionModule
 
 __all__ = ["PolyAttention"]
 
 
-class PolyAttention(nn.Module):
+class PolyAttention(AttentionModule, nn.Module):
     """Multi-head attention on (B, N, dim) with a pluggable activation.
 
     Parameters are ``qkv`` (dim -> 3 dim) and ``proj`` (dim -> dim), as in timm's
     ViT ``Attention``; the activation is not part of the state dict, so a
     checkpoint loads under any activation and ``layer.activation = "x^3/sqrt(N)"``
-    switches it in place.
+    switches it in place. ``activation``, ``backend`` and ``attention_observers``
+    are the attention-module protocol (:class:`polyattn.core.module.AttentionModule`).
     """
 
     def __init__(
@@ -51,23 +52,10 @@ class PolyAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.activation = activation  # type: ignore[assignment]  # parsed by the setter
-        self.backend = "auto"
-        # Callables fn(module, q, k, attn_mask, bias, causal, scale) that see the
-        # inputs of each attention call (diagnostics such as NormRecorder). Kept
-        # as a plain list, not hooks, so an empty list costs one truth test.
-        self.attention_observers: list = []
-
-    @property
-    def activation(self) -> Activation:
-        return self._activation
-
-    @activation.setter
-    def activation(self, spec: ActivationLike) -> None:
-        self._activation = get_activation(spec)
+        self._init_attention(activation)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, activation={self._activation.spec!r}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, {super().extra_repr()}"
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -83,9 +71,7 @@ class PolyAttention(nn.Module):
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
-                raise ValueError(
-                    f"context must have shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}"
-                )
+                raise ValueError(f"context must have shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}")
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[: self.dim], None if b is None else b[: self.dim])
             k, v = F.linear(context, w[self.dim :], None if b is None else b[self.dim :]).chunk(2, dim=-1)
@@ -112,13 +98,6 @@ class PolyAttention(nn.Module):
                     f"got {tuple(key_padding_mask.shape)}"
                 )
             attn_mask = padding_to_attn_mask(key_padding_mask)
-        for observe in self.attention_observers:
-            observe(self, q, k, attn_mask, None, causal, self.scale)
-        out = attention(
-            q, k, v, self._activation,
-            attn_mask=attn_mask, causal=causal, scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            backend=self.backend,
-        )
+        out = self.attend(q, k, v, attn_mask=attn_mask, causal=causal, scale=self.scale)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)
         return self.proj_drop(self.proj(out))

@@ -27,13 +27,9 @@ def combine_masks(
 def padding_to_attn_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """(B, N) with True = padding (nn.MultiheadAttention's convention) -> (B, 1, 1, N) with True = may attend."""
     if key_padding_mask.dtype != torch.bool:
-        raise TypeError(
-            f"key_padding_mask must be a bool tensor (True = padding), got dtype {key_padding_mask.dtype}"
-        )
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got dtype {key_padding_mask.dtype}")
     if key_padding_mask.dim() != 2:
-        raise ValueError(
-            f"key_padding_mask must have shape (B, N), got {tuple(key_padding_mask.shape)}"
-        )
+        raise ValueError(f"key_padding_mask must have shape (B, N), got {tuple(key_padding_mask.shape)}")
     return (~key_padding_mask)[:, None, None, :]
 
 

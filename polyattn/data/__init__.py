@@ -2,10 +2,12 @@
 
 Built in: ``digits`` (scikit-learn's 8x8 digits, no download), ``synthetic``
 (generated), ``tiny_imagenet``, ``imagenet`` / ``image_folder`` (class folders)
-and ``cifar10`` / ``cifar100`` (python-pickle release) read from ``data.root``.
+and ``cifar10`` / ``cifar100`` (python-pickle release) read from ``data.root``;
+the Long Range Arena tasks (``lra_*``) are in :mod:`polyattn.data.lra`.
 """
 
-from . import cifar, digits, images, synthetic  # noqa: F401  (registers the datasets)
+# Importing the loader modules registers their datasets; the registry has no other way to find them.
+from . import cifar, digits, images, lra, synthetic  # noqa: F401
 from .errors import DatasetError, DatasetFormatError, DatasetNotFoundError
 from .registry import (
     COMMON_DATA_KEYS,
@@ -31,5 +33,3 @@ __all__ = [
     "list_datasets",
     "register_dataset",
 ]
-
-from . import lra  # noqa: E402,F401  (registers the Long Range Arena datasets)

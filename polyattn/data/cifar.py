@@ -8,7 +8,6 @@ as ``test``. ``augment: light`` = random shift by up to 4 pixels + horizontal fl
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError, DatasetFormatError, DatasetNotFoundError
+from .errors import DatasetError, DatasetFormatError, DatasetNotFoundError, root_path
 from .registry import IMAGE_SIZE, DataBundle, in_range, register_dataset
 from .transforms import TensorImageDataset, random_hflip, random_shift, stratified_split
 
@@ -115,8 +114,7 @@ def _batch(path: Path, layout: str, label_key: str, num_classes: int) -> tuple[n
         raise DatasetFormatError.for_path(
             path,
             layout,
-            problem=f"malformed dataset file (b'data' must be uint8 of shape (N, 3072), got "
-            f"{data.dtype} {data.shape})",
+            problem=f"malformed dataset file (b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape})",
         )
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         raise DatasetFormatError.for_path(
@@ -133,14 +131,7 @@ def load_cifar_arrays(root, variant: str = "cifar10") -> CifarArrays:
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {list(_VARIANTS)}, got {variant!r}")
     folder, layout, train_files, test_files, meta_file, label_key, names_key, k = _VARIANTS[variant]
-    if root is None or str(root) == "":
-        raise DatasetNotFoundError.for_path(
-            None,
-            layout,
-            hint="set the dataset folder with --set data.root=PATH",
-            problem=f"data.root is not set (dataset {variant!r} is read from disk)",
-        )
-    path = Path(os.path.expanduser(str(root)))
+    path = root_path(root, layout, variant)
     if (path / folder).is_dir():
         path = path / folder
     if not path.is_dir():

@@ -7,8 +7,9 @@ raise DatasetNotFoundError("plain message")            # also fine
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["DatasetError", "DatasetNotFoundError", "DatasetFormatError", "format_layout_message"]
+__all__ = ["DatasetError", "DatasetNotFoundError", "DatasetFormatError", "format_layout_message", "root_path"]
 
 
 def format_layout_message(
@@ -61,3 +62,15 @@ class DatasetFormatError(DatasetError):
     """A dataset file exists but does not hold what the layout says (corrupt, wrong keys, bad lines)."""
 
     default_problem = "malformed dataset file"
+
+
+def root_path(root, layout: str, dataset: str) -> Path:
+    """``data.root`` as a path, or DatasetNotFoundError saying how to set it when it is not set."""
+    if root is None or str(root) == "":
+        raise DatasetNotFoundError.for_path(
+            None,
+            layout,
+            hint="set the dataset folder with --set data.root=PATH",
+            problem=f"data.root is not set (dataset {dataset!r} is read from disk)",
+        )
+    return Path(os.path.expanduser(str(root)))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .errors import DatasetFormatError, DatasetNotFoundError
+from .errors import DatasetFormatError, DatasetNotFoundError, root_path
 from .registry import IMAGE_SIZE, DataBundle, in_range, register_dataset
 from .transforms import (
     IMAGENET_MEAN,
@@ -130,14 +130,7 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _require_root(root, layout: str, dataset: str) -> Path:
-    if root is None or str(root) == "":
-        raise DatasetNotFoundError.for_path(
-            None,
-            layout,
-            hint="set the dataset folder with --set data.root=PATH",
-            problem=f"data.root is not set (dataset {dataset!r} is read from disk)",
-        )
-    path = Path(os.path.expanduser(str(root)))
+    path = root_path(root, layout, dataset)
     if not path.is_dir():
         raise DatasetNotFoundError.for_path(path, layout, problem=f"{dataset} folder not found")
     return path
@@ -151,9 +144,7 @@ def find_tiny_imagenet(root) -> tuple[list[str], list[tuple[str, int]], list[tup
         path = path / "tiny-imagenet-200"
 
     def missing(p: Path, what: str):
-        return DatasetNotFoundError.for_path(
-            p, TINY_IMAGENET_LAYOUT, problem=f"Tiny-ImageNet {what} not found"
-        )
+        return DatasetNotFoundError.for_path(p, TINY_IMAGENET_LAYOUT, problem=f"Tiny-ImageNet {what} not found")
 
     wnids_file = path / "wnids.txt"
     if not wnids_file.is_file():
@@ -206,9 +197,7 @@ def find_tiny_imagenet(root) -> tuple[list[str], list[tuple[str, int]], list[tup
             raise missing(img, f"validation image listed on line {n} of val_annotations.txt")
         val.append((str(img), index[wnid]))
     if not val:
-        raise DatasetFormatError.for_path(
-            ann, TINY_IMAGENET_LAYOUT, problem="malformed dataset file (no annotations)"
-        )
+        raise DatasetFormatError.for_path(ann, TINY_IMAGENET_LAYOUT, problem="malformed dataset file (no annotations)")
     return wnids, train, val
 
 
@@ -222,15 +211,11 @@ def find_class_folders(
     for split in ("train", "val"):
         folder = path / split
         if not folder.is_dir():
-            raise DatasetNotFoundError.for_path(
-                folder, CLASS_FOLDER_LAYOUT, problem=f"{split}/ folder not found"
-            )
+            raise DatasetNotFoundError.for_path(folder, CLASS_FOLDER_LAYOUT, problem=f"{split}/ folder not found")
         with os.scandir(folder) as it:
             splits[split] = sorted(e.name for e in it if e.is_dir())
         if not splits[split]:
-            raise DatasetNotFoundError.for_path(
-                folder, CLASS_FOLDER_LAYOUT, problem=f"no class folders in {split}/"
-            )
+            raise DatasetNotFoundError.for_path(folder, CLASS_FOLDER_LAYOUT, problem=f"no class folders in {split}/")
     classes = splits["train"]
     extra = sorted(set(splits["val"]) - set(classes))
     if extra:
@@ -246,9 +231,7 @@ def find_class_folders(
         for c in splits[split]:
             samples[split] += [(f, index[c]) for f in _list_images(path / split / c)]
         if not samples[split]:
-            raise DatasetNotFoundError.for_path(
-                path / split, CLASS_FOLDER_LAYOUT, problem=f"no images in {split}/"
-            )
+            raise DatasetNotFoundError.for_path(path / split, CLASS_FOLDER_LAYOUT, problem=f"no images in {split}/")
     return classes, samples["train"], samples["val"]
 
 
@@ -288,9 +271,7 @@ def build_tiny_imagenet(cfg: dict, seed: int) -> DataBundle:
     return _bundle("tiny_imagenet", cfg, classes, train, val)
 
 
-@register_dataset(
-    "imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
-)
+@register_dataset("imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS)
 def build_imagenet(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_class_folders(cfg["root"], "imagenet")
     return _bundle("imagenet", cfg, classes, train, val)

@@ -11,7 +11,6 @@ declares the config keys the dataset accepts besides the common ones (``name``,
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..utils.registry import Registry
 from .errors import DatasetError
 
 __all__ = [
@@ -92,33 +92,8 @@ def _is_size(v: Any) -> bool:
 IMAGE_SIZE: Check = (_is_size, "a positive int or [height, width] of positive ints")
 
 
-@dataclass(frozen=True)
-class _Entry:
-    builder: Builder
-    defaults: dict
-    choices: dict
-    checks: dict
-
-
-_DATASETS: dict[str, _Entry] = {}
-
-# Modules whose import registers datasets; imported on first lookup.
-_PROVIDERS: tuple[str, ...] = (
-    "polyattn.data.digits",
-    "polyattn.data.synthetic",
-    "polyattn.data.images",
-    "polyattn.data.cifar",
-)
-_providers_loaded = False
-
-
-def _load_providers() -> None:
-    global _providers_loaded
-    if _providers_loaded:
-        return
-    _providers_loaded = True
-    for module in _PROVIDERS:
-        importlib.import_module(module)
+# Each entry's meta holds the dataset's ``defaults``, ``choices`` and ``checks``.
+_DATASETS: Registry[Builder] = Registry("dataset", error=DatasetError)
 
 
 def register_dataset(
@@ -142,54 +117,35 @@ def register_dataset(
             raise ValueError(f"dataset {name!r}: checks[{key!r}] must be (predicate, requirement), got {check!r}")
     clash = set(defaults) & set(COMMON_DATA_KEYS)
     if clash:
-        raise ValueError(
-            f"dataset {name!r}: keys {sorted(clash)} are common data keys and cannot be redefined"
-        )
+        raise ValueError(f"dataset {name!r}: keys {sorted(clash)} are common data keys and cannot be redefined")
     for what, keys in (("choices", choices), ("checks", checks)):
         unknown = set(keys) - set(defaults) - set(COMMON_DATA_KEYS)
         if unknown:
             raise ValueError(f"dataset {name!r}: {what} given for undeclared keys {sorted(unknown)}")
-
-    def decorator(fn: Builder) -> Builder:
-        if name in _DATASETS and _DATASETS[name].builder is not fn:
-            raise ValueError(
-                f"dataset {name!r} is already registered (by {_DATASETS[name].builder.__module__})"
-            )
-        _DATASETS[name] = _Entry(fn, defaults, choices, checks)
-        return fn
-
-    return decorator
+    return _DATASETS.register(name, defaults=defaults, choices=choices, checks=checks)
 
 
 def list_datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    _load_providers()
-    return sorted(_DATASETS)
-
-
-def _entry(name: str) -> _Entry:
-    _load_providers()
-    if name not in _DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}")
-    return _DATASETS[name]
+    return _DATASETS.names()
 
 
 def dataset_defaults(name: str) -> dict:
     """All keys the ``data`` section accepts for dataset ``name``, with their defaults."""
     out = copy.deepcopy(COMMON_DATA_KEYS)
     out["name"] = name
-    out.update(copy.deepcopy(_entry(name).defaults))
+    out.update(copy.deepcopy(_DATASETS.entry(name).meta["defaults"]))
     return out
 
 
 def dataset_choices(name: str) -> dict[str, tuple]:
     """Allowed values of the dataset's enumerated keys (e.g. ``augment``)."""
-    return dict(_entry(name).choices)
+    return dict(_DATASETS.entry(name).meta["choices"])
 
 
 def dataset_checks(name: str) -> dict[str, Check]:
     """``key -> (predicate, requirement)`` of the dataset's range-checked keys (e.g. ``val_fraction``)."""
-    return dict(_entry(name).checks)
+    return dict(_DATASETS.entry(name).meta["checks"])
 
 
 def _check_value(name: str, key: str, check: Check, value: Any) -> None:
@@ -239,12 +195,10 @@ def build_dataset(cfg_data: dict, seed: int) -> DataBundle:
     resolved.update(cfg_data)
     for key, allowed in dataset_choices(name).items():
         if resolved[key] not in allowed:
-            raise DatasetError(
-                f"data.{key} must be one of {list(allowed)} for dataset {name!r}, got {resolved[key]!r}"
-            )
+            raise DatasetError(f"data.{key} must be one of {list(allowed)} for dataset {name!r}, got {resolved[key]!r}")
     for key, check in dataset_checks(name).items():
         _check_value(name, key, check, resolved[key])
-    bundle = _entry(name).builder(resolved, seed)
+    bundle = _DATASETS.get(name)(resolved, seed)
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")
     _check_splits(name, bundle)

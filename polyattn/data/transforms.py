@@ -49,9 +49,7 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1) if bool(torch.rand(()) < 0.5) else x
 
 
-def stratified_split(
-    labels: Sequence[int] | torch.Tensor, val_fraction: float, seed: int
-) -> tuple[list, list]:
+def stratified_split(labels: Sequence[int] | torch.Tensor, val_fraction: float, seed: int) -> tuple[list, list]:
     """Indices (train, val): each class contributes round(val_fraction * count) examples to val."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -84,9 +82,7 @@ class TensorImageDataset(Dataset):
         size: tuple[int, int] | None = None,
     ) -> None:
         if images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(
-                f"images must be (N, C, H, W) with N labels, got {tuple(images.shape)} and {len(labels)}"
-            )
+            raise ValueError(f"images must be (N, C, H, W) with N labels, got {tuple(images.shape)} and {len(labels)}")
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         c = images.shape[1]
@@ -104,9 +100,7 @@ class TensorImageDataset(Dataset):
         if self.augment is not None:
             x = self.augment(x)
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[
-                0
-            ]
+            x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[0]
         return (x - self.mean) / self.std, self.labels[i]
 
 

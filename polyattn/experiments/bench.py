@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ from ..core.activations import get_activation
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.functional import attention
+from ..training.config import settings_from_dict
+from ..utils import atomic_write_json, atomic_write_text
 from ..utils.machine import machine_line
 
 __all__ = [
@@ -85,11 +87,7 @@ class BenchConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BenchConfig:
-        known = {f.name for f in fields(BenchConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown bench setting(s) {unknown}; allowed: {sorted(known)}")
-        cfg = BenchConfig(**data)
+        cfg = settings_from_dict(BenchConfig, data, "bench config")
         cfg.validate()
         return cfg
 
@@ -251,7 +249,9 @@ def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -
     job = json.dumps({"config": asdict(cfg), "cases": cases})
     proc = subprocess.Popen(
         [sys.executable, "-m", "polyattn.experiments.bench", "--memory-worker"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(job)
@@ -303,9 +303,7 @@ def _plan_cases(cfg: BenchConfig) -> list[dict]:
                     est, skip = estimates[name]
                     if skip is None and not math.isfinite(est):
                         skip = f"cost model: {estimate(name, info).note}"
-                    elif skip is None and (
-                        est > max(cfg.skip_factor * best, cfg.min_skip_s) or est > cfg.max_case_s
-                    ):
+                    elif skip is None and (est > max(cfg.skip_factor * best, cfg.min_skip_s) or est > cfg.max_case_s):
                         skip = f"cost model estimates {est:.3g} s vs {best:.3g} s for the fastest backend"
                     row = _case(n, d, p, b, spec, est, skip)
                     if b == "auto":
@@ -317,14 +315,13 @@ def _plan_cases(cfg: BenchConfig) -> list[dict]:
 
 def _case(n, d, p, backend, spec, est, skip) -> dict:
     key = f"n={n},d={d},p={p},backend={backend}"
-    return {"key": key, "n": n, "d": d, "p": p, "backend": backend, "spec": spec, "estimate_s": est,
-            "skipped": skip}
+    return {"key": key, "n": n, "d": d, "p": p, "backend": backend, "spec": spec, "estimate_s": est, "skipped": skip}
 
 
-def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True,
-              plots: bool = True) -> dict:
+def run_bench(
+    cfg: BenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True, plots: bool = True
+) -> dict:
     """Run the grid; returns (and writes to out_dir) the results."""
-    from ..utils import atomic_write_json, atomic_write_text
 
     cfg = cfg.resolved()
     cfg.validate()
@@ -369,24 +366,35 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, progre
         machine = machine_line(cfg.device)
     finally:
         torch.set_num_threads(old_threads)
-    results = {
-        "config": asdict(cfg),
-        "machine": machine,
-        "threads": cfg.threads or old_threads,
-        "elapsed_s": time.perf_counter() - t_start,
-        "cases": cases,
-    }
+    results = bench_results(cfg, machine, cfg.threads or old_threads, t_start, cases=cases)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
-        atomic_write_json(results, out / "results.json")
-        atomic_write_text(format_table(results) + "\n", out / "report.txt")
+        out = write_bench_dir(out_dir, cfg, results, format_table(results))
         if plots:
             results["plots"] = [str(p) for p in plot_bench(results, out)]
     return results
+
+
+def bench_results(cfg: Any, machine: str, threads: int, t_start: float, **measured: Any) -> dict:
+    """The results dict every bench writes: its config, the machine, threads, elapsed time, then the rows."""
+    return {
+        "config": asdict(cfg),
+        "machine": machine,
+        "threads": threads,
+        "elapsed_s": time.perf_counter() - t_start,
+        **measured,
+    }
+
+
+def write_bench_dir(out_dir: str | os.PathLike, cfg: Any, results: dict, report: str) -> Path:
+    """``config.yaml``, ``results.json`` and ``report.txt`` of a bench in ``out_dir``; returns the folder."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
+    atomic_write_json(results, out / "results.json")
+    atomic_write_text(report + "\n", out / "report.txt")
+    return out
 
 
 def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> None:
@@ -490,8 +498,10 @@ def format_table(results: dict) -> str:
                     else:
                         tr = c.get("time_vs_sdpa")
                         mr = c.get("memory_vs_sdpa")
-                        cell = f"{_ms(c['time_s'])} ({'-' if tr is None else f'{tr:.2f}'}, " \
-                               f"{'-' if mr is None else f'{mr:.2f}'})"
+                        cell = (
+                            f"{_ms(c['time_s'])} ({'-' if tr is None else f'{tr:.2f}'}, "
+                            f"{'-' if mr is None else f'{mr:.2f}'})"
+                        )
                         if b == "auto":
                             cell = f"{c['picked'][:4]}: " + cell
                     row += f" {cell:>26} |"
@@ -535,8 +545,10 @@ def plot_bench(results: dict, out_dir: Path) -> list[Path]:
     cfg = results["config"]
     cases = results["cases"]
     paths = []
-    for metric, ylabel, fname in (("time_s", "fwd+bwd time (s)", "bench_time.png"),
-                                  ("peak_bytes", "peak extra memory (MiB)", "bench_memory.png")):
+    for metric, ylabel, fname in (
+        ("time_s", "fwd+bwd time (s)", "bench_time.png"),
+        ("peak_bytes", "peak extra memory (MiB)", "bench_memory.png"),
+    ):
         if metric == "peak_bytes" and not any(c.get("peak_bytes") for c in cases):
             continue
         nd, np_ = len(cfg["ds"]), len(cfg["ps"])

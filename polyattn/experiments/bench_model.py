@@ -14,8 +14,8 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,10 @@ import torch.nn as nn
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.layers import PolyAttention
+from ..core.module import attention_modules
+from ..training.config import settings_from_dict
 from ..utils.machine import machine_line
+from .bench import bench_results, write_bench_dir
 
 __all__ = ["ModelBenchConfig", "format_model_table", "run_model_bench"]
 
@@ -46,11 +49,7 @@ class ModelBenchConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> ModelBenchConfig:
-        known = {f.name for f in fields(ModelBenchConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model-bench setting(s) {unknown}; allowed: {sorted(known)}")
-        cfg = ModelBenchConfig(**data)
+        cfg = settings_from_dict(ModelBenchConfig, data, "model bench config")
         bad = [b for b in cfg.backends if b != "auto" and b not in BACKENDS]
         if bad:
             raise ValueError(f"unknown backend(s) {bad}; choose from {['auto', *sorted(BACKENDS)]}")
@@ -60,12 +59,10 @@ class ModelBenchConfig:
 
 
 def _set_backend(model: nn.Module, backend: str) -> int:
-    n = 0
-    for m in model.modules():
-        if isinstance(m, PolyAttention) or hasattr(m, "attention_observers"):
-            m.backend = backend
-            n += 1
-    return n
+    modules = attention_modules(model)
+    for _, m in modules:
+        m.backend = backend
+    return len(modules)
 
 
 def _attention_shape(model: nn.Module, cfg: ModelBenchConfig) -> tuple[int, int, int] | None:
@@ -94,96 +91,103 @@ def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device):
     return step
 
 
-def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = None,
-                    progress: bool = True) -> dict:
-    """Train ``cfg.model`` for a few steps under each (activation, backend); returns imgs/s per row."""
+def _device(cfg: ModelBenchConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _runner(cfg: ModelBenchConfig, act: str, backend: str, device: torch.device) -> tuple[dict, Callable | None]:
+    """The result row of one (activation, backend) and its training step, or None with row["skipped"] set."""
+    from ..models import create_model
+    from ..utils import seed_everything
+
+    row: dict[str, Any] = {"activation": act, "backend": backend}
+    seed_everything(cfg.seed)
+    model = create_model(
+        cfg.model, activation=act, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes
+    ).to(device)
+    model.train()
+    shape = _attention_shape(model, cfg)
+    if shape is not None:
+        heads, tokens, hd = shape
+        meta = torch.empty(cfg.batch_size, heads, tokens, hd, device="meta")
+        info = replace(call_info(meta, meta, act, v=meta), device=device)
+        name = choose_backend(info).name if backend == "auto" else backend
+        row.update(tokens=tokens, heads=heads, head_dim=hd, runs=name)
+        why_not = BACKENDS[name].unsupported(info)
+        if why_not is None and not math.isfinite(estimate(name, info).seconds):
+            why_not = f"cost model: {estimate(name, info).note}"
+        if why_not is not None:
+            row["skipped"] = why_not
+            return row, None
+    _set_backend(model, backend)
+    return row, _make_step(model, cfg, device)
+
+
+def _time(runners: list[tuple[dict, Callable]], cfg: ModelBenchConfig, device: torch.device, progress: bool) -> None:
+    """Warm-up, then the timed steps in turns (one step of each configuration, then the next), so that
+    a busy spell on a shared machine hits all of them; step times and img/s go into the rows."""
     from tqdm import tqdm
 
-    from ..models import create_model
-    from ..utils import atomic_write_json, atomic_write_text, seed_everything
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    bar = tqdm(
+        total=len(runners) * (cfg.warmup_steps + cfg.steps), desc="model bench", disable=not progress, leave=False
+    )
+    for row, step in runners:
+        for _ in range(cfg.warmup_steps):
+            step()
+            bar.update(1)
+        row["step_times_s"] = []
+    for _ in range(cfg.steps):
+        for row, step in runners:
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            row["step_times_s"].append(time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
+    for row, _ in runners:
+        times = row["step_times_s"]
+        row["imgs_per_s"] = cfg.batch_size / min(times)
+        row["imgs_per_s_median"] = cfg.batch_size / statistics.median(times)
+
+
+def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Train ``cfg.model`` for a few steps under each (activation, backend); returns imgs/s per row."""
+    device = _device(cfg)
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rows = []
     combos = [(a, b) for a in cfg.activations for b in cfg.backends]
     if device.type == "cuda" and "triton" not in cfg.backends:
         combos += [(a, "triton") for a in cfg.activations if a != "softmax"]
     t_start = time.perf_counter()
-    runners = []
+    rows, runners = [], []
     try:
         for act, backend in combos:
-            row: dict[str, Any] = {"activation": act, "backend": backend}
+            row, step = _runner(cfg, act, backend, device)
             rows.append(row)
-            seed_everything(cfg.seed)
-            model = create_model(cfg.model, activation=act, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                 num_classes=cfg.num_classes).to(device)
-            model.train()
-            shape = _attention_shape(model, cfg)
-            if shape is not None:
-                heads, tokens, hd = shape
-                meta = torch.empty(cfg.batch_size, heads, tokens, hd, device="meta")
-                info = replace(call_info(meta, meta, act, v=meta), device=device)
-                name = choose_backend(info).name if backend == "auto" else backend
-                row.update(tokens=tokens, heads=heads, head_dim=hd, runs=name)
-                why_not = BACKENDS[name].unsupported(info)
-                if why_not is None and not math.isfinite(estimate(name, info).seconds):
-                    why_not = f"cost model: {estimate(name, info).note}"
-                if why_not is not None:
-                    row["skipped"] = why_not
-                    continue
-            _set_backend(model, backend)
-            runners.append((row, _make_step(model, cfg, device)))
-        # Warm-up, then the timed steps in turns (one step of each configuration,
-        # then the next), so a busy spell on a shared machine hits all of them.
-        bar = tqdm(total=len(runners) * (cfg.warmup_steps + cfg.steps), desc="model bench",
-                   disable=not progress, leave=False)
-        for row, step in runners:
-            for _ in range(cfg.warmup_steps):
-                step()
-                bar.update(1)
-            row["step_times_s"] = []
-        for _ in range(cfg.steps):
-            for row, step in runners:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                row["step_times_s"].append(time.perf_counter() - t0)
-                bar.update(1)
-        bar.close()
-        for row, _ in runners:
-            times = row["step_times_s"]
-            row["imgs_per_s"] = cfg.batch_size / min(times)
-            row["imgs_per_s_median"] = cfg.batch_size / statistics.median(times)
+            if step is not None:
+                runners.append((row, step))
+        _time(runners, cfg, device, progress)
         machine = machine_line(device.type)
     finally:
         torch.set_num_threads(old_threads)
         runners.clear()
-    base = next((r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto"
-                 and r.get("imgs_per_s")), None)
+    base = next(
+        (r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto" and r.get("imgs_per_s")), None
+    )
     for r in rows:
         if base and r.get("imgs_per_s"):
             r["vs_softmax_auto"] = r["imgs_per_s"] / base["imgs_per_s"]
-    results = {
-        "config": asdict(cfg),
-        "machine": machine,
-        "threads": cfg.threads or old_threads,
-        "elapsed_s": time.perf_counter() - t_start,
-        "rows": rows,
-    }
+    results = bench_results(cfg, machine, cfg.threads or old_threads, t_start, rows=rows)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
-        atomic_write_json(results, out / "results.json")
-        atomic_write_text(format_model_table(results) + "\n", out / "report.txt")
+        write_bench_dir(out_dir, cfg, results, format_model_table(results))
     return results
 
 

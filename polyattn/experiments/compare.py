@@ -37,8 +37,9 @@ from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config
 from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
+from ..utils.format import fmt_pct
 from ..utils.machine import machine_info
-from .report import compare_markdown, fmt_pct, format_table, write_compare_figures
+from .report import compare_markdown, format_table, write_compare_figures
 
 __all__ = [
     "BASE_CONFIG",
@@ -199,13 +200,17 @@ def base_overrides(
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class GridRun:
-    """One training run of a grid: its directory name, activation, seed and extra overrides."""
+    """One training run of a grid: its directory name, activation, seed, extra overrides, grid point.
+
+    ``activation``/``seed`` None leave the config's own; ``point`` picks a point of a grid config file.
+    """
 
     name: str
-    activation: str
-    seed: int
+    activation: str | None
+    seed: int | None
     overrides: tuple[str, ...] = ()
     labels: dict = field(default_factory=dict, compare=False, hash=False)  # copied into the run's record
+    point: str | None = None
 
 
 @dataclass
@@ -251,12 +256,12 @@ def plan_runs(
     for run in runs:
         run_overrides = [
             *overrides,
-            f"model.activation={json.dumps(run.activation)}",
-            f"train.seed={run.seed}",
+            *([] if run.activation is None else [f"model.activation={json.dumps(run.activation)}"]),
+            *([] if run.seed is None else [f"train.seed={run.seed}"]),
             *run.overrides,
         ]
         try:
-            cfg = load_config(config, run_overrides)
+            cfg = load_config(config, run_overrides, point=run.point)
         except ConfigError as e:
             raise ConfigError(f"run {run.name}: {e}") from None
         run_dir = root / run.name
@@ -292,8 +297,8 @@ def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
     metric = "test_acc" if summary.get("test_acc") is not None else "final_val_acc"
     return {
         "name": run.name,
-        "activation": run.activation,
-        "seed": run.seed,
+        "activation": planned.cfg["model"]["activation"],
+        "seed": planned.cfg["train"]["seed"],
         **run.labels,
         "run_dir": str(planned.run_dir),
         "status": status,

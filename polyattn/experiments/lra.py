@@ -16,8 +16,9 @@ for Image and Pathfinder also hides black pixels), and pooling averages the
 valid tokens only.
 
 Configs are data here (``TASKS``, ``CPU_PRESETS``); ``write_lra_configs``
-writes the same as YAML files (configs/lra/), which ``polyattn train`` or
-``polyattn lra --config`` read back.
+writes the same as two grid files (configs/lra/table4.yaml, configs/lra/cpu.yaml:
+task x activation), whose points ``polyattn lra --config FILE --point
+listops_x3_div14`` or ``polyattn train`` read back.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Any
 import yaml
 
 from ..core.activations import get_activation
-from ..training.config import dump_config, parse_override, resolve_config
+from ..training.config import apply_overrides, dump_config, merge_configs, resolve_config
 from ..utils import atomic_write_json, atomic_write_text
+from ..utils.format import fmt_pct
 
 __all__ = [
     "TASKS",
@@ -46,6 +48,7 @@ __all__ = [
     "PAPER_DID_NOT_TRAIN",
     "LraTask",
     "lra_config",
+    "lra_grid",
     "run_lra",
     "lra_table",
     "is_full_scale",
@@ -92,15 +95,13 @@ class LraTask:
     generated: bool = False  # polyattn can generate the data (ListOps, Pathfinder)
     note: str = ""
 
-    def config(self, activation: str = "softmax") -> dict:
-        """The full-scale config (unresolved) of this task with ``activation``."""
+    def layer(self) -> dict:
+        """What this task sets on top of the settings all tasks share (``_TRAIN_COMMON``)."""
         steps_per_epoch = math.ceil(self.train_size / self.batch_size)
         return {
-            "description": f"LRA {self.name} ({self.note}), Nystromformer settings, activation {activation}",
-            "model": {"name": self.model, "activation": activation},
+            "model": {"name": self.model},
             "data": {"name": self.dataset, **copy.deepcopy(self.data)},
             "train": {
-                **copy.deepcopy(_TRAIN_COMMON),
                 "batch_size": self.batch_size,
                 "max_steps": self.steps,
                 "warmup_steps": self.warmup_steps,
@@ -194,44 +195,58 @@ CPU_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"cannot set {dotted}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def _merge(base: dict, layer: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in layer.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def _task(name: str) -> LraTask:
     if name not in TASKS:
         raise ValueError(f"unknown LRA task {name!r}; tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
+def _preset_layer(task: str, preset: str | None) -> dict:
+    if preset is None:
+        return {}
+    if preset != "cpu":
+        raise ValueError(f"unknown preset {preset!r}; presets: cpu")
+    if task not in CPU_PRESETS:
+        raise ValueError(
+            f"no CPU preset for {task!r}: the presets exist for tasks whose data polyattn generates "
+            f"({', '.join(CPU_PRESETS)}); {task} needs its data set and a GPU-sized budget"
+        )
+    return {k: v for k, v in CPU_PRESETS[task].items() if k != "description_note"}
+
+
+def _grid_description(preset: str | None) -> str:
+    if preset is None:
+        tasks = "; ".join(f"{t.name}: {t.note}" for t in TASKS.values())
+        return f"LRA (Table 4) with the Nystromformer settings ({tasks})"
+    notes = "; ".join(f"{name}: {p['description_note']}" for name, p in CPU_PRESETS.items())
+    return f"LRA CPU presets, reduced scale ({notes})"
+
+
+def _activations(preset: str | None) -> tuple[str, ...]:
+    return TABLE4_ACTIVATIONS if preset is None else (*TABLE4_ACTIVATIONS, "x^3/sqrt(N)")
+
+
+def lra_grid(preset: str | None = None) -> dict:
+    """The grid file of the Table 4 runs (``preset=None``) or of the CPU presets: task x activation."""
+    tasks = TASKS if preset is None else {name: TASKS[name] for name in CPU_PRESETS}
+    return {
+        "description": _grid_description(preset),
+        "train": copy.deepcopy(_TRAIN_COMMON),
+        "grid": {
+            "task": {name: merge_configs(t.layer(), _preset_layer(name, preset)) for name, t in tasks.items()},
+            "activation": list(_activations(preset)),
+        },
+    }
+
+
 def raw_lra_config(task: str, activation: str = "softmax", preset: str | None = None) -> dict:
-    """The unresolved config of a task (and preset), as written to configs/lra/."""
+    """The unresolved config of a task (and preset): the point ``<task>_<activation>`` of its grid file."""
     t = _task(task)
-    cfg = t.config(get_activation(activation).spec)
-    if preset is not None:
-        if preset != "cpu":
-            raise ValueError(f"unknown preset {preset!r}; presets: cpu")
-        if task not in CPU_PRESETS:
-            raise ValueError(
-                f"no CPU preset for {task!r}: the presets exist for tasks whose data polyattn generates "
-                f"({', '.join(CPU_PRESETS)}); {task} needs its data set and a GPU-sized budget"
-            )
-        layer = {k: v for k, v in CPU_PRESETS[task].items() if k != "description_note"}
-        cfg = _merge(cfg, layer)
-        cfg["description"] += f"; {CPU_PRESETS[task]['description_note']} (reduced scale)"
+    act = get_activation(activation)
+    cfg = merge_configs({"train": copy.deepcopy(_TRAIN_COMMON)}, t.layer())
+    cfg = merge_configs(cfg, _preset_layer(task, preset))
+    cfg["model"]["activation"] = act.spec
+    cfg["description"] = f"{_grid_description(preset)} [{task}_{act.slug}]"
     return cfg
 
 
@@ -246,10 +261,7 @@ def lra_config(
     cfg = raw_lra_config(task, activation, preset)
     if data is not None:
         cfg["data"]["root"] = str(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        _set_dotted(cfg, ".".join(parts), value)
-    return resolve_config(cfg)
+    return resolve_config(apply_overrides(cfg, overrides))
 
 
 def _task_of(cfg: dict) -> str:
@@ -322,12 +334,12 @@ def run_lra(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progres
     return result
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+def _pct1(v: float | None) -> str:
+    return fmt_pct(v, 1, sign=False)
 
 
 def _paper(r: dict) -> str:
-    return "did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else _pct(r["paper_test_acc"])
+    return "did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else _pct1(r["paper_test_acc"])
 
 
 def _setting(run_dir: Path) -> str:
@@ -364,11 +376,11 @@ def lra_table(run_dirs: Sequence[str | os.PathLike]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = "diverged" if r["diverged"] else _pct(r["test_acc"])
+        acc = "diverged" if r["diverged"] else _pct1(r["test_acc"])
         scale = "reduced (CPU preset)" if r["reduced_scale"] else "full"
         time_s = "-" if r.get("time_s") is None else f"{r['time_s']:.0f}"
         lines.append(
-            f"| {r['task']} | {r['activation']} | {r.get('seed', '-')} | {acc} | {_pct(r['majority_acc'])} | "
+            f"| {r['task']} | {r['activation']} | {r.get('seed', '-')} | {acc} | {_pct1(r['majority_acc'])} | "
             f"{_paper(r)} | {r['steps']} | {scale} | {time_s} |"
         )
     groups: dict[tuple, list[dict]] = {}
@@ -398,17 +410,9 @@ def lra_table(run_dirs: Sequence[str | os.PathLike]) -> str:
 
 
 def write_lra_configs(out_dir: str | os.PathLike) -> list[Path]:
-    """Write configs/lra/: <task>_<activation>.yaml for the Table 4 runs and cpu/<task>_<activation>.yaml."""
+    """Write configs/lra/: table4.yaml (task x activation at full scale) and cpu.yaml (the CPU presets)."""
     out = Path(out_dir)
-    written = []
-    for name in TASKS:
-        for act in TABLE4_ACTIVATIONS:
-            path = out / f"{name}_{get_activation(act).slug}.yaml"
-            atomic_write_text(dump_config(raw_lra_config(name, act)), path)
-            written.append(path)
-        if name in CPU_PRESETS:
-            for act in (*TABLE4_ACTIVATIONS, "x^3/sqrt(N)"):
-                path = out / "cpu" / f"{name}_{get_activation(act).slug}.yaml"
-                atomic_write_text(dump_config(raw_lra_config(name, act, "cpu")), path)
-                written.append(path)
+    written = [out / "table4.yaml", out / "cpu.yaml"]
+    for path, preset in zip(written, (None, "cpu"), strict=True):
+        atomic_write_text(dump_config(lra_grid(preset)), path)
     return written

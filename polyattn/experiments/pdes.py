@@ -125,9 +125,9 @@ class Wave(PDE):
 
     def exact(self, x, t):
         c, b = self.params["c"], self.params["beta"]
-        return torch.sin(math.pi * x) * torch.cos(c * math.pi * t) + 0.5 * torch.sin(
-            b * math.pi * x
-        ) * torch.cos(c * b * math.pi * t)
+        return torch.sin(math.pi * x) * torch.cos(c * math.pi * t) + 0.5 * torch.sin(b * math.pi * x) * torch.cos(
+            c * b * math.pi * t
+        )
 
     def residual(self, u, x, t):
         u_x, u_t = grads(u, x, t)

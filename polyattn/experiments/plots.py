@@ -140,9 +140,7 @@ _LABELS = {
 }
 
 
-def plot_loglog_norms(
-    mc: Mapping[str, Any], quantity: str, out_png: str | os.PathLike, dpi: int = 100
-) -> Path:
+def plot_loglog_norms(mc: Mapping[str, Any], quantity: str, out_png: str | os.PathLike, dpi: int = 100) -> Path:
     """Log-log plot of one Monte Carlo quantity against N for every activation.
 
     Points are means with 95% intervals, lines the fitted power laws (slope in
@@ -199,9 +197,7 @@ def plot_softmax_bounds(bounds: Mapping[str, Any], out_png: str | os.PathLike, d
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharex=True)
     markers = "os^vD<>xP*"
     for i, fam in enumerate(bounds["families"]):
-        pts = sorted(
-            (r["n"], r["max_fro_ratio"], r["max_jac_ratio"]) for r in bounds["rows"] if r["family"] == fam
-        )
+        pts = sorted((r["n"], r["max_fro_ratio"], r["max_jac_ratio"]) for r in bounds["rows"] if r["family"] == fam)
         ns = [p[0] for p in pts]
         for ax, k in zip(axes, (1, 2), strict=True):
             ax.plot(
@@ -212,9 +208,7 @@ def plot_softmax_bounds(bounds: Mapping[str, Any], out_png: str | os.PathLike, d
                 linewidth=0.8,
                 label=fam,
             )
-    for ax, title in zip(
-        axes, ("||softmax(S)||_F / sqrt(N)", "||d softmax(S)/dS||_F / (2 sqrt(N))"), strict=True
-    ):
+    for ax, title in zip(axes, ("||softmax(S)||_F / sqrt(N)", "||d softmax(S)/dS||_F / (2 sqrt(N))"), strict=True):
         ax.axhline(1.0, color="crimson", linewidth=1.2, label="bound (ratio 1)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -227,8 +221,6 @@ def plot_softmax_bounds(bounds: Mapping[str, Any], out_png: str | os.PathLike, d
     for ax in axes:
         ax.set_ylim(max(lo / 2, 1e-4), 2.0)
     axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(
-        f"Theorem 4.1: largest ratio to the bound ({bounds['matrices_checked']} matrices)", fontsize=11
-    )
+    fig.suptitle(f"Theorem 4.1: largest ratio to the bound ({bounds['matrices_checked']} matrices)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, out_png, dpi)

@@ -12,6 +12,12 @@ Figures, all PNG under the comparison's output directory:
 * ``cls_attention.png``: class-token attention over the input images, last
   layer (the paper's Figure 9).
 
+The attention matrices come from :class:`polyattn.core.AttentionMapRecorder`,
+so the figures work for any model whose attention follows the protocol of
+:mod:`polyattn.core.module`: polyattn's ViT, and timm models after
+:func:`polyattn.patch` (the class-token figure needs a class token over a
+patch grid).
+
 matplotlib is imported inside the functions with the Agg backend.
 """
 
@@ -25,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from ..core.activations import get_activation
+from ..core.diagnostics import AttentionMapRecorder
+from ..core.module import attention_modules
 from ..utils import read_jsonl
+from ..utils.format import fmt_pct
 from .plots import plot_norm_curves, pyplot, save_figure
 
 __all__ = [
@@ -41,7 +51,9 @@ __all__ = [
     "plot_cls_attention",
     "plot_scale_sweep",
     "reproduce_command",
+    "sweep_command",
     "sweep_markdown",
+    "write_attention_figures",
     "write_compare_figures",
 ]
 
@@ -110,11 +122,16 @@ def _signed_imshow(fig: Any, ax: Any, m: Any, **kw: Any) -> None:
 
 
 def plot_attention_heatmaps(
-    maps: Mapping[str, torch.Tensor], layer: int, out_png: str | os.PathLike, batch: int | None = None
+    maps: Mapping[str, torch.Tensor],
+    layer: int,
+    out_png: str | os.PathLike,
+    batch: int | None = None,
+    class_token: bool = True,
 ) -> Path:
     """One row per activation, one column per head: the (T, T) attention matrix of ``layer`` (0-based).
 
-    ``maps``: label -> (heads, T, T) tensors (already averaged over the batch).
+    ``maps``: label -> (heads, T, T) tensors (already averaged over the batch);
+    ``class_token``: whether token 0 is a class token (said in the title).
     """
     plt = pyplot()
     heads = max(int(m.shape[0]) for m in maps.values())
@@ -133,7 +150,8 @@ def plot_attention_heatmaps(
     for ax in axes[-1]:
         ax.set_xlabel("key token", fontsize=8)
     over = f", mean over {batch} validation images" if batch else ""
-    fig.suptitle(f"attention matrix A, layer {layer + 1}{over} (token 0: class token)", fontsize=10)
+    cls = " (token 0: class token)" if class_token else ""
+    fig.suptitle(f"attention matrix A, layer {layer + 1}{over}{cls}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out_png)
 
@@ -207,7 +225,7 @@ def _distinct_labels(y: torch.Tensor, k: int) -> list[int]:
 
 
 def _load_models(results: dict, out: Path, activations: Sequence[str], notes: list[str]) -> dict[str, Any]:
-    """label -> (model, cfg) of the first seed's run, for runs with a checkpoint and attention_maps()."""
+    """label -> (model, cfg) of the first seed's run, for runs with a checkpoint and polyattn attention modules."""
     from ..training import load_run
 
     seed = results["settings"]["seeds"][0]
@@ -222,9 +240,10 @@ def _load_models(results: dict, out: Path, activations: Sequence[str], notes: li
         except FileNotFoundError:
             notes.append(f"{act} (seed {seed}) has no checkpoint (it diverged in its first epoch): no attention maps")
             continue
-        if not hasattr(model, "attention_maps"):
+        if not attention_modules(model):
             notes.append(
-                f"model {cfg['model']['name']} has no attention_maps(): the attention figures need a polyattn ViT"
+                f"model {cfg['model']['name']} has no polyattn attention module: the attention figures need "
+                "PolyAttention layers or third-party attention patched by polyattn"
             )
             return {}
         if rec["diverged"]:
@@ -258,20 +277,72 @@ def norm_summary(rows: Sequence[Mapping]) -> dict:
     }
 
 
-def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool = False) -> tuple[dict, list[str]]:
-    """Draw the comparison's figures into ``out``; returns ({name: file name}, notes on what was skipped).
+def _class_token_grid(model: nn.Module, tokens: int) -> tuple[int, tuple[int, int]] | None:
+    """(prefix tokens, patch grid) when token 0 of a ``tokens``-long attention is a class token over the patches.
 
-    Also adds to ``results``: ``norm_summary`` (per activation, see :func:`norm_summary`) and
-    ``tokens`` (the sequence length the attention saw), when the runs allow them.
+    Read from the attributes polyattn's ViT and timm's ViT share: ``cls_token``,
+    ``patch_embed.grid_size`` and (timm, counting register tokens) ``num_prefix_tokens``.
+    """
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if getattr(model, "cls_token", None) is None or grid is None:
+        return None
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    gh, gw = int(grid[0]), int(grid[1])
+    return (prefix, (gh, gw)) if tokens == prefix + gh * gw else None
+
+
+def write_attention_figures(
+    models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, out: str | os.PathLike
+) -> tuple[dict[str, str], int, list[str]]:
+    """Attention heat maps and class-token maps of trained models into ``out``.
+
+    ``models``: activation -> model with polyattn attention modules (any
+    protocol model: polyattn's ViT, a timm model after :func:`polyattn.patch`),
+    used in their current mode; ``x``, ``y``: a batch of images and labels.
+    The maps are recorded by :class:`polyattn.core.AttentionMapRecorder` in one
+    forward per model: ``attention_layer<L>.png`` for an early and the last
+    attention layer (the paper's layers 2 and 12 of 12), and
+    ``cls_attention.png`` when token 0 is a class token over a patch grid.
+    Returns ({name: file name}, the number of keys the early layer attends, notes).
     """
     out = Path(out)
     figures: dict[str, str] = {}
     notes: list[str] = []
-    settings = results["settings"]
-    title = f"{settings['model']} on {settings['dataset']}, {len(settings['seeds'])} seed(s)"
-    figures["accuracy"] = plot_accuracy(results["table"], out / "accuracy.png", title).name
+    first = next(iter(models.values()))
+    last = len(attention_modules(first)) - 1
+    layers = sorted({min(1, last), last})
+    maps: dict[str, dict[int, torch.Tensor]] = {}
+    for act, model in models.items():
+        with AttentionMapRecorder(model, layers=layers) as rec, torch.no_grad():
+            model(x)
+        maps[act] = {layer: rec.get(layer) for layer in layers}
+    tokens = int(next(iter(maps.values()))[layers[0]].shape[-1])
 
-    seed = settings["seeds"][0]
+    pair = [a for a in heatmap_activations(list(models)) if a in models]
+    for layer in layers:
+        cls_grid = _class_token_grid(first, int(maps[pair[0]][layer].shape[-1]))
+        name = f"attention_layer{layer + 1}.png"
+        figures[f"attention_layer{layer + 1}"] = plot_attention_heatmaps(
+            {a: maps[a][layer].mean(0) for a in pair}, layer, out / name, len(x), class_token=cls_grid is not None
+        ).name
+
+    cls_grid = _class_token_grid(first, int(next(iter(maps.values()))[last].shape[-1]))
+    if cls_grid is None:
+        notes.append(f"{type(first).__name__} has no class token over a patch grid: no class-token attention figure")
+        return figures, tokens, notes
+    prefix, (gh, gw) = cls_grid
+    idx = _distinct_labels(y, CLS_IMAGES)
+    head = 0
+    cls_maps = {a: m[last][idx, head, 0, prefix:].reshape(len(idx), gh, gw) for a, m in maps.items()}
+    figures["cls_attention"] = plot_cls_attention(
+        x[idx], [int(y[i]) for i in idx], cls_maps, last, head, out / "cls_attention.png"
+    ).name
+    return figures, tokens, notes
+
+
+def _norm_figure(results: dict, out: Path, notes: list[str]) -> dict[str, str]:
+    """norms.png from the first seed's NormRecorder rows, and ``results["norm_summary"]``."""
+    seed = results["settings"]["seeds"][0]
     norm_rows = {}
     for rec in results["runs"]:
         if rec["seed"] != seed:
@@ -283,13 +354,26 @@ def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool 
         ]
         if rows:
             norm_rows[rec["activation"]] = rows
-    if norm_rows:
-        results["norm_summary"] = {act: norm_summary(rows) for act, rows in norm_rows.items()}
-        figures["norms"] = plot_norm_curves(
-            norm_rows, out / "norms.png", title=f"attention norms during training (seed {seed}, mean over heads)"
-        ).name
-    else:
+    if not norm_rows:
         notes.append("no norm rows recorded (diagnostics.every = 0): no norm curves")
+        return {}
+    results["norm_summary"] = {act: norm_summary(rows) for act, rows in norm_rows.items()}
+    title = f"attention norms during training (seed {seed}, mean over heads)"
+    return {"norms": plot_norm_curves(norm_rows, out / "norms.png", title=title).name}
+
+
+def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool = False) -> tuple[dict, list[str]]:
+    """Draw the comparison's figures into ``out``; returns ({name: file name}, notes on what was skipped).
+
+    Also adds to ``results``: ``norm_summary`` (per activation, see :func:`norm_summary`) and
+    ``tokens`` (the sequence length the attention saw), when the runs allow them.
+    """
+    out = Path(out)
+    notes: list[str] = []
+    settings = results["settings"]
+    title = f"{settings['model']} on {settings['dataset']}, {len(settings['seeds'])} seed(s)"
+    figures = {"accuracy": plot_accuracy(results["table"], out / "accuracy.png", title).name}
+    figures.update(_norm_figure(results, out, notes))
 
     loaded = _load_models(results, out, settings["activations"], notes)
     if not loaded:
@@ -300,33 +384,17 @@ def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool 
     except TypeError as e:
         notes.append(f"no attention figures: {e}")
         return figures, notes
-    depth = len(next(iter(loaded.values()))[0].blocks)
-    layers = sorted({min(1, depth - 1), depth - 1})  # the paper's layers 2 and 12 of 12: an early one and the last
-    pair = [a for a in heatmap_activations(list(loaded)) if a in loaded]
-    for layer in layers:
-        maps = {a: loaded[a][0].attention_maps(x, [layer])[0].mean(0) for a in pair}
-        name = f"attention_layer{layer + 1}.png"
-        figures[f"attention_layer{layer + 1}"] = plot_attention_heatmaps(maps, layer, out / name, len(x)).name
-    results["tokens"] = int(next(iter(loaded.values()))[0].attention_maps(x[:1], [0])[0].shape[-1])
-
-    idx = _distinct_labels(y, CLS_IMAGES)
-    if hasattr(next(iter(loaded.values()))[0], "cls_attention"):
-        head = 0
-        cls_maps = {a: m.cls_attention(x[idx], [depth - 1])[0][:, head] for a, (m, _) in loaded.items()}
-        figures["cls_attention"] = plot_cls_attention(
-            x[idx], [int(y[i]) for i in idx], cls_maps, depth - 1, head, out / "cls_attention.png"
-        ).name
+    attention_figures, results["tokens"], attention_notes = write_attention_figures(
+        {act: model for act, (model, _) in loaded.items()}, x, y, out
+    )
+    figures.update(attention_figures)
+    notes += attention_notes
     return figures, notes
 
 
 # --------------------------------------------------------------------------- #
 # report.md
 # --------------------------------------------------------------------------- #
-def fmt_pct(v: float | None, digits: int = 1) -> str:
-    """A fraction as a percentage (0.9632 -> "96.3%"); None as "-"."""
-    return "-" if v is None else f"{100 * v:.{digits}f}%"
-
-
 def _mean_std(row: Mapping) -> str:
     if row["mean"] is None:
         return "- (all diverged)" if row["diverged"] else "-"
@@ -371,45 +439,62 @@ def _times(results: Mapping) -> str:
     return text + "."
 
 
+def _overrides_note(settings: Mapping) -> str:
+    return f"; overrides: `{' '.join(settings['overrides'])}`" if settings["overrides"] else ""
+
+
+def _machine_note(machine: Mapping) -> str:
+    gpu = f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU"
+    return f". Machine: {machine.get('cpu_count', '?')} CPU core(s){gpu}"
+
+
+def _source_args(settings: Mapping) -> list[str]:
+    """The command-line arguments naming the base config (or dataset and model) and the overrides."""
+    if not str(settings["config"]).startswith("built-in"):
+        parts = ["--config", str(settings["config"])]
+    else:
+        parts = ["--dataset", settings["dataset"], "--model", settings["model"]]
+    if settings["overrides"]:
+        parts += ["--set", *settings["overrides"]]
+    return parts
+
+
+def _seeds_arg(seeds: Sequence[int]) -> str:
+    # A trailing comma makes one seed a list of seeds ("5,"), not a count of seeds ("5").
+    return ",".join(str(s) for s in seeds) + ("," if len(seeds) == 1 else "")
+
+
 def reproduce_command(settings: Mapping, out: str | os.PathLike) -> str:
     """The ``polyattn compare`` command line that makes these results."""
     parts = ["polyattn", "compare", "--out", str(out)]
     parts += ["--activations", ",".join(settings["activations"])]
-    parts += ["--seeds", ",".join(str(s) for s in settings["seeds"]) + ("," if len(settings["seeds"]) == 1 else "")]
-    parts += ["--epochs", str(settings["epochs"])]
-    if not str(settings["config"]).startswith("built-in"):
-        parts += ["--config", str(settings["config"])]
-    else:
-        parts += ["--dataset", settings["dataset"], "--model", settings["model"]]
-    if settings["overrides"]:
-        parts += ["--set", *settings["overrides"]]
+    parts += ["--seeds", _seeds_arg(settings["seeds"])]
+    parts += ["--epochs", str(settings["epochs"]), *_source_args(settings)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> str:
-    """report.md of a comparison: settings, the table, figures, every run, notes."""
+def _compare_intro(results: Mapping) -> list[str]:
     s = results["settings"]
-    runs = results["runs"]
-    figs = results.get("figures", {})
-    machine = results.get("machine", {})
-    n_params = next((r["num_params"] for r in runs if r.get("num_params")), None)
+    n_params = next((r["num_params"] for r in results["runs"] if r.get("num_params")), None)
     tokens = results.get("tokens")
-    lines = [
+    return [
         f"# Attention activations compared: {s['model']} on {s['dataset']}",
         "",
         f"{len(s['activations'])} activations x {len(s['seeds'])} seed(s) "
         f"(train.seed {', '.join(map(str, s['seeds']))}), "
-        f"{s['epochs']} epochs each, base config: {s['config']}"
-        + (f"; overrides: `{' '.join(s['overrides'])}`" if s["overrides"] else "")
-        + ".",
+        f"{s['epochs']} epochs each, base config: {s['config']}" + _overrides_note(s) + ".",
         f"Model: {s['model']}"
         + (f", {n_params:,} parameters" if n_params else "")
         + (f", {tokens} tokens per image (class token included)" if tokens else "")
-        + f". Machine: {machine.get('cpu_count', '?')} CPU core(s)"
-        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
-        + f", torch {machine.get('torch', '?')}."
+        + _machine_note(results.get("machine", {}))
+        + f", torch {results.get('machine', {}).get('torch', '?')}."
         + _times(results),
         "",
+    ]
+
+
+def _results_section(results: Mapping) -> list[str]:
+    lines = [
         "## Results",
         "",
         f"Top-1: {results['metric']}. Mean and standard deviation (sample, over seeds) of the runs that finished; "
@@ -422,34 +507,50 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
         per_seed = ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items())
         lines.append(f"| {r['activation']} | {_mean_std(r)} | {r['n']}/{r['seeds']} | {r['diverged']} | {per_seed} |")
     lines.append("")
+    figs = results.get("figures", {})
     if "accuracy" in figs:
         lines += [f"![top-1 per activation]({figs['accuracy']})", ""]
-    if "norms" in figs:
+    return lines
+
+
+def _norms_section(results: Mapping) -> list[str]:
+    figs = results.get("figures", {})
+    if "norms" not in figs:
+        return []
+    s = results["settings"]
+    tokens = results.get("tokens")
+    lines = [
+        "## Attention norms during training",
+        "",
+        f"‖A‖_F (top) and the Frobenius norm of its Jacobian, ‖dA/dS‖_F (bottom), per layer, mean over heads and "
+        f"over the batch, recorded every {s['norm_every']} steps of seed {s['seeds'][0]} (the paper's "
+        "Figures 2-3). Theorem 4.1 bounds softmax's by sqrt(N) and 2 sqrt(N)"
+        + (f" (N = {tokens}: {math.sqrt(tokens):.2f} and {2 * math.sqrt(tokens):.2f})" if tokens else "")
+        + "; the paper finds scaled polynomials closer to softmax than unscaled ones.",
+        "",
+        f"![attention norms]({figs['norms']})",
+        "",
+    ]
+    if results.get("norm_summary"):
         lines += [
-            "## Attention norms during training",
+            "Mean over layers and heads (seed " + str(s["seeds"][0]) + "):",
             "",
-            f"‖A‖_F (top) and the Frobenius norm of its Jacobian, ‖dA/dS‖_F (bottom), per layer, mean over heads and "
-            f"over the batch, recorded every {s['norm_every']} steps of seed {s['seeds'][0]} (the paper's "
-            "Figures 2-3). Theorem 4.1 bounds softmax's by sqrt(N) and 2 sqrt(N)"
-            + (f" (N = {tokens}: {math.sqrt(tokens):.2f} and {2 * math.sqrt(tokens):.2f})" if tokens else "")
-            + "; the paper finds scaled polynomials closer to softmax than unscaled ones.",
-            "",
-            f"![attention norms]({figs['norms']})",
-            "",
+            "| activation | ‖A‖_F first step | last step | largest | ‖dA/dS‖_F first step | last step | largest |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        if results.get("norm_summary"):
-            lines += [
-                "Mean over layers and heads (seed " + str(s["seeds"][0]) + "):",
-                "",
-                "| activation | ‖A‖_F first step | last step | largest | ‖dA/dS‖_F first step | last step | largest |",
-                "| --- | --- | --- | --- | --- | --- | --- |",
-            ]
-            for act, n in results["norm_summary"].items():
-                lines.append(
-                    f"| {act} | {n['fro_first']:.3g} | {n['fro_last']:.3g} | {n['fro_max']:.3g} | "
-                    f"{n['jac_first']:.3g} | {n['jac_last']:.3g} | {n['jac_max']:.3g} |"
-                )
-            lines.append("")
+        for act, n in results["norm_summary"].items():
+            lines.append(
+                f"| {act} | {n['fro_first']:.3g} | {n['fro_last']:.3g} | {n['fro_max']:.3g} | "
+                f"{n['jac_first']:.3g} | {n['jac_last']:.3g} | {n['jac_max']:.3g} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _attention_sections(results: Mapping) -> list[str]:
+    """The heat maps (the paper's Figures 6-7) and the class-token maps (Figure 9), where drawn."""
+    figs = results.get("figures", {})
+    lines: list[str] = []
     heat = [k for k in figs if k.startswith("attention_layer")]
     if heat:
         which = " and ".join(k.replace("attention_", "").replace("layer", "layer ") for k in heat)
@@ -458,8 +559,8 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
             "",
             f"The attention matrix A of every head in {which} (an early and the last layer, as the paper's "
             f"Figures 6-7), averaged over the first {HEATMAP_BATCH} validation images, after training, seed "
-            f"{s['seeds'][0]}. Red/blue: positive/negative weights (polynomials may weigh tokens negatively); "
-            "softmax rows are non-negative and sum to 1, drawn over their own range.",
+            f"{results['settings']['seeds'][0]}. Red/blue: positive/negative weights (polynomials may weigh tokens "
+            "negatively); softmax rows are non-negative and sum to 1, drawn over their own range.",
             "",
         ]
         lines += [f"![{k.replace('_', ' ')}]({figs[k]})" for k in heat]
@@ -474,7 +575,13 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
             f"![class-token attention]({figs['cls_attention']})",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _compare_runs_section(results: Mapping) -> list[str]:
+    """Every run, then the notes (divergence messages and what the figures skipped)."""
+    runs = results["runs"]
+    lines = [
         "## Runs",
         "",
         "| run | activation | seed | top-1 | best val | diverged at step | epochs | steps | time | status |",
@@ -491,14 +598,23 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
     notes += list(results.get("notes", []))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        reproduce_command(s, out if out is not None else results.get("out_dir", "runs/compare")),
-        "```",
-        "",
+    return lines
+
+
+def _reproduce_section(command: str) -> list[str]:
+    return ["", "## Reproduce", "", "```bash", command, "```", ""]
+
+
+def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> str:
+    """report.md of a comparison: settings, the table, figures, every run, notes."""
+    command = reproduce_command(results["settings"], out if out is not None else results.get("out_dir", "runs/compare"))
+    lines = [
+        *_compare_intro(results),
+        *_results_section(results),
+        *_norms_section(results),
+        *_attention_sections(results),
+        *_compare_runs_section(results),
+        *_reproduce_section(command),
         "Each run directory holds its resolved `config.yaml`, `metrics.jsonl` (epochs, steps, norms), "
         "`checkpoints/last.pt` and `summary.json`; `results.json` holds every number above.",
         "",
@@ -562,28 +678,44 @@ def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
     return save_figure(fig, out_png)
 
 
-def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
-    """report.md of a scale sweep: settings, the table, the plot, every run, the command."""
+def _sweep_base(settings: Mapping) -> str:
+    return "x" if settings["power"] == 1 else f"x^{settings['power']}"
+
+
+def _sweep_intro(results: Mapping) -> list[str]:
     s = results["settings"]
-    base = "x" if s["power"] == 1 else f"x^{s['power']}"
-    machine = results.get("machine", {})
-    ks = [f"{k:g}" for k in s["scales"]]
-    lines = [
+    base = _sweep_base(s)
+    return [
         f"# Scale sweep of {base}: {s['model']} on {s['dataset']} (the paper's Figure 1 at CPU scale)",
         "",
-        f"Activation {base}/k for k in {', '.join(ks)}"
+        f"Activation {base}/k for k in {', '.join(f'{k:g}' for k in s['scales'])}"
         + (" and softmax as reference" if s["baseline"] else "")
         + f", at patch sizes {', '.join(map(str, s['patch_sizes']))} on {s['image_size'][0]}x{s['image_size'][1]} "
         f"images; {len(s['seeds'])} seed(s), {s['epochs']} epochs per run; base config: {s['config']}"
-        + (f"; overrides: `{' '.join(s['overrides'])}`" if s["overrides"] else "")
-        + f". Machine: {machine.get('cpu_count', '?')} CPU core(s)"
-        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU")
+        + _overrides_note(s)
+        + _machine_note(results.get("machine", {}))
         + (f". Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else "."),
         "",
         "The paper (Figure 1, ViT-Tiny on Tiny-ImageNet, 8 to 256 tokens) reports that the scale needed for good "
         "accuracy shrinks (k grows) with the sequence length, as the theory's 1/sqrt(N) predicts. Here the "
         "sequence length is set by the patch size.",
         "",
+    ]
+
+
+def _sweep_cell(c: Mapping | None) -> str:
+    if c is None:
+        return "-"
+    if c["mean"] is None:
+        return "div" if c["diverged"] else "-"
+    std = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
+    return f"{100 * c['mean']:.1f}{std}{'`*`' if c['diverged'] else ''}"
+
+
+def _sweep_table(results: Mapping) -> list[str]:
+    base = _sweep_base(results["settings"])
+    ks = [f"{k:g}" for k in results["settings"]["scales"]]
+    lines = [
         f"Top-1 (%): {results['metric']}; mean over the seeds that did not diverge. *div*: every seed diverged; "
         "`*`: some did. *best k*: the k with the highest mean.",
         "",
@@ -592,23 +724,19 @@ def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
         + " | softmax | best k |",
         "| --- | " + " | ".join("---" for _ in ks) + " | --- | --- |",
     ]
-
-    def cell(c: Mapping | None) -> str:
-        if c is None:
-            return "-"
-        if c["mean"] is None:
-            return "div" if c["diverged"] else "-"
-        std = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
-        return f"{100 * c['mean']:.1f}{std}{'`*`' if c['diverged'] else ''}"
-
     for r in results["table"]:
         lines.append(
             f"| {r['tokens']} (patch {r['patch_size']}) | "
-            + " | ".join(cell(r["cells"][k]) for k in ks)
-            + f" | {cell(r['softmax'])} | {r['best_k'] or '-'} |"
+            + " | ".join(_sweep_cell(r["cells"][k]) for k in ks)
+            + f" | {_sweep_cell(r['softmax'])} | {r['best_k'] or '-'} |"
         )
-    lines += ["", f"![accuracy against the scale]({results['figures']['sweep']})", "", "## Runs", ""]
-    lines += [
+    return lines
+
+
+def _sweep_runs_section(results: Mapping) -> list[str]:
+    lines = [
+        "## Runs",
+        "",
         "| run | activation | patches | seed | top-1 | diverged at step | time | status |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -618,29 +746,30 @@ def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
             f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['tokens']} | {r['seed']} | "
             f"{fmt_pct(r['top1'])} | {r['diverged_step'] or '-'} | {t} | {r['status']} |"
         )
-    cmd = [
-        "polyattn",
-        "sweep",
-        "--out",
-        str(out),
-        "--scales",
-        ",".join(ks),
-        "--patch-sizes",
-        ",".join(map(str, s["patch_sizes"])),
-        "--power",
-        str(s["power"]),
-        "--seeds",
-        ",".join(map(str, s["seeds"])) + ("," if len(s["seeds"]) == 1 else ""),
-        "--epochs",
-        str(s["epochs"]),
-    ]
-    if not s["baseline"]:
+    return lines
+
+
+def sweep_command(settings: Mapping, out: str | os.PathLike) -> str:
+    """The ``polyattn sweep`` command line that makes these results."""
+    cmd = ["polyattn", "sweep", "--out", str(out), "--scales", ",".join(f"{k:g}" for k in settings["scales"])]
+    cmd += ["--patch-sizes", ",".join(map(str, settings["patch_sizes"])), "--power", str(settings["power"])]
+    cmd += ["--seeds", _seeds_arg(settings["seeds"]), "--epochs", str(settings["epochs"])]
+    if not settings["baseline"]:
         cmd.append("--no-baseline")
-    if not str(s["config"]).startswith("built-in"):
-        cmd += ["--config", str(s["config"])]
-    else:
-        cmd += ["--dataset", s["dataset"], "--model", s["model"]]
-    if s["overrides"]:
-        cmd += ["--set", *s["overrides"]]
-    lines += ["", "## Reproduce", "", "```bash", " ".join(shlex.quote(c) for c in cmd), "```", ""]
-    return "\n".join(lines)
+    cmd += _source_args(settings)
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
+    """report.md of a scale sweep: settings, the table, the plot, every run, the command."""
+    return "\n".join(
+        [
+            *_sweep_intro(results),
+            *_sweep_table(results),
+            "",
+            f"![accuracy against the scale]({results['figures']['sweep']})",
+            "",
+            *_sweep_runs_section(results),
+            *_reproduce_section(sweep_command(results["settings"], out)),
+        ]
+    )

@@ -141,57 +141,71 @@ def sweep(
     image = _image_size(path, layers)
     patches = _check_patch_sizes(patch_sizes, image)
 
-    grid = []
-    for p in patches:
-        tokens = (image[0] // p) * (image[1] // p)
-        specs = [(scale_spec(power, k), k) for k in ks] + ([("softmax", None)] if baseline else [])
-        for spec, k in specs:
-            for s in seed_list:
-                grid.append(
-                    GridRun(
-                        f"p{p}-{get_activation(spec).slug}-s{s}",
-                        spec,
-                        s,
-                        (f"model.overrides.patch_size={p}",),
-                        {"patch_size": p, "tokens": tokens, "k": k},
-                    )
-                )
+    grid = sweep_grid(patches, ks, power, seed_list, image, baseline)
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
     with RunDirLock(out, "polyattn sweep"):
         planned = plan_runs(grid, path, layers, out, resume)
         records = run_grid(planned, progress=progress, desc="sweep")
-
-        base = planned[0].cfg
-        table = summarize_sweep(records, patches, ks)
-        results: dict[str, Any] = {
-            "kind": "sweep",
-            "out_dir": str(out),
-            "settings": {
-                "power": power,
-                "scales": ks,
-                "patch_sizes": patches,
-                "image_size": list(image),
-                "seeds": seed_list,
-                "baseline": baseline,
-                "dataset": base["data"]["name"],
-                "model": base["model"]["name"],
-                "epochs": base["train"]["epochs"],
-                "config": str(config) if config is not None else "built-in digits + vit_micro",
-                "overrides": list(overrides),
-            },
-            "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
-            "base_config": {k: v for k, v in base.items() if k not in ("description",)},
-            "table": table,
-            "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
-            "machine": machine_info(),
+        settings = {
+            "power": power,
+            "scales": ks,
+            "patch_sizes": patches,
+            "image_size": list(image),
+            "seeds": seed_list,
+            "baseline": baseline,
+            "config": str(config) if config is not None else "built-in digits + vit_micro",
+            "overrides": list(overrides),
         }
-        results["table_text"] = format_sweep_table(table, ks, power)
-        results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
+        results = _results(out, records, planned[0].cfg, settings)
         results["time_s"] = time.perf_counter() - t0
         atomic_write_text(sweep_markdown(results, out), out / "report.md")
         atomic_write_json(json_safe(results), out / "results.json")
         return results
+
+
+def sweep_grid(
+    patches: Sequence[int],
+    ks: Sequence[float],
+    power: int,
+    seeds: Sequence[int],
+    image: tuple[int, int],
+    baseline: bool,
+) -> list[GridRun]:
+    """One run per (patch size, x^power/k or softmax, seed), labelled with its token count and k."""
+    grid = []
+    for p in patches:
+        tokens = (image[0] // p) * (image[1] // p)
+        specs = [(scale_spec(power, k), k) for k in ks] + ([("softmax", None)] if baseline else [])
+        for spec, k in specs:
+            for s in seeds:
+                labels = {"patch_size": p, "tokens": tokens, "k": k}
+                name = f"p{p}-{get_activation(spec).slug}-s{s}"
+                grid.append(GridRun(name, spec, s, (f"model.overrides.patch_size={p}",), labels))
+    return grid
+
+
+def _results(out: Path, records: list[dict], base: dict, settings: dict) -> dict:
+    """results.json of a sweep (without its timing), with the table text; writes the figure."""
+    table = summarize_sweep(records, settings["patch_sizes"], settings["scales"])
+    results: dict[str, Any] = {
+        "kind": "sweep",
+        "out_dir": str(out),
+        "settings": {
+            **settings,
+            "dataset": base["data"]["name"],
+            "model": base["model"]["name"],
+            "epochs": base["train"]["epochs"],
+        },
+        "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
+        "base_config": {k: v for k, v in base.items() if k not in ("description",)},
+        "table": table,
+        "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
+        "machine": machine_info(),
+    }
+    results["table_text"] = format_sweep_table(table, settings["scales"], settings["power"])
+    results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
+    return results
 
 
 def summarize_sweep(records: Sequence[dict], patch_sizes: Sequence[int], scales: Sequence[float]) -> list[dict]:

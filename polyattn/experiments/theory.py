@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch
 from ..core.activations import Activation, get_activation
 from ..core.backends.reference import attention_weights
 from ..core.diagnostics import attention_norms
+from ..training.config import settings_from_dict
 from ..utils.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -90,9 +91,7 @@ class TheoryConfig:
     # tensor ops, which gain little from threads and slow down badly when the
     # cores are shared with other jobs.
     threads: int = 1
-    activations: list[str] = field(
-        default_factory=lambda: ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"]
-    )
+    activations: list[str] = field(default_factory=lambda: ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"])
 
     def resolved(self) -> TheoryConfig:
         """A validated copy with sigma_t filled in; raises ValueError naming the bad field and its option."""
@@ -145,13 +144,7 @@ class TheoryConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TheoryConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"theory config: expected a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in set(data) - known)
-        if unknown:
-            raise ValueError(f"theory config: unknown key(s) {unknown}; allowed keys: {sorted(known)}")
-        return cls(**data)
+        return settings_from_dict(cls, data, "theory config")
 
 
 # Command-line spelling of each setting, so that an error names what the user typed.
@@ -400,9 +393,7 @@ def _q_jacobian_fro_parts(
     return (total / d).sqrt()
 
 
-def q_jacobian_fro(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, activation: str | Activation
-) -> torch.Tensor:
+def q_jacobian_fro(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, activation: str | Activation) -> torch.Tensor:
     """``||d phi(X Q K^T X^T / sqrt(d)) / dQ||_F`` by its exact closed form, O(N^2 d).
 
     x is (N, D), q and k are (D, d); N in ``/sqrt(N)`` and ``/N`` is the number of rows of x.
@@ -467,15 +458,11 @@ def _monte_carlo_norms(cfg: TheoryConfig, progress: bool) -> dict[str, Any]:
     values = {a.spec: {q: np.zeros((len(cfg.n_grid), cfg.samples)) for q in QUANTITIES} for a in acts}
     score_std = np.zeros(len(cfg.n_grid))
     total = len(cfg.n_grid) * cfg.samples
-    with tqdm(
-        total=total, desc="Monte Carlo", unit="draw", disable=not progress, file=sys.stderr, leave=False
-    ) as bar:
+    with tqdm(total=total, desc="Monte Carlo", unit="draw", disable=not progress, file=sys.stderr, leave=False) as bar:
         for ni, n in enumerate(cfg.n_grid):
             stds = []
             for i in range(cfg.samples):
-                x, q, k = sample_inputs(
-                    n, cfg.D, cfg.d, cfg.sigma_x, cfg.sigma_t, _generator(cfg.seed, 42, n, i)
-                )
+                x, q, k = sample_inputs(n, cfg.D, cfg.d, cfg.sigma_x, cfg.sigma_t, _generator(cfg.seed, 42, n, i))
                 xk = x @ k
                 s = (x @ q) @ xk.T / math.sqrt(cfg.d)
                 x_sq = x.square().sum(dim=-1)
@@ -646,20 +633,14 @@ def _findings(bounds: dict[str, Any], mc: dict[str, Any]) -> list[str]:
         "with the score scale to the power p."
     )
     for row in mc["slopes"]:
-        if (
-            row["claim"].startswith(("Thm", "Cor"))
-            and row["verdict"] not in ("agrees",)
-            and row["kind"] == "rate"
-        ):
+        if row["claim"].startswith(("Thm", "Cor")) and row["verdict"] not in ("agrees",) and row["kind"] == "rate":
             out.append(
                 f"{row['activation']} {QUANTITIES[row['quantity']]}: measured slope {row['slope']:.3f} "
                 f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] vs {row['predicted_slope']} ({row['claim']}): "
                 f"{row['verdict']}."
             )
     agree = [
-        r
-        for r in mc["slopes"]
-        if r["claim"].startswith(("Thm 4.2", "Thm 4.4", "Cor")) and r["verdict"] == "agrees"
+        r for r in mc["slopes"] if r["claim"].startswith(("Thm 4.2", "Thm 4.4", "Cor")) and r["verdict"] == "agrees"
     ]
     if agree:
         out.append(
@@ -688,8 +669,7 @@ def format_report(results: dict[str, Any]) -> str:
     """The terminal report: Theorem 4.1 table, slope table, means table, findings."""
     b, mc, cfg = results["theorem_4_1"], results["monte_carlo"], results["config"]
     parts = [
-        "Theorem 4.1 (softmax): largest ratio to each bound over "
-        f"{cfg['bound_samples']} matrices per family and N"
+        f"Theorem 4.1 (softmax): largest ratio to each bound over {cfg['bound_samples']} matrices per family and N"
     ]
     fams = b["families"]
     by = {(r["n"], r["family"]): r for r in b["rows"]}

@@ -2,17 +2,19 @@
 
 Two kinds of attention module are handled:
 
-* :class:`~polyattn.PolyAttention` (every polyattn model): its ``activation``
-  is set.
+* :class:`~polyattn.PolyAttention` (every polyattn model), and any other
+  :class:`~polyattn.core.module.AttentionModule`: its ``activation`` is set.
 * Third-party attention classes with a registered *patched subclass* (timm's
   ``Attention``, Swin's ``WindowAttention``, XCiT's ``XCA``, CaiT/XCiT's
   ``ClassAttn``; see :mod:`polyattn.integrations.timm`). Patching swaps the
   instance's class for the subclass, whose forward computes the same
   projections and hands the attention itself to :func:`polyattn.attention`.
   Parameters, buffers and state-dict keys are untouched, so checkpoints load
-  across activations, and the patched module follows the PolyAttention
-  protocol (``activation``, ``backend``, ``attention_observers``), which
-  :class:`polyattn.NormRecorder` and the benchmarks rely on.
+  across activations, and the patched module follows the attention-module
+  protocol of :mod:`polyattn.core.module` (``activation``, ``backend``,
+  ``attention_observers``), which :func:`polyattn.core.set_activation`,
+  :class:`polyattn.NormRecorder`, the attention-map recorder and the
+  benchmarks rely on.
 
 Patching with ``softmax`` gives third-party modules their original class, and
 so their own forward and fused kernels, back (``native_softmax=False`` keeps
@@ -35,8 +37,7 @@ import torch.nn as nn
 
 from ..core.activations import Activation, ActivationLike, get_activation
 from ..core.backends.common import values_known
-from ..core.functional import attention
-from ..core.layers import PolyAttention
+from ..core.module import AttentionModule
 
 __all__ = [
     "MASKED_AT",
@@ -64,71 +65,17 @@ MASKED_AT = -1.0e4
 _ATTENTION_NAME = re.compile(r"attn|attention|^xca$", re.IGNORECASE)
 
 
-class PatchedAttention:
-    """Mixin of the patched third-party attention classes.
-
-    Gives the PolyAttention protocol: ``activation`` (settable by spec string),
-    ``backend`` (passed to :func:`polyattn.attention`) and
-    ``attention_observers`` (callables ``fn(module, q, k, attn_mask, bias,
-    causal, scale)`` called before each attention), and :meth:`_poly_attention`,
-    the one place where a patched forward computes attention.
+class PatchedAttention(AttentionModule):
+    """Mixin of the patched third-party attention classes: the attention-module protocol
+    (:class:`~polyattn.core.module.AttentionModule`: ``activation``, ``backend``,
+    ``attention_observers``, and :meth:`attend`, the one place where a patched
+    forward computes attention), added to an instance when :func:`patch` swaps
+    its class in and removed when it swaps the original back.
     """
 
-    _activation: Activation
-    backend: str
-    attention_observers: list
-
-    @property
-    def activation(self) -> Activation:
-        return self._activation
-
-    @activation.setter
-    def activation(self, spec: ActivationLike) -> None:
-        self._activation = get_activation(spec)
-
-    def _init_patch_state(self, activation: Activation) -> None:
-        self._activation = activation
-        self.backend = "auto"
-        self.attention_observers = []
-
     def _drop_patch_state(self) -> None:
-        for name in ("_activation", "backend", "attention_observers"):
+        for name in self._PROTOCOL_STATE:
             self.__dict__.pop(name, None)
-
-    def _attn_dropout_p(self) -> float:
-        if not self.training:  # type: ignore[attr-defined]
-            return 0.0
-        drop = getattr(self, "attn_drop", 0.0)
-        return float(drop.p) if isinstance(drop, nn.Dropout) else float(drop)
-
-    def _poly_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        attn_mask: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        causal: bool = False,
-        scale: float | None = None,
-    ) -> torch.Tensor:
-        if q.dtype != v.dtype or k.dtype != v.dtype:
-            # Under autocast, norms (qk-norm, XCA's L2 normalisation) return fp32 while the
-            # projections return bf16/fp16; SDPA in timm's own forward would cast them all to
-            # the autocast dtype, which is v's. polyattn.attention still computes in fp32.
-            q, k = q.to(v.dtype), k.to(v.dtype)
-        for observe in self.attention_observers:
-            observe(self, q, k, attn_mask, bias, causal, scale)
-        return attention(
-            q, k, v, self._activation,
-            attn_mask=attn_mask, bias=bias, causal=causal, scale=scale,
-            dropout_p=self._attn_dropout_p(), backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        base = super().extra_repr()  # type: ignore[misc]
-        own = f"activation={self._activation.spec!r}"
-        return f"{base}, {own}" if base else own
 
 
 def register_attention_patch(original: type, patched: type) -> None:
@@ -184,7 +131,7 @@ def additive_mask_to_bool(mask: torch.Tensor | None) -> tuple[torch.Tensor | Non
 
 def _attention_like(model: nn.Module) -> Counter:
     """Class names of the modules that look like attention: by name, or subclassing a supported class."""
-    supported = tuple(_PATCHES) + (PolyAttention,)
+    supported = tuple(_PATCHES) + (AttentionModule,)
     return Counter(
         type(m).__name__
         for m in model.modules()
@@ -227,18 +174,18 @@ def patch(model: nn.Module, activation: ActivationLike, *, native_softmax: bool 
     handled: list[nn.Module] = []
     for module in model.modules():
         cls = type(module)
-        if isinstance(module, PolyAttention):
-            module.activation = act
-        elif cls in _ORIGINALS:  # patched already
+        if cls in _ORIGINALS:  # patched already
             if restore:
                 module._drop_patch_state()
                 module.__class__ = _ORIGINALS[cls]
             else:
                 module.activation = act
+        elif isinstance(module, AttentionModule):  # PolyAttention: polyattn's own forward at any activation
+            module.activation = act
         elif cls in _PATCHES:
             if not restore:
                 module.__class__ = _PATCHES[cls]
-                module._init_patch_state(act)
+                module._init_attention(act)
         else:
             continue
         handled.append(module)
@@ -258,7 +205,7 @@ def _warn_left_alone(model: nn.Module, handled: list[nn.Module], act: Activation
     attention themselves and are skipped.
     """
     ids = {id(m) for m in handled}
-    supported = tuple(_PATCHES) + (PolyAttention,)
+    supported = tuple(_PATCHES) + (AttentionModule,)
     left = Counter(
         type(m).__name__
         for m in model.modules()

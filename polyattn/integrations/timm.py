@@ -54,9 +54,7 @@ __all__ = [
 class PolyTimmAttention(PatchedAttention, _TimmAttention):
     """timm ``Attention`` (ViT, DeiT, ...) computing through :func:`polyattn.attention`."""
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         attn_dim = getattr(self, "attn_dim", self.num_heads * self.head_dim)
         gate_layer = getattr(self, "gate", None)
@@ -65,7 +63,7 @@ class PolyTimmAttention(PatchedAttention, _TimmAttention):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask, bias = additive_mask_to_bool(attn_mask)
-        out = self._poly_attention(q, k, v, attn_mask=mask, bias=bias, causal=is_causal, scale=self.scale)
+        out = self.attend(q, k, v, attn_mask=mask, bias=bias, causal=is_causal, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, attn_dim)
         norm = getattr(self, "norm", None)
         if norm is not None:
@@ -100,9 +98,7 @@ class PolyWindowAttention(PatchedAttention, _TimmWindowAttention):
             num_win = mask.shape[0]
             allowed = mask == 0
             attn_mask = allowed.view(1, num_win, 1, n, n).expand(b_ // num_win, -1, -1, -1, -1).reshape(b_, 1, n, n)
-        out = self._poly_attention(
-            q, k, v, attn_mask=attn_mask, bias=self._relative_position_bias(n), scale=self.scale
-        )
+        out = self.attend(q, k, v, attn_mask=attn_mask, bias=self._relative_position_bias(n), scale=self.scale)
         out = out.transpose(1, 2).reshape(b_, n, -1)
         return self.proj_drop(self.proj(out))
 
@@ -124,7 +120,7 @@ class PolyXCA(PatchedAttention, _TimmXCA):
         q, k, v = qkv.unbind(0)  # (B, heads, d_h, tokens)
         q = F.normalize(q, dim=-1) * self.temperature
         k = F.normalize(k, dim=-1)
-        out = self._poly_attention(q, k, v, scale=1.0)
+        out = self.attend(q, k, v, scale=1.0)
         out = out.permute(0, 3, 1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -138,7 +134,7 @@ class PolyClassAttn(PatchedAttention, _TimmClassAttn):
         q = self.q(x[:, 0]).reshape(b, 1, self.num_heads, hd).permute(0, 2, 1, 3)
         k = self.k(x).reshape(b, n, self.num_heads, hd).permute(0, 2, 1, 3)
         v = self.v(x).reshape(b, n, self.num_heads, hd).permute(0, 2, 1, 3)
-        out = self._poly_attention(q, k, v, scale=self.scale)
+        out = self.attend(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, 1, c)
         return self.proj_drop(self.proj(out))
 
@@ -173,7 +169,8 @@ def create_timm_model(name: str, activation: ActivationLike = "softmax", **overr
         pool = [m for m in timm.list_models() if m.split("_")[0] == family]
         close = difflib.get_close_matches(name, pool or timm.list_models(), n=8, cutoff=0.3 if pool else 0.6)
         raise ValueError(
-            f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else "")
+            f"unknown timm model {name!r}"
+            + (f"; similar names: {', '.join(close)}" if close else "")
             + " (timm.list_models() lists them all)"
         )
     try:

@@ -1,5 +1,7 @@
 """Models: a registry of classifiers (``create_model``) and the PolyAttention ViT."""
 
+# Importing the builder modules registers their models; the registry has no other way to find them.
+from . import lra  # noqa: F401  (lra_encoder, lra_dual_encoder)
 from .registry import create_model, is_known_model, list_models, register_model
 from .vit import VIT_SHAPES, Block, Mlp, PatchEmbed, ViT, resize_pos_embed
 
@@ -15,5 +17,3 @@ __all__ = [
     "register_model",
     "resize_pos_embed",
 ]
-
-from . import lra  # noqa: E402,F401  (registers lra_encoder, lra_dual_encoder)

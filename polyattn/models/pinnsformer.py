@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..core.activations import ActivationLike
 from ..core.layers import PolyAttention
+from ..core.module import set_activation
 from . import _checks
 
 __all__ = [
@@ -79,17 +80,10 @@ class EncoderLayer(nn.Module):
         return x + self.ff(self.act2(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(EncoderLayer):
     """Like :class:`EncoderLayer`, but the attention takes keys and values from the encoder output."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, activation: ActivationLike) -> None:
-        super().__init__()
-        self.act1 = Wavelet()
-        self.attn = PolyAttention(d_model, num_heads, activation=activation)
-        self.act2 = Wavelet()
-        self.ff = WaveletMLP(d_model, d_ff, d_model)
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x + self.attn(self.act1(x), context=memory)
         return x + self.ff(self.act2(x))
 
@@ -146,13 +140,9 @@ class PINNsFormer(nn.Module):
         self.seq_len = int(seq_len)
         self.seq_step = float(seq_step)
         self.mixer = nn.Linear(2, d_model)
-        self.encoder = nn.ModuleList(
-            EncoderLayer(d_model, num_heads, d_ff, activation) for _ in range(num_layers)
-        )
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, num_heads, d_ff, activation) for _ in range(num_layers))
         self.encoder_act = Wavelet()
-        self.decoder = nn.ModuleList(
-            DecoderLayer(d_model, num_heads, d_ff, activation) for _ in range(num_layers)
-        )
+        self.decoder = nn.ModuleList(DecoderLayer(d_model, num_heads, d_ff, activation) for _ in range(num_layers))
         self.decoder_act = Wavelet()
         self.head = WaveletMLP(d_model, d_hidden, d_out)
         for m in self.attention_layers():
@@ -170,8 +160,7 @@ class PINNsFormer(nn.Module):
 
     @activation.setter
     def activation(self, spec: ActivationLike) -> None:
-        for m in self.attention_layers():
-            m.activation = spec
+        set_activation(self, spec)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x, t (P, k, 1) -> u (P, k, d_out)."""
@@ -237,25 +226,28 @@ def init_pinn_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+from ..utils.registry import Registry  # noqa: E402  (TODO: join the imports at the top)
+
+# name -> builder(activation, **sizes). Keyword names are those of the classes.
+PINN_MODELS = Registry("PINN model")
+
+
+@PINN_MODELS.register("pinnsformer")
 def _pinnsformer(activation: ActivationLike = "softmax", **kw) -> nn.Module:
     return PINNsFormer(activation=activation, **kw)
 
 
+@PINN_MODELS.register("mlp")
 def _mlp(activation: ActivationLike = "softmax", **kw) -> nn.Module:
     # The MLP has no attention; the activation is accepted so both builders share a signature.
     return MLPPINN(**kw)
 
 
-# name -> builder(activation, **sizes). Keyword names are those of the classes.
-PINN_MODELS = {"pinnsformer": _pinnsformer, "mlp": _mlp}
-
-
 def build_pinn_model(name: str, activation: ActivationLike = "softmax", **kwargs) -> nn.Module:
     """A PINN model by name (``"pinnsformer"`` or ``"mlp"``), initialised as published."""
-    if name not in PINN_MODELS:
-        raise ValueError(f"unknown PINN model {name!r}; choose one of {sorted(PINN_MODELS)}")
+    builder = PINN_MODELS.get(name)
     try:
-        model = PINN_MODELS[name](activation, **kwargs)
+        model = builder(activation, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad size arguments for PINN model {name!r}: {e}") from None
     return init_pinn_weights(model)

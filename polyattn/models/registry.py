@@ -3,6 +3,9 @@
 A model builder is a function ``fn(activation: str = "softmax", **overrides) -> nn.Module``
 registered under a name with ``@register_model(name)``. Names starting with
 ``timm:`` are handed to ``polyattn.integrations.timm.create_timm_model``.
+
+The built-in builders register when ``polyattn.models`` imports ``vit`` and ``lra``,
+which happens before this module can be imported at all.
 """
 
 from __future__ import annotations
@@ -13,55 +16,32 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from ..core.activations import get_activation
+from ..utils.registry import Registry
 
-__all__ = ["create_model", "list_models", "register_model", "TIMM_PREFIX"]
+__all__ = ["create_model", "is_known_model", "list_models", "register_model", "TIMM_PREFIX"]
 
 TIMM_PREFIX = "timm:"
 
 ModelBuilder = Callable[..., nn.Module]
 
-_MODELS: dict[str, ModelBuilder] = {}
-
-# Modules whose import registers models. Imported on first lookup so that
-# ``polyattn.models`` does not depend on them at import time.
-_PROVIDERS: tuple[str, ...] = ("polyattn.models.vit",)
-_providers_loaded = False
-
-
-def _load_providers() -> None:
-    global _providers_loaded
-    if _providers_loaded:
-        return
-    _providers_loaded = True
-    for module in _PROVIDERS:
-        importlib.import_module(module)
+_MODELS: Registry[ModelBuilder] = Registry("model", hint=f"(or '{TIMM_PREFIX}<timm model name>')")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``fn(activation="softmax", **overrides) -> nn.Module`` as ``name``."""
+    # The prefix is reserved: a registered "timm:x" could never be reached, create_model routes it to timm.
     if not isinstance(name, str) or not name or name.startswith(TIMM_PREFIX):
-        raise ValueError(
-            f"model name must be a non-empty string not starting with {TIMM_PREFIX!r}, got {name!r}"
-        )
-
-    def decorator(fn: ModelBuilder) -> ModelBuilder:
-        if name in _MODELS and _MODELS[name] is not fn:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
-        _MODELS[name] = fn
-        return fn
-
-    return decorator
+        raise ValueError(f"model name must be a non-empty string not starting with {TIMM_PREFIX!r}, got {name!r}")
+    return _MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Registered model names, sorted (``timm:<name>`` models are not listed)."""
-    _load_providers()
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def is_known_model(name: str) -> bool:
     """True when ``create_model(name)`` would find a builder (any ``timm:`` name counts)."""
-    _load_providers()
     return name in _MODELS or (isinstance(name, str) and name.startswith(TIMM_PREFIX))
 
 
@@ -82,10 +62,4 @@ def create_model(name: str, activation: str = "softmax", **overrides) -> nn.Modu
                 f"pip install 'polyattn[timm]' ({e})"
             ) from e
         return timm_integration.create_timm_model(name[len(TIMM_PREFIX) :], activation=spec, **overrides)
-    _load_providers()
-    if name not in _MODELS:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))} "
-            f"(or '{TIMM_PREFIX}<timm model name>')"
-        )
-    return _MODELS[name](activation=spec, **overrides)
+    return _MODELS.get(name)(activation=spec, **overrides)

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.activations import ActivationLike, get_activation
-from ..core.backends.reference import attention_weights
+from ..core.activations import ActivationLike
+from ..core.diagnostics import AttentionMapRecorder
 from ..core.layers import PolyAttention
+from ..core.module import set_activation as _set_activation
 from . import _checks
 from .registry import register_model
 
@@ -121,9 +122,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = PolyAttention(
-            dim, num_heads, activation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
-        )
+        self.attn = PolyAttention(dim, num_heads, activation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -131,13 +130,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    @torch.no_grad()
-    def attention_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B, heads, T, T) matrix A this block's attention applies to its input x."""
-        q, k, _ = self.attn.project_qkv(self.norm1(x))
-        scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * self.attn.scale
-        return attention_weights(scores, self.attn.activation, None)
 
 
 def resize_pos_embed(
@@ -180,7 +172,8 @@ class ViT(nn.Module):
     """Vision transformer classifier: class token, learned positional embedding, PolyAttention.
 
     ``activation`` is a spec string (``"softmax"``, ``"x^3/16"``, ``"x^3/sqrt(N)"``...)
-    used by every block; ``set_activation`` switches all blocks in place.
+    used by every block; ``set_activation`` (or :func:`polyattn.core.set_activation`,
+    which works on any model) switches all blocks in place.
     Loading a state dict whose positional embedding was trained on another
     image size interpolates it to this model's patch grid.
     """
@@ -256,9 +249,7 @@ class ViT(nn.Module):
         return self.blocks[0].attn.activation.spec
 
     def set_activation(self, spec: ActivationLike) -> None:
-        act = get_activation(spec)
-        for block in self.blocks:
-            block.attn.activation = act
+        _set_activation(self, spec)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay (besides biases and norms)."""
@@ -285,32 +276,29 @@ class ViT(nn.Module):
     def attention_maps(self, x: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
         """Per-layer attention matrices A (B, heads, 1 + N, 1 + N) for a batch of images.
 
-        A is computed with ``polyattn.core.backends.reference.attention_weights``,
-        the exact matrix the attention applies (token 0 is the class token).
-        ``layers`` picks 0-based layers (default: all). Uses eval-mode behaviour
-        of the current module state; call ``model.eval()`` first for dropout-free maps.
+        Recorded by :class:`polyattn.core.AttentionMapRecorder` (which works on
+        any model), so A is the exact matrix the attention applies (token 0 is
+        the class token). ``layers`` picks 0-based layers (default: all). Uses
+        the current module state; call ``model.eval()`` first for dropout-free maps.
         """
-        wanted = set(range(len(self.blocks))) if layers is None else set(layers)
+        wanted = sorted(set(range(len(self.blocks))) if layers is None else set(layers))
         bad = [i for i in wanted if not 0 <= i < len(self.blocks)]
         if bad:
-            raise ValueError(f"layers {sorted(bad)} out of range for a model with {len(self.blocks)} blocks")
-        maps = []
-        x = self.embed(x)
-        for i, block in enumerate(self.blocks):
-            if i in wanted:
-                maps.append(block.attention_matrix(x))
-            if i >= max(wanted):
-                break
-            x = block(x)
-        return maps
+            raise ValueError(f"layers {bad} out of range for a model with {len(self.blocks)} blocks")
+        if not wanted:
+            return []
+        with AttentionMapRecorder(self, layers=wanted, device=None) as rec:
+            x = self.embed(x)
+            # The blocks after the last wanted one cannot change its map: skip them.
+            for block in self.blocks[: wanted[-1] + 1]:
+                x = block(x)
+        return [rec.get(i) for i in wanted]
 
     @torch.no_grad()
     def cls_attention(self, x: torch.Tensor, layers: list[int] | None = None) -> list[torch.Tensor]:
         """Class-token attention to the patches as images: per layer (B, heads, grid_h, grid_w)."""
         gh, gw = self.patch_embed.grid_size
-        return [
-            a[:, :, 0, 1:].reshape(a.shape[0], a.shape[1], gh, gw) for a in self.attention_maps(x, layers)
-        ]
+        return [a[:, :, 0, 1:].reshape(a.shape[0], a.shape[1], gh, gw) for a in self.attention_maps(x, layers)]
 
     # --- loading -------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook

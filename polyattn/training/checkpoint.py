@@ -47,9 +47,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(
-    old: dict, new: dict, fixed: Callable[[str], bool]
-) -> tuple[dict[str, list], dict[str, list]]:
+def config_changes(old: dict, new: dict, fixed: Callable[[str], bool]) -> tuple[dict[str, list], dict[str, list]]:
     """(changes a resume applies, changes it refuses) between a checkpoint's config and a new one.
 
     Each maps a dotted key to ``[old, new]``; ``fixed(key)`` says whether a key may not change.

@@ -15,6 +15,7 @@ documented in docs/training.md; an unknown key or a bad value raises
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 import os
@@ -31,6 +32,7 @@ from ..models.registry import TIMM_PREFIX, is_known_model, list_models
 from ..utils.io import read_yaml_mapping
 
 __all__ = [
+    "GRID_KEY",
     "ConfigError",
     "ConfigSchema",
     "Key",
@@ -39,15 +41,20 @@ __all__ = [
     "default_config",
     "dump_config",
     "get_key",
+    "grid_points",
+    "is_grid_file",
     "greater_than",
     "load_config",
+    "merge_configs",
     "parse_override",
     "read_config_file",
     "register_config_section",
     "resolve_config",
+    "settings_from_dict",
 ]
 
 META_KEYS = ("inherit", "description")
+GRID_KEY = "grid"
 
 
 class ConfigError(ValueError):
@@ -150,9 +157,7 @@ def register_config_section(name: str, defaults: dict) -> None:
         old = builtin.get(key) or section.get(key)
         if old is not None:
             if old.default != value:
-                raise ValueError(
-                    f"config key {name}.{key} is already registered with default {old.default!r}"
-                )
+                raise ValueError(f"config key {name}.{key} is already registered with default {old.default!r}")
             continue
         section[key] = _key_from_default(value)
 
@@ -208,6 +213,11 @@ def _merge(base: dict, layer: dict, where: str = "") -> dict:
     return out
 
 
+def merge_configs(base: dict, layer: dict) -> dict:
+    """``layer`` merged into a copy of ``base`` (nested mappings key by key), as inherit and --set merge."""
+    return _merge(base, layer)
+
+
 def _merge_data(base: dict, layer: dict) -> dict:
     new_name = layer.get("name")
     if new_name is not None and new_name != base.get("name"):
@@ -224,7 +234,11 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"inherit cycle: {chain}")
     raw = _read_yaml(path)
-    parents = raw.pop("inherit", None)
+    return _merge(_inherited(path, raw.pop("inherit", None), (*stack, path)), raw)
+
+
+def _inherited(path: Path, parents: Any, stack: tuple[Path, ...]) -> dict:
+    """The merged files an ``inherit`` entry of the file ``path`` names (paths relative to that file)."""
     if parents is None:
         parents = []
     elif isinstance(parents, str):
@@ -238,9 +252,12 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> dict:
             parent_path = path.parent / parent_path
         if not parent_path.is_file():
             raise ConfigError(f"{path}: inherited config file not found: {parent_path}")
-        merged = _merge(merged, _load_file(parent_path, (*stack, path)))
+        layer = _load_file(parent_path, stack)
+        if GRID_KEY in layer:
+            raise ConfigError(f"{path}: cannot inherit {parent_path}, a grid of runs; inherit one of its bases")
+        merged = _merge(merged, layer)
         merged.pop("description", None)  # a description belongs to the file that states it
-    return _merge(merged, raw)
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -277,9 +294,7 @@ def _apply_override(cfg: dict, parts: list[str], value: Any) -> dict:
 def _unknown(key: str, allowed: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key.split(".")[-1], [a.split(".")[-1] for a in allowed], n=1)
     hint = f" (did you mean {where}{close[0]}?)" if close else ""
-    return ConfigError(
-        f"unknown config key {where}{key}{hint}; allowed keys: {', '.join(where + a for a in allowed)}"
-    )
+    return ConfigError(f"unknown config key {where}{key}{hint}; allowed keys: {', '.join(where + a for a in allowed)}")
 
 
 def _coerce(full_key: str, spec: Key, value: Any) -> Any:
@@ -417,9 +432,120 @@ def default_config() -> dict:
     return resolve_config({})
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """The raw mapping of a config file with its ``inherit`` chain merged in (no defaults, no validation)."""
-    return _load_file(Path(os.path.expanduser(str(path))))
+def read_config_file(path: str | os.PathLike, point: str | None = None) -> dict:
+    """The raw mapping of a config file with its ``inherit`` chain merged in (no defaults, no validation).
+
+    A grid file (one with a ``grid:`` section, see :func:`grid_points`) describes many runs:
+    ``point`` names the one to read, and is an error for a plain file.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    raw = _load_file(path)
+    if GRID_KEY not in raw:
+        if point is not None:
+            raise ConfigError(f"--point {point}: {path} is a single config, not a grid of runs; drop --point")
+        return raw
+    points = grid_points(path, raw)
+    if point is None:
+        raise ConfigError(
+            f"{path} is a grid of {len(points)} runs: pick one with --point NAME; points: {', '.join(points)}"
+        )
+    if point not in points:
+        close = difflib.get_close_matches(point, list(points), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"--point {point}: no such point in {path}{hint}; points: {', '.join(points)}")
+    return points[point]
+
+
+# --- grids of runs ---------------------------------------------------------------
+def is_grid_file(path: str | os.PathLike) -> bool:
+    """True when the config file describes a grid of runs (it has a ``grid:`` section)."""
+    return GRID_KEY in _load_file(Path(os.path.expanduser(str(path))))
+
+
+# Axis names that stand for a key: ``activation: [softmax, x^3/14]`` sets model.activation.
+AXIS_KEYS = {"activation": "model.activation", "seed": "train.seed"}
+
+
+def _label(key: str, value: Any) -> str:
+    text = get_activation(value).slug if key == "model.activation" and isinstance(value, str) else str(value)
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text).strip("-").replace(".", "p") or "none"
+
+
+def _axis_entries(path: Path, axis: str, spec: Any) -> list[tuple[str, dict, dict]]:
+    """(label, what the label inherits, its own settings) per value of one axis.
+
+    An axis is either a key (dotted, or ``activation``/``seed``) with a list of values, or a
+    mapping of labels to settings: sections, dotted keys and an optional ``inherit`` of its own.
+    """
+    if isinstance(spec, list):
+        key = AXIS_KEYS.get(axis, axis)
+        if "." not in key:
+            raise ConfigError(
+                f"{path}: grid axis {axis!r} lists values, so its name must be a dotted key such as "
+                f"train.lr (or one of {sorted(AXIS_KEYS)}); give a mapping of labels to settings otherwise"
+            )
+        try:
+            return [(_label(key, v), {}, apply_overrides({}, {key: v})) for v in spec]
+        except ValueError as e:
+            raise ConfigError(f"{path}: grid axis {axis!r}: {e}") from None
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"{path}: grid axis {axis!r} must be a list of values or a mapping of labels to settings")
+    entries = []
+    for label, settings in spec.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{path}: grid.{axis}.{label} must be a mapping of settings, got {settings!r}")
+        settings = dict(settings)
+        parents = _inherited(path, settings.pop("inherit", None), (path.resolve(),))
+        dotted = {k: v for k, v in settings.items() if "." in str(k)}
+        nested = {k: v for k, v in settings.items() if "." not in str(k)}
+        entries.append((str(label), parents, apply_overrides(nested, dotted)))
+    return entries
+
+
+def grid_points(path: str | os.PathLike, raw: dict | None = None) -> dict[str, dict]:
+    """Every run a grid file describes: point name -> raw config (the name joins the axis labels with _).
+
+    A grid file is an ordinary config (the settings every point shares, ``inherit`` included)
+    plus ``grid:``, a mapping of axes whose cartesian product are the points, e.g.
+
+        grid:
+          model:
+            vit_small: {inherit: base/imagenet_vit.yaml, model.name: vit_small}
+            deit_small: {inherit: base/imagenet_deit.yaml, model.name: deit_small}
+          activation: [softmax, "x^3/14", x]
+
+    Per point, the files a label inherits come first, then the shared settings, then the labels'
+    own settings, in axis order.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    raw = copy.deepcopy(raw if raw is not None else _load_file(path))
+    if GRID_KEY not in raw:
+        raise ConfigError(f"{path} is a single config, not a grid of runs (it has no 'grid:' section)")
+    axes = raw.pop(GRID_KEY)
+    if not isinstance(axes, dict) or not axes:
+        raise ConfigError(f"{path}: 'grid' must be a mapping of axes, e.g. grid: {{activation: [softmax, x]}}")
+    points: dict[str, list[tuple[dict, dict]]] = {"": []}
+    for axis, spec in axes.items():
+        grown = {}
+        for name, parts in points.items():
+            for label, parents, layer in _axis_entries(path, str(axis), spec):
+                key = f"{name}_{label}" if name else label
+                if key in grown:
+                    raise ConfigError(f"{path}: two points of the grid are both named {key!r}; relabel one")
+                grown[key] = [*parts, (parents, layer)]
+        points = grown
+    out = {}
+    for name, parts in points.items():
+        cfg: dict = {}
+        for parents, _ in parts:
+            cfg = _merge(cfg, parents)
+        cfg = _merge(cfg, raw)
+        for _, layer in parts:
+            cfg = _merge(cfg, layer)
+        if raw.get("description"):
+            cfg["description"] = f"{raw['description']} [{name}]"
+        out[name] = cfg
+    return out
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict:
@@ -434,12 +560,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] = ()
             raise ConfigError(f"override {'.'.join(parts)!r}: bad key")
         if parts[0] in META_KEYS:
             raise ConfigError(f"override {'.'.join(parts)}: {parts[0]!r} cannot be overridden")
-        if (
-            parts[0] == "data"
-            and len(parts) == 2
-            and parts[1] == "name"
-            and isinstance(raw.get("data"), dict)
-        ):
+        if parts[0] == "data" and len(parts) == 2 and parts[1] == "name" and isinstance(raw.get("data"), dict):
             raw = dict(raw)
             raw["data"] = _merge_data(raw["data"], {"name": value})
             continue
@@ -447,9 +568,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] = ()
     return raw
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict:
-    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate."""
-    raw = {} if path is None else read_config_file(path)
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), point: str | None = None) -> dict:
+    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate.
+
+    ``point`` picks one run of a grid file (see :func:`grid_points`).
+    """
+    raw = {} if path is None else read_config_file(path, point)
     return resolve_config(apply_overrides(raw, overrides))
 
 
@@ -479,6 +603,22 @@ def dump_config(cfg: dict) -> str:
 
 
 # --- other kinds of config ---------------------------------------------------------
+def settings_from_dict(cls: type, data: Any, what: str) -> Any:
+    """``cls(**data)`` for a dataclass of flat settings (bench, theory), with errors naming ``what``.
+
+    Not a mapping, or a key the dataclass lacks (with the closest known one), is a ConfigError.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a mapping of settings, got {type(data).__name__}")
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(str(k) for k in set(data) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{what}: unknown key(s) {unknown}{hint}; allowed keys: {known}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ConfigSchema:
     """A kind of config besides the trainer's (PINN runs, benchmarks), with the same file rules.
@@ -525,9 +665,10 @@ class ConfigSchema:
         path: str | os.PathLike | None = None,
         overrides: Sequence[str] | Mapping[str, Any] = (),
         preset: str | None = None,
+        point: str | None = None,
     ) -> dict:
         """Defaults < the preset (``preset``, else the one the file or overrides name) < file < overrides."""
-        raw = apply_overrides({} if path is None else read_config_file(path), overrides)
+        raw = apply_overrides({} if path is None else read_config_file(path, point), overrides)
         if self.presets:
             name = preset or raw.get("preset") or self.top["preset"].default
             if name not in self.presets:

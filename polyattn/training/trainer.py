@@ -56,6 +56,7 @@ from .distributed import (
 
 __all__ = ["train", "load_run", "build_model", "lr_at", "RunDirError", "RunExistsError", "TrainingInterrupted"]
 
+
 class RunExistsError(RunDirError):
     """The output directory already holds a run and ``resume`` was not asked for."""
 
@@ -256,9 +257,7 @@ def train_loader(ds: Dataset, batch: int, seed: int, env: DistEnv, workers: int)
 
 def eval_loader(ds: Dataset, batch: int, env: DistEnv, workers: int) -> DataLoader:
     sampler = ShardSampler(len(ds), env.rank, env.world_size)
-    return DataLoader(
-        ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda"
-    )
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -394,9 +393,7 @@ def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path,
 
 
 # --- the loop ----------------------------------------------------------------------
-def _divergence_message(
-    what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path
-) -> str:
+def _divergence_message(what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path) -> str:
     act = cfg["model"]["activation"]
     clip = cfg["train"]["grad_clip"]
     kept = (
@@ -405,9 +402,7 @@ def _divergence_message(
         else "no checkpoint was written yet (it diverged in the first epoch)"
     )
     advice = divergence_advice(act)
-    clipping = (
-        f"a smaller train.grad_clip (it is {clip:g} now)" if clip > 0 else "train.grad_clip > 0 (it is off now)"
-    )
+    clipping = f"a smaller train.grad_clip (it is {clip:g} now)" if clip > 0 else "train.grad_clip > 0 (it is off now)"
     return (
         f"diverged: {what} at step {step} (epoch {epoch}, activation {act}); stopping. {kept}. "
         f"Try {advice}a lower train.lr (it is {cfg['train']['lr']:g} now), or {clipping}."
@@ -489,9 +484,7 @@ class _Run:
         eval_batch = max(1, (tc["eval_batch_size"] or tc["batch_size"]) // env.world_size)
         self.train_loader = train_loader(self.bundle.train, per_rank, tc["seed"], env, workers)
         self.val_loader = eval_loader(self.bundle.val, eval_batch, env, workers)
-        self.test_loader = (
-            None if self.bundle.test is None else eval_loader(self.bundle.test, eval_batch, env, workers)
-        )
+        self.test_loader = None if self.bundle.test is None else eval_loader(self.bundle.test, eval_batch, env, workers)
         self.steps_per_epoch = len(self.train_loader)
         total = tc["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, tc["max_steps"]) if tc["max_steps"] else total
@@ -499,9 +492,7 @@ class _Run:
         if warmup is None:
             warmup = round(tc["warmup_epochs"] * self.steps_per_epoch)
         self.warmup_steps = min(self.total_steps, warmup)
-        self.scheduler = make_scheduler(
-            self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps
-        )
+        self.scheduler = make_scheduler(self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps)
         self.dtype = amp_dtype(tc["amp"], env.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if (tc["mixup"] > 0 or tc["cutmix"] > 0) and not isinstance(self.bundle.train[0][0], torch.Tensor):
@@ -513,9 +504,7 @@ class _Run:
         self.last_good_epoch: int | None = None
 
     def restore(self) -> None:
-        ckpt = read_checkpoint(
-            self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config")
-        )
+        ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
         applied, refused = config_changes(ckpt["config"], self.cfg, _fixed_on_resume)
         refuse_changes(self.run_dir, refused)
         try:
@@ -622,62 +611,19 @@ class _Run:
             bar.close()
 
     def train_step(self, x, y, sums: torch.Tensor, recorder, t0: float, bar) -> bool:
-        tc, env = self.tc, self.env
-        x, y = _to_device(x, env.device), y.to(env.device, non_blocking=True)
+        """One update; False (and self.diverged set) when the loss or the gradient is not finite."""
+        x, y = _to_device(x, self.env.device), y.to(self.env.device, non_blocking=True)
         if recorder is not None:
             recorder.set_step(self.step)
-        target = y
-        if tc["mixup"] > 0 or tc["cutmix"] > 0:
-            x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
         lr = self.optimizer.param_groups[0]["lr"]
-        with torch.autocast(
-            env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
-        ):
-            logits = _forward(self.net, x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=tc["label_smoothing"])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        max_norm = tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        n = _batch_size(y)
-        stats = torch.stack(
-            [
-                loss.detach().double() * n,
-                (logits.detach().argmax(-1) == y).sum().double(),
-                torch.tensor(float(n), dtype=torch.float64, device=env.device),
-                (~torch.isfinite(loss.detach())).double(),
-                # fp16's scaler skips steps with inf gradients by design; elsewhere they mean divergence.
-                (~torch.isfinite(grad_norm.detach())).double()
-                if self.scaler is None
-                else loss.new_zeros((), dtype=torch.float64),
-            ]
-        )
-        loss_sum, correct, count, bad_loss, bad_grad = all_reduce_sum(stats, env).tolist()
-        step_number = self.step + 1
+        loss, logits, grad_norm = self._forward_backward(x, y)
+        loss_sum, correct, count, bad_loss, bad_grad = self._batch_stats(loss, logits, grad_norm, y)
         if bad_loss or bad_grad:
-            what = f"loss is {loss.item()}" if bad_loss else "gradient norm is not finite"
-            self.diverged = {
-                "step": step_number,
-                "epoch": self.epoch + 1,
-                "message": _divergence_message(
-                    what, step_number, self.epoch + 1, self.cfg, self.last_good_epoch, self.run_dir
-                ),
-            }
+            self._stop_diverged(f"loss is {loss.item()}" if bad_loss else "gradient norm is not finite")
             return False
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.step = step_number
+        self._update()
         sums += torch.tensor([loss_sum, correct, count], dtype=torch.float64)
-        elapsed = time.perf_counter() - t0
-        throughput = sums[2].item() / max(elapsed, 1e-9)
+        throughput = sums[2].item() / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
         bar.set_postfix(
             loss=f"{sums[0].item() / sums[2].item():.4f}",
@@ -686,7 +632,7 @@ class _Run:
             refresh=False,
         )
         rows = []
-        if self.step % tc["log_every"] == 0:
+        if self.step % self.tc["log_every"] == 0:
             rows.append(
                 {
                     "kind": "step",
@@ -707,6 +653,58 @@ class _Run:
                 for cb in self.callbacks:
                     cb(row)
         return True
+
+    def _forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, logits, gradient norm before clipping); gradients are left in the parameters."""
+        tc, env = self.tc, self.env
+        target = y
+        if tc["mixup"] > 0 or tc["cutmix"] > 0:
+            x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
+        with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = _forward(self.net, x)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=tc["label_smoothing"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        max_norm = tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf")
+        return loss, logits, torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _batch_stats(self, loss, logits, grad_norm, y) -> list[float]:
+        """[loss * n, correct, n, loss not finite, gradient not finite], summed over processes."""
+        n = _batch_size(y)
+        stats = torch.stack(
+            [
+                loss.detach().double() * n,
+                (logits.detach().argmax(-1) == y).sum().double(),
+                torch.tensor(float(n), dtype=torch.float64, device=self.env.device),
+                (~torch.isfinite(loss.detach())).double(),
+                # fp16's scaler skips steps with inf gradients by design; elsewhere they mean divergence.
+                (~torch.isfinite(grad_norm.detach())).double()
+                if self.scaler is None
+                else loss.new_zeros((), dtype=torch.float64),
+            ]
+        )
+        return all_reduce_sum(stats, self.env).tolist()
+
+    def _stop_diverged(self, what: str) -> None:
+        step, epoch = self.step + 1, self.epoch + 1
+        self.diverged = {
+            "step": step,
+            "epoch": epoch,
+            "message": _divergence_message(what, step, epoch, self.cfg, self.last_good_epoch, self.run_dir),
+        }
+
+    def _update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
 
     def end_epoch(self, result: dict) -> None:
         tc = self.tc
@@ -832,9 +830,7 @@ class _Run:
         try:
             from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
         except ImportError as e:
-            raise ConfigError(
-                f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})"
-            ) from None
+            raise ConfigError(f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})") from None
         recorder = NormRecorder(self.model, every=every)
         recorder.attach()
         return recorder

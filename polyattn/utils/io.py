@@ -119,9 +119,11 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
             f"{what} {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
         ) from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{what} {p} is not valid YAML: {e}") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e)
+        raise ValueError(f"{what} {p} is not valid YAML ({where})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {p} must hold a mapping of keys, got {type(data).__name__}")
+        raise ValueError(f"{what} {p}: expected a YAML mapping of keys, got {type(data).__name__}")
     return data

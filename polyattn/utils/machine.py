@@ -41,7 +41,4 @@ def machine_line(device: str = "cpu") -> str:
     info = machine_info()
     if device == "cuda" and info["cuda"]:
         return f"{info['cuda']} (torch {info['torch']})"
-    return (
-        f"{info['cpu_count']}-core CPU ({info['processor']}), {info['threads']} torch threads, "
-        f"torch {info['torch']}"
-    )
+    return f"{info['cpu_count']}-core CPU ({info['processor']}), {info['threads']} torch threads, torch {info['torch']}"

@@ -127,4 +127,3 @@ class RunDirLock:
             self.discard()
         else:
             self.release()
-

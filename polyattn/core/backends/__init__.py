@@ -23,17 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
-from ..activations import Activation, ActivationLike, get_activation
-from .auto import CallInfo, estimate
-from .chunked import chunked_attention
-from .common import BackendUnsupported, batch_shape, mask_kind
-from .linear import linear_attention, linear_unsupported_reason
+from ..activations import Activation, ActivationLike
+from .auto import MODULES, estimate
+from .common import BackendUnsupported, CallInfo, Estimate, MachineRates, compute_dtype
 from .reference import attention_weights, reference_attention
-from .sdpa import sdpa_attention, sdpa_unsupported_reason
-from .triton_kernels import triton_attention, triton_unsupported_reason
 
 __all__ = [
     "BACKENDS",
@@ -51,79 +48,45 @@ __all__ = [
 
 BackendFn = Callable[..., torch.Tensor]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
 class Backend:
     """One implementation: ``backend(q, k, v, activation, attn_mask=, bias=, causal=, scale=, dropout_p=)``.
 
     ``unsupported(info)`` says why it cannot compute a call (None when it can);
-    ``native_cuda_dtypes`` are low-precision dtypes it takes as they are on a GPU
-    (others are upcast to fp32 by :func:`polyattn.attention` first).
+    ``cost(info, rates)`` estimates its fwd+bwd time; ``native_cuda_dtypes``
+    are low-precision dtypes it takes as they are on a GPU (others are upcast
+    to fp32 by :func:`polyattn.attention` first).
     """
 
     name: str
     fn: BackendFn
     summary: str
     unsupported: Callable[[CallInfo], str | None]
+    cost: Callable[[CallInfo, MachineRates], Estimate]
     native_cuda_dtypes: tuple[torch.dtype, ...] = ()
+
+    @staticmethod
+    def of(module: ModuleType) -> Backend:
+        """The Backend of a module that follows the protocol of :mod:`.common`."""
+        return Backend(
+            module.NAME,
+            module.run,
+            module.SUMMARY,
+            module.unsupported,
+            module.cost,
+            getattr(module, "NATIVE_CUDA_DTYPES", ()),
+        )
 
     def __call__(self, q, k, v, activation, **kwargs) -> torch.Tensor:
         return self.fn(q, k, v, activation, **kwargs)
 
     def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """The dtype this backend receives for inputs of ``dtype``."""
-        if dtype in _LOW_PRECISION:
-            return dtype if (device.type == "cuda" and dtype in self.native_cuda_dtypes) else torch.float32
-        return dtype
+        return compute_dtype(dtype, device, self.native_cuda_dtypes)
 
 
-def _no_dropout(name: str, info: CallInfo) -> str | None:
-    if info.dropout_p > 0.0:
-        return f"{name} has no dropout (dropout_p > 0 needs reference, or sdpa for softmax)"
-    return None
-
-
-def _chunked_unsupported(info: CallInfo) -> str | None:
-    return _no_dropout("chunked", info)
-
-
-def _linear_unsupported(info: CallInfo) -> str | None:
-    return linear_unsupported_reason(info.activation, info.mask, info.has_bias, info.dropout_p)
-
-
-def _triton_unsupported(info: CallInfo) -> str | None:
-    dtype = BACKENDS["triton"].compute_dtype(info.dtype, info.device)
-    return triton_unsupported_reason(
-        info.activation, info.mask, info.has_bias, info.dropout_p, info.d, info.dv, info.device, dtype
-    )
-
-
-def _sdpa_unsupported(info: CallInfo) -> str | None:
-    return sdpa_unsupported_reason(info.activation)
-
-
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
-        Backend("reference", reference_attention, "materialised S and A (the definition)", lambda info: None),
-        Backend(
-            "sdpa", sdpa_attention, "softmax by F.scaled_dot_product_attention", _sdpa_unsupported,
-            native_cuda_dtypes=(torch.float16, torch.bfloat16),
-        ),
-        Backend(
-            "chunked", chunked_attention, "tiled, O(N * block) memory, every activation", _chunked_unsupported
-        ),
-        Backend(
-            "linear", linear_attention, "exact linear-time x^p (symmetric features)", _linear_unsupported
-        ),
-        Backend(
-            "triton", triton_attention, "fused GPU kernel, elementwise activations", _triton_unsupported,
-            native_cuda_dtypes=(torch.bfloat16,),
-        ),
-    )
-}
+BACKENDS: dict[str, Backend] = {m.NAME: Backend.of(m) for m in MODULES}
 
 # Below this many score entries (BH * Nq * Nk) the materialised path costs
 # well under a millisecond, and it alone is twice differentiable.
@@ -142,31 +105,7 @@ class BackendChoice:
         return f"{self.name}: {self.reason}"
 
 
-def call_info(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    activation: ActivationLike,
-    *,
-    v: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    has_mask: bool = False,
-    has_bias: bool = False,
-    causal: bool = False,
-    dropout_p: float = 0.0,
-) -> CallInfo:
-    """Describe a call for the support checks and the cost model."""
-    act = get_activation(activation)
-    batch = batch_shape(q, k, *([v] if v is not None else []))
-    bh = 1
-    for s in batch:
-        bh *= s
-    kind = mask_kind(attn_mask) if attn_mask is not None else ("full" if has_mask else None)
-    return CallInfo(
-        device=q.device, dtype=q.dtype, bh=bh, nq=q.shape[-2], nk=k.shape[-2], d=q.shape[-1],
-        dv=v.shape[-1] if v is not None else q.shape[-1], activation=act, mask=kind,
-        has_bias=has_bias or bias is not None, causal=causal, dropout_p=dropout_p,
-    )
+call_info = CallInfo.of  # describe a call for the support checks and the cost model
 
 
 def choose_backend(info: CallInfo) -> BackendChoice:
@@ -190,9 +129,7 @@ def choose_backend(info: CallInfo) -> BackendChoice:
             tuple(candidates),
         )
     if not supported:  # every estimate is infinite: reference still computes it, if slowly
-        return BackendChoice(
-            "reference", "no backend fits the memory budget; materialising", tuple(candidates)
-        )
+        return BackendChoice("reference", "no backend fits the memory budget; materialising", tuple(candidates))
     best_t, best = min(supported)
     others = ", ".join(f"{n} {t:.3g}s" for t, n in sorted(supported) if n != best)
     reason = f"lowest estimated fwd+bwd time {best_t:.3g}s" + (f" (vs {others})" if others else "")
@@ -219,8 +156,16 @@ def select_backend(
     describe them when you do not (a mask is then assumed per-query).
     """
     info = call_info(
-        q, k, activation, v=v, attn_mask=attn_mask, bias=bias, has_mask=has_mask, has_bias=has_bias,
-        causal=causal, dropout_p=dropout_p,
+        q,
+        k,
+        activation,
+        v=v,
+        attn_mask=attn_mask,
+        bias=bias,
+        has_mask=has_mask,
+        has_bias=has_bias,
+        causal=causal,
+        dropout_p=dropout_p,
     )
     return choose_backend(info)
 
@@ -271,9 +216,7 @@ def resolve_backend(
     backend = BACKENDS.get(name)
     if backend is None:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
-    info = call_info(
-        q, k, activation, v=v, attn_mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout_p
-    )
+    info = call_info(q, k, activation, v=v, attn_mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout_p)
     why_not = backend.unsupported(info)
     if why_not is not None:
         raise BackendUnsupported(

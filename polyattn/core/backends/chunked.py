@@ -29,20 +29,34 @@ import torch
 
 from ..activations import Activation
 from .common import (
-    BackendUnsupported,
     BlockSource,
+    Call,
+    CallInfo,
+    Estimate,
     Layout,
+    MachineRates,
+    backend_run,
     causal_block,
-    flatten_heads,
     num_threads,
     refuse_double_backward,
-    row_counts,
-    row_factors,
-    unflatten,
+    row_slice,
+    scale_rows,
     values_known,
 )
 
-__all__ = ["chunked_attention", "default_block_sizes"]
+__all__ = [
+    "NAME",
+    "chunked_attention",
+    "cost",
+    "default_block_sizes",
+    "keeps_scores",
+    "run",
+    "tile_group",
+    "unsupported",
+]
+
+NAME = "chunked"
+SUMMARY = "tiled, O(N * block) memory, every activation"
 
 # Bytes one (heads, BQ, BK) tile buffer may take, per thread: on CPU a group
 # of heads is processed together while each core's share of the two tile
@@ -57,6 +71,17 @@ _GPU_TILE_BYTES = 256 << 20
 # sequences recompute, so memory stays O(N * block).
 _KEEP_FACTOR = 4
 _KEEP_SCORES_BYTES = 256 << 20
+
+# The cost model, counted from the code below. Products per tile: forward S
+# and A v, backward S again, dV, dA, dQ, dK (one fewer when S is kept).
+# Elementwise passes per score entry: x^p one forward (s.pow_) and three
+# backward (phi', phi, dA * phi'); other elementwise activations about nine
+# (phi and phi' are several passes each); softmax ten (max, exp, sums and the
+# rowsum(dO O) term); one more for a mask tile. PyTorch ops: ~16 per tile and
+# head group (forward ~5, backward ~11), ~20 per call.
+_PRODUCTS, _KEPT_PRODUCTS = 7, 6
+_POWER_PASSES, _ELEMENTWISE_PASSES, _SOFTMAX_PASSES, _MASK_PASSES = 4, 9, 10, 1
+_OPS_PER_TILE, _OPS = 16, 20
 
 
 def default_block_sizes(layout: Layout, device: torch.device) -> tuple[int, int]:
@@ -82,6 +107,32 @@ def keeps_scores(layout: Layout, dtype_bytes: int = 4) -> bool:
     io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
     kept = layout.bh * layout.nq * layout.nk * dtype_bytes
     return kept <= min(_KEEP_FACTOR * io_bytes, _KEEP_SCORES_BYTES)
+
+
+def unsupported(info: CallInfo) -> str | None:
+    if info.dropout_p > 0.0:
+        return "chunked has no dropout (dropout_p > 0 needs reference, or sdpa for softmax)"
+    return None
+
+
+def cost(info: CallInfo, rates: MachineRates) -> Estimate:
+    layout = info.layout
+    bq, bk = default_block_sizes(layout, info.device)
+    row_blocks = math.ceil(info.nq / bq)
+    tiles = row_blocks * math.ceil(info.nk / bk)
+    if info.causal:  # the tiles on and below the diagonal
+        tiles = max(1, tiles // 2 + row_blocks)
+    groups = math.ceil(info.bh / tile_group(layout, bq, bk, 4, info.device))
+    act = info.activation
+    kept = not act.is_softmax and keeps_scores(layout)
+    passes = _SOFTMAX_PASSES if act.is_softmax else _POWER_PASSES if act.is_polynomial else _ELEMENTWISE_PASSES
+    passes += _MASK_PASSES if info.mask or info.causal else 0
+    t = rates.seconds(
+        flops=(_KEPT_PRODUCTS if kept else _PRODUCTS) * info.product_flops,
+        cached=passes * info.entries,
+        ops=tiles * groups * _OPS_PER_TILE + _OPS,
+    )
+    return Estimate(t, f"{tiles * groups} tiles of {bq}x{bk}" + (", scores kept" if kept else ""))
 
 
 @dataclass
@@ -137,11 +188,7 @@ class Plan:
         return ~allowed
 
     def r_rows(self, h0: int, h1: int, i0: int, i1: int) -> torch.Tensor | float:
-        r = self.r
-        if not isinstance(r, torch.Tensor):
-            return r
-        r = r if r.shape[0] == 1 else r[h0:h1]
-        return r if r.shape[1] == 1 else r[:, i0:i1]
+        return row_slice(self.r, h0, h1, i0, i1)
 
 
 def _mask_summary(mask: BlockSource, i0: int, i1: int, j0: int, j1: int) -> tuple[bool, bool]:
@@ -153,8 +200,9 @@ def _mask_summary(mask: BlockSource, i0: int, i1: int, j0: int, j1: int) -> tupl
     """
     if not values_known(mask.flat):
         return True, False
-    b = mask.flat[:, slice(0, 1) if mask.rows_broadcast else slice(i0, i1),
-                  slice(0, 1) if mask.cols_broadcast else slice(j0, j1)]
+    b = mask.flat[
+        :, slice(0, 1) if mask.rows_broadcast else slice(i0, i1), slice(0, 1) if mask.cols_broadcast else slice(j0, j1)
+    ]
     return bool(b.any()), bool(b.all())
 
 
@@ -197,11 +245,15 @@ def _make_plan(
     kept_bytes = sum((t.i1 - t.i0) * (t.j1 - t.j0) for t in plan.tiles) * layout.bh * dtype_bytes
     io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
     plan.keep_scores = (
-        not activation.is_softmax and bool(plan.tiles)
+        not activation.is_softmax
+        and bool(plan.tiles)
         and kept_bytes <= min(_KEEP_FACTOR * io_bytes, _KEEP_SCORES_BYTES)
     )
-    plan.whole = len(plan.tiles) == 1 and (plan.tiles[0].j0, plan.tiles[0].j1) == (0, layout.nk) and (
-        plan.tiles[0].i0, plan.tiles[0].i1) == (0, layout.nq)
+    plan.whole = (
+        len(plan.tiles) == 1
+        and (plan.tiles[0].j0, plan.tiles[0].j1) == (0, layout.nk)
+        and (plan.tiles[0].i0, plan.tiles[0].i1) == (0, layout.nq)
+    )
     return plan
 
 
@@ -222,6 +274,21 @@ def _kept_offsets(plan: Plan) -> dict[tuple[int, int, int], int]:
 def _tile_buffer(buf: torch.Tensor, *shape: int) -> torch.Tensor:
     """A contiguous (g, bq, bk) view at the start of a flat buffer (edge tiles are smaller)."""
     return buf[: math.prod(shape)].view(*shape)
+
+
+def _kept_tile(
+    kept: torch.Tensor, offsets: dict[tuple[int, int, int], int], h0: int, t: Tile, shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """The (g, bq, bk) scores of tile t that forward kept for head group h0."""
+    return kept[offsets[(h0, t.i0, t.j0)] :][: math.prod(shape)].view(*shape)
+
+
+def _scores(qi: torch.Tensor, kj: torch.Tensor, out: torch.Tensor, bias: BlockSource | None, t: Tile) -> torch.Tensor:
+    """S = q_i k_j^T (+ bias) for tile t, written into out; qi is already scaled."""
+    s = torch.bmm(qi, kj.transpose(1, 2), out=out)
+    if bias is not None:
+        s.add_(bias.block(t.i0, t.i1, t.j0, t.j1))
+    return s
 
 
 # --------------------------------------------------------------------------
@@ -265,13 +332,8 @@ def _fwd_elementwise(
             oi = out[h0:h1, i0:i1]
             for t in tiles:
                 shape = (g, i1 - i0, t.j1 - t.j0)
-                if kept is not None:
-                    s = kept[offsets[(h0, t.i0, t.j0)]:][: math.prod(shape)].view(*shape)
-                else:
-                    s = _tile_buffer(buf, *shape)
-                torch.bmm(qi, k[h0:h1, t.j0:t.j1].transpose(1, 2), out=s)
-                if bias_src is not None:
-                    s.add_(bias_src.block(i0, i1, t.j0, t.j1))
+                s = _kept_tile(kept, offsets, h0, t, shape) if kept is not None else _tile_buffer(buf, *shape)
+                _scores(qi, k[h0:h1, t.j0 : t.j1], s, bias_src, t)
                 blocked = plan.blocked(t, h0, h1, q.device)
                 if kept is None:
                     a = _phi_inplace(s, act, blocked)
@@ -285,7 +347,7 @@ def _fwd_elementwise(
                 if plan.whole:
                     torch.bmm(a, v[h0:h1], out=oi)
                 else:
-                    oi.baddbmm_(a, v[h0:h1, t.j0:t.j1])
+                    oi.baddbmm_(a, v[h0:h1, t.j0 : t.j1])
             r = plan.r_rows(h0, h1, i0, i1)
             if isinstance(r, torch.Tensor):
                 oi.mul_(r)
@@ -294,92 +356,115 @@ def _fwd_elementwise(
     return out, kept
 
 
+def _phi_and_derivative(
+    s: torch.Tensor, act: Activation, blocked: torch.Tensor | None, sb: torch.Tensor, tb: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(a, deriv, spare) of one tile: a = phi(s) and deriv = phi'(s) / p (None for x), both 0 at masked entries.
+
+    ``spare`` is a buffer free once dV is done, where dA goes. Uses the tile
+    buffers sb (where s was computed, unless forward kept it) and tb; never
+    writes a kept s.
+    """
+    if not act.is_polynomial:
+        a, deriv = act.base(s), act.base_derivative(s)
+        if blocked is not None:
+            a.masked_fill_(blocked, 0.0)
+            deriv.masked_fill_(blocked, 0.0)
+        return a, deriv, sb
+    p = act.power
+    if p == 1:
+        return s, None, sb
+    if p == 2:
+        a = torch.mul(s, s, out=tb)
+        return a, s, a
+    deriv = torch.mul(s, s, out=tb) if p == 3 else torch.pow(s, p - 1, out=tb)
+    return torch.mul(s, deriv, out=sb), deriv, sb
+
+
+@dataclass
+class _Grads:
+    """The gradients the elementwise backward accumulates, tile by tile."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dbias: torch.Tensor | None
+    need: tuple[bool, bool, bool]  # dq, dk, dv
+    whole: bool  # one tile covers everything: products write their result instead of adding it
+    # phi'(s) = p s^(p-1) for x^p: the constant p is applied once to dQ, dK (and dbias) at the end.
+    dconst: float
+
+    @staticmethod
+    def start(q, k, v, plan: Plan, need: tuple[bool, bool, bool, bool]) -> _Grads:
+        alloc = torch.empty_like if plan.whole else torch.zeros_like
+        dbias = torch.zeros_like(plan.bias.flat) if (need[3] and plan.bias is not None) else None
+        act = plan.activation
+        dconst = float(act.power) if act.is_polynomial else 1.0
+        return _Grads(alloc(q), alloc(k), alloc(v), dbias, need[:3], plan.whole, dconst)
+
+    def _add(self, grad: torch.Tensor, r0: int, r1: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """grad[:, r0:r1] += x @ y (grad is already restricted to the head group)."""
+        if self.whole:
+            torch.bmm(x, y, out=grad)
+        else:
+            grad[:, r0:r1].baddbmm_(x, y)
+
+    def add_tile(self, h0: int, h1: int, t: Tile, qi, kj, vj, doi, a, deriv, spare, blocked, bias_src) -> None:
+        """dV_j += A^T dO_i; then dS = (dO_i v_j^T) (.) phi' into spare, dQ_i += dS k_j, dK_j += dS^T q_i."""
+        need_q, need_k, need_v = self.need
+        if need_v:
+            self._add(self.dv[h0:h1], t.j0, t.j1, a.transpose(1, 2), doi)
+        if not (need_q or need_k or self.dbias is not None):
+            return
+        ds = torch.bmm(doi, vj.transpose(1, 2), out=spare)
+        if deriv is not None:
+            ds.mul_(deriv)
+        elif blocked is not None:
+            ds.masked_fill_(blocked, 0.0)
+        if need_q:
+            self._add(self.dq[h0:h1], t.i0, t.i1, ds, kj)
+        if need_k:
+            self._add(self.dk[h0:h1], t.j0, t.j1, ds.transpose(1, 2), qi)
+        if self.dbias is not None:
+            bias_src.accumulate(self.dbias, ds * self.dconst if self.dconst != 1.0 else ds, t.i0, t.i1, t.j0, t.j1)
+
+    def finish(self, scale: float):
+        self.dq.mul_(self.dconst * scale)
+        if self.dconst != 1.0:
+            self.dk.mul_(self.dconst)
+        return self.dq, self.dk, self.dv, self.dbias
+
+
 def _bwd_elementwise(q, k, v, do, kept, plan: Plan, need: tuple[bool, bool, bool, bool]):
     """Recompute each tile (or read the kept scores); rows outer so the scaled q_i and dO_i
     rows are made once per row block. Kept scores are read, never written."""
     act = plan.activation
-    need_q, need_k, need_v, need_bias = need
-    need_ds = need_q or need_k or need_bias
-    alloc = torch.empty_like if plan.whole else torch.zeros_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    grads = _Grads.start(q, k, v, plan, need)
     offsets = _kept_offsets(plan)
-    dbias = torch.zeros_like(plan.bias.flat) if (need_bias and plan.bias is not None) else None
-    poly = act.is_polynomial
-    p = act.power if poly else 1
-    # phi'(s) = p s^(p-1) for x^p: the constant p is applied once to dQ, dK (and dbias).
-    dconst = float(p) if poly else 1.0
+    two_buffers = act.is_polynomial and act.power >= 2  # phi and phi' of x^p need a second tile buffer
     for h0, h1 in plan.groups:
-        g = h1 - h0
-        n = g * plan.bq * plan.bk
+        n = (h1 - h0) * plan.bq * plan.bk
         s_buf = torch.empty(n, dtype=q.dtype, device=q.device)
-        t_buf = torch.empty(n, dtype=q.dtype, device=q.device) if poly and p >= 2 else None
+        t_buf = torch.empty(n, dtype=q.dtype, device=q.device) if two_buffers else None
         bias_src = plan.bias.heads(h0, h1) if plan.bias is not None else None
         for i0, i1, tiles in plan.rows():
             qi = q[h0:h1, i0:i1] * plan.scale
-            doi = do[h0:h1, i0:i1]
-            r = plan.r_rows(h0, h1, i0, i1)
-            if isinstance(r, torch.Tensor) or r != 1.0:
-                doi = doi * r  # the row divisor, moved from A onto dO
-            dqi = dq[h0:h1, i0:i1]
+            doi = scale_rows(do[h0:h1, i0:i1], plan.r_rows(h0, h1, i0, i1))  # the row divisor, moved from A onto dO
             for t in tiles:
-                j0, j1 = t.j0, t.j1
-                kj, vj = k[h0:h1, j0:j1], v[h0:h1, j0:j1]
-                shape = (g, i1 - i0, j1 - j0)
+                shape = (h1 - h0, i1 - i0, t.j1 - t.j0)
+                kj = k[h0:h1, t.j0 : t.j1]
                 sb = _tile_buffer(s_buf, *shape)
                 blocked = plan.blocked(t, h0, h1, q.device)
                 if kept is not None:  # masked entries already 0
-                    s = kept[offsets[(h0, i0, j0)]:][: math.prod(shape)].view(*shape)
+                    s = _kept_tile(kept, offsets, h0, t, shape)
                 else:
-                    s = torch.bmm(qi, kj.transpose(1, 2), out=sb)
-                    if bias_src is not None:
-                        s.add_(bias_src.block(i0, i1, j0, j1))
+                    s = _scores(qi, kj, sb, bias_src, t)
                     if blocked is not None:
                         s.masked_fill_(blocked, 0.0)
-                # a = phi(s) and deriv = phi'(s) / dconst, both 0 at masked entries;
-                # ``spare`` is a buffer free once dV is done, where dA goes.
-                if poly and p == 1:
-                    a, deriv, spare = s, None, sb
-                elif poly and p == 2:
-                    a = torch.mul(s, s, out=_tile_buffer(t_buf, *shape))
-                    deriv, spare = s, a
-                elif poly:
-                    tb = _tile_buffer(t_buf, *shape)
-                    deriv = torch.mul(s, s, out=tb) if p == 3 else torch.pow(s, p - 1, out=tb)
-                    a = torch.mul(s, deriv, out=sb)
-                    spare = sb
-                else:
-                    a, deriv, spare = act.base(s), act.base_derivative(s), sb
-                    if blocked is not None:
-                        a.masked_fill_(blocked, 0.0)
-                        deriv.masked_fill_(blocked, 0.0)
-                if need_v:
-                    if plan.whole:
-                        torch.bmm(a.transpose(1, 2), doi, out=dv[h0:h1])
-                    else:
-                        dv[h0:h1, j0:j1].baddbmm_(a.transpose(1, 2), doi)
-                if not need_ds:
-                    continue
-                ds = torch.bmm(doi, vj.transpose(1, 2), out=spare)
-                if deriv is not None:
-                    ds.mul_(deriv)
-                elif blocked is not None:
-                    ds.masked_fill_(blocked, 0.0)
-                if plan.whole:
-                    if need_q:
-                        torch.bmm(ds, kj, out=dqi)
-                    if need_k:
-                        torch.bmm(ds.transpose(1, 2), qi, out=dk[h0:h1])
-                else:
-                    if need_q:
-                        dqi.baddbmm_(ds, kj)
-                    if need_k:
-                        dk[h0:h1, j0:j1].baddbmm_(ds.transpose(1, 2), qi)
-                if dbias is not None:
-                    bias_src.accumulate(dbias, ds * dconst if dconst != 1.0 else ds, i0, i1, j0, j1)
-    dq.mul_(dconst * plan.scale)
-    if dconst != 1.0:
-        dk.mul_(dconst)
-    return dq, dk, dv, dbias
+                tb = _tile_buffer(t_buf, *shape) if t_buf is not None else None
+                a, deriv, spare = _phi_and_derivative(s, act, blocked, sb, tb)
+                grads.add_tile(h0, h1, t, qi, kj, v[h0:h1, t.j0 : t.j1], doi, a, deriv, spare, blocked, bias_src)
+    return grads.finish(plan.scale)
 
 
 # --------------------------------------------------------------------------
@@ -403,10 +488,7 @@ def _fwd_softmax(q, k, v, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             ell = torch.zeros(g, i1 - i0, 1, dtype=q.dtype, device=q.device)
             m_safe = torch.zeros_like(m)
             for t in tiles:
-                s = _tile_buffer(buf, g, i1 - i0, t.j1 - t.j0)
-                torch.bmm(qi, k[h0:h1, t.j0:t.j1].transpose(1, 2), out=s)
-                if bias_src is not None:
-                    s.add_(bias_src.block(i0, i1, t.j0, t.j1))
+                s = _scores(qi, k[h0:h1, t.j0 : t.j1], _tile_buffer(buf, g, i1 - i0, t.j1 - t.j0), bias_src, t)
                 blocked = plan.blocked(t, h0, h1, q.device)
                 if blocked is not None:
                     s.masked_fill_(blocked, neg_inf)
@@ -416,7 +498,7 @@ def _fwd_softmax(q, k, v, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
                 s.sub_(m_safe).exp_()
                 alpha = torch.exp(m - m_safe)
                 ell.mul_(alpha).add_(s.sum(dim=-1, keepdim=True))
-                oi.mul_(alpha).baddbmm_(s, v[h0:h1, t.j0:t.j1])
+                oi.mul_(alpha).baddbmm_(s, v[h0:h1, t.j0 : t.j1])
                 m = m_new
             empty = ell == 0
             oi.div_(ell.masked_fill(empty, 1.0))
@@ -450,9 +532,7 @@ def _bwd_softmax(q, k, v, out, lse, do, plan: Plan, need):
                 j0, j1 = t.j0, t.j1
                 kj, vj = k[h0:h1, j0:j1], v[h0:h1, j0:j1]
                 shape = (g, i1 - i0, j1 - j0)
-                s = torch.bmm(qi, kj.transpose(1, 2), out=_tile_buffer(s_buf, *shape))
-                if bias_src is not None:
-                    s.add_(bias_src.block(i0, i1, j0, j1))
+                s = _scores(qi, kj, _tile_buffer(s_buf, *shape), bias_src, t)
                 blocked = plan.blocked(t, h0, h1, q.device)
                 if blocked is not None:
                     s.masked_fill_(blocked, float("-inf"))
@@ -501,42 +581,28 @@ class _ChunkedFunction(torch.autograd.Function):
         return dq, dk, dv, dbias, None
 
 
-def chunked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    activation: Activation,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    block_sizes: tuple[int, int] | None = None,
-) -> torch.Tensor:
+def _compute(call: Call, block_sizes: tuple[int, int] | None = None) -> torch.Tensor:
     """Tiled attention equal to the reference, in O(N * block) memory; every activation.
 
     ``block_sizes=(BQ, BK)`` overrides the tile shape (see :func:`default_block_sizes`).
     Not twice differentiable (no ``create_graph`` through it): use ``backend="reference"`` there.
     """
-    if dropout_p > 0.0:
-        raise BackendUnsupported(
-            "backend 'chunked' does not support dropout_p > 0; use backend='reference' (or 'auto')"
-        )
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    qf, kf, vf, batch = flatten_heads(q, k, v)
-    layout = Layout.of(qf, kf, vf)
-    mask_src = BlockSource(attn_mask, batch) if attn_mask is not None else None
-    bias_src = BlockSource(bias.to(qf.dtype), batch) if bias is not None else None
-    r: torch.Tensor | float = 1.0
-    if not activation.is_softmax:
-        counts = None
-        if activation.is_dynamic:
-            counts = row_counts(mask_src, causal, layout.nq, layout.nk, qf.device)
-        r = row_factors(activation, counts, layout.nk, qf.dtype)
+    q = call.q
     plan = _make_plan(
-        activation, layout, float(scale), causal, mask_src, bias_src, r, qf.device,
-        block_sizes, qf.element_size(),
+        call.activation,
+        call.layout,
+        call.scale_value,
+        call.causal,
+        call.mask,
+        call.bias_source,
+        call.row_factors(q.dtype),
+        q.device,
+        block_sizes,
+        q.element_size(),
     )
-    out = _ChunkedFunction.apply(qf, kf, vf, bias_src.flat if bias_src is not None else None, plan)
-    return unflatten(out, batch)
+    bias_flat = call.bias_source.flat if call.bias_source is not None else None
+    return _ChunkedFunction.apply(q, call.k, call.v, bias_flat, plan)
+
+
+run = backend_run(NAME, unsupported, _compute)
+chunked_attention = run

@@ -1,4 +1,18 @@
-"""Shared pieces of the fast backends: flat layouts, block access, row counts.
+"""What every backend shares: the backend protocol, the call preamble, flat layouts, block access, row counts.
+
+The protocol: each backend module exports
+
+    NAME: str, SUMMARY: str
+    NATIVE_CUDA_DTYPES: tuple[torch.dtype, ...]    optional: low-precision dtypes it takes as they are on a GPU
+    unsupported(info: CallInfo) -> str | None       why it cannot compute a call, or None
+    run(q, k, v, activation, *, attn_mask=None, bias=None, causal=False, scale=None, dropout_p=0.0,
+        **options) -> Tensor                          made by :func:`backend_run`
+    cost(info: CallInfo, rates: MachineRates) -> Estimate   fwd+bwd seconds for the cost model
+
+``run`` is written once, here: it checks ``unsupported`` (raising
+:class:`BackendUnsupported`), resolves the default scale, flattens the heads
+and wraps masks and biases as :class:`BlockSource`, then hands a :class:`Call`
+to the backend's own compute function.
 
 The fast backends work on q, k, v flattened to (BH, N, d), where BH is the
 product of the broadcast leading dimensions. Masks and biases stay in their
@@ -11,33 +25,47 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from ..activations import Activation
+from ..activations import Activation, ActivationLike, get_activation
 
 try:  # private, but the one test that covers every fake-tensor subclass
     from torch._subclasses.fake_tensor import is_fake as _is_fake
 except ImportError:  # pragma: no cover - depends on the torch version
+
     def _is_fake(t: torch.Tensor) -> bool:
         return False
+
 
 __all__ = [
     "BackendUnsupported",
     "BlockSource",
+    "Call",
+    "CallInfo",
+    "Estimate",
     "Layout",
+    "MachineRates",
+    "backend_run",
     "batch_shape",
     "causal_block",
+    "compute_dtype",
     "flatten_heads",
+    "keys_only_limits",
     "mask_kind",
     "num_threads",
     "refuse_double_backward",
     "row_counts",
     "row_factors",
+    "row_slice",
+    "scale_rows",
     "unflatten",
     "values_known",
 ]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class BackendUnsupported(ValueError):
@@ -182,6 +210,15 @@ class BlockSource:
         else:
             grad[:, rs, cs].index_add_(0, self.index[self.h0 : self.h1], g)
 
+    def key_flags(self, nk: int) -> torch.Tensor:
+        """A padding mask (rows broadcast) as one flag per key: (BH or 1, Nk), in the mask's dtype."""
+        m = self.flat[:, 0, :]
+        if self.cols_broadcast:
+            m = m.expand(m.shape[0], nk)
+        if self.index is not None:
+            m = m.index_select(0, self.index)
+        return m
+
 
 def mask_kind(attn_mask: torch.Tensor | None) -> str | None:
     """None, ``"padding"`` (the same keys for every query: shape (..., 1, Nk)) or ``"full"``."""
@@ -264,3 +301,248 @@ class Layout:
     @staticmethod
     def of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Layout:
         return Layout(q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+
+
+def row_slice(t: torch.Tensor | float, h0: int, h1: int, i0: int, i1: int) -> torch.Tensor | float:
+    """Heads [h0, h1) and rows [i0, i1) of a per-row factor shaped (BH or 1, Nq or 1, 1), or the float itself."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t if t.shape[0] == 1 else t[h0:h1]
+    return t if t.shape[1] == 1 else t[:, i0:i1]
+
+
+def scale_rows(x: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
+    """x * r, skipping the pass when r is the float 1."""
+    if isinstance(r, torch.Tensor) or r != 1.0:
+        return x * r
+    return x
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device, native_cuda: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The dtype a backend receives from :func:`polyattn.attention` for inputs of ``dtype``.
+
+    fp16 and bf16 are upcast to fp32 (x^3 of a score of 40 overflows fp16)
+    except on a GPU for the low-precision dtypes the backend takes natively.
+    """
+    if dtype in _LOW_PRECISION:
+        return dtype if (device.type == "cuda" and dtype in native_cuda) else torch.float32
+    return dtype
+
+
+def keys_only_limits(info: CallInfo, what: str) -> str | None:
+    """Why a backend that never forms the (Nq, Nk) matrix (linear, triton) cannot take this call, or None.
+
+    Such a backend sums over keys: it has no entry of A to add a bias to or
+    drop out, and a mask it can apply must be one flag per key.
+    """
+    if info.has_bias:
+        return f"{what} takes no additive bias"
+    if info.dropout_p > 0.0:
+        return f"{what} has no dropout (that needs the materialised A)"
+    if info.mask == "full":
+        return f"{what} takes key-padding masks (..., 1, Nk) only, not per-query masks"
+    return None
+
+
+# --------------------------------------------------------------------------
+# the protocol: what a call is, what it costs, and the shared preamble
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallInfo:
+    """What the cost model and the support checks need to know about one attention call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    bh: int
+    nq: int
+    nk: int
+    d: int
+    dv: int
+    activation: Activation
+    mask: str | None  # None, "padding" (one flag per key) or "full" (per query and key)
+    has_bias: bool
+    causal: bool
+    dropout_p: float
+
+    @staticmethod
+    def of(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        activation: ActivationLike,
+        *,
+        v: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        has_mask: bool = False,
+        has_bias: bool = False,
+        causal: bool = False,
+        dropout_p: float = 0.0,
+    ) -> CallInfo:
+        """Describe a call; ``has_mask``/``has_bias`` stand for a mask (assumed per-query) or bias not at hand."""
+        batch = batch_shape(q, k, *([v] if v is not None else []))
+        kind = mask_kind(attn_mask) if attn_mask is not None else ("full" if has_mask else None)
+        return CallInfo(
+            device=q.device,
+            dtype=q.dtype,
+            bh=math.prod(batch),
+            nq=q.shape[-2],
+            nk=k.shape[-2],
+            d=q.shape[-1],
+            dv=v.shape[-1] if v is not None else q.shape[-1],
+            activation=get_activation(activation),
+            mask=kind,
+            has_bias=has_bias or bias is not None,
+            causal=causal,
+            dropout_p=dropout_p,
+        )
+
+    @property
+    def entries(self) -> int:
+        """Score entries computed: BH * Nq * Nk (about half of it under causal)."""
+        e = self.bh * self.nq * self.nk
+        if self.causal:
+            n = min(self.nq, self.nk)
+            e = self.bh * (n * (n + 1) // 2 + max(self.nq - self.nk, 0) * self.nk)
+        return max(e, 1)
+
+    @property
+    def product_flops(self) -> float:
+        """FLOPs of one (Nq, Nk) x (Nk, d or dv) matrix product over the computed entries: 2 * entries * (d + dv) / 2.
+
+        Forward and backward multiply by q, k (d) and by v, dO (dv) alike, so
+        the average head dimension prices each of them.
+        """
+        return self.entries * (self.d + self.dv)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.bh, self.nq, self.nk, self.d, self.dv)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    note: str
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """The throughputs of one kind of machine: the only machine constants of the cost model.
+
+    ``scale`` multiplies one backend's estimates (from :func:`polyattn.core.backends.auto.calibrated`).
+    """
+
+    matmul_flops: float  # dense fp32 matrix product, FLOP/s
+    sdpa_flops: float  # SDPA softmax fwd+bwd, FLOP/s (its six products, as :attr:`CallInfo.product_flops`)
+    sdpa_fixed: float  # SDPA seconds per fwd+bwd call (small-N overhead)
+    ew_cache: float  # elementwise elements/s on a cache-resident tile
+    ew_memory: float  # elementwise elements/s on a tensor streamed from memory (with allocation)
+    op_overhead: float  # seconds per PyTorch operation (dispatch, a parallel region, a kernel launch)
+    cache_bytes: float  # a working set up to this size runs elementwise passes at ew_cache
+    memory_budget: float  # bytes the materialised reference may hold before it is ruled out
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def seconds(self, *, flops: float = 0.0, cached: float = 0.0, streamed: float = 0.0, ops: float = 0.0) -> float:
+        """Matrix-product FLOPs, elementwise element-passes (in cache, from memory) and PyTorch ops, in seconds."""
+        return flops / self.matmul_flops + cached / self.ew_cache + streamed / self.ew_memory + ops * self.op_overhead
+
+
+@dataclass
+class Call:
+    """One call after the shared preamble: support checked, heads flattened (for flat backends).
+
+    ``q, k, v`` are (BH, N, d) for flat backends and as given otherwise;
+    ``mask`` and ``bias`` wrap attn_mask and bias (cast to q's dtype) for
+    block access; ``scale`` is as given (None: 1/sqrt(d), see :attr:`scale_value`).
+    """
+
+    activation: Activation
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    batch: tuple[int, ...]
+    attn_mask: torch.Tensor | None
+    bias: torch.Tensor | None
+    causal: bool
+    scale: float | None
+    dropout_p: float
+    mask: BlockSource | None = None
+    bias_source: BlockSource | None = None
+
+    @property
+    def scale_value(self) -> float:
+        return float(self.scale) if self.scale is not None else self.q.shape[-1] ** -0.5
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.of(self.q, self.k, self.v)
+
+    def row_factors(self, dtype: torch.dtype) -> torch.Tensor | float:
+        """1 / divisor per query row (see :func:`row_factors`), from the mask and causal row counts."""
+        lay = self.layout
+        counts = None
+        if self.activation.is_dynamic:
+            counts = row_counts(self.mask, self.causal, lay.nq, lay.nk, self.q.device)
+        return row_factors(self.activation, counts, lay.nk, dtype)
+
+    def key_flags(self) -> torch.Tensor | None:
+        """The padding mask as (BH or 1, Nk) flags per key (backends that take no per-query mask), or None."""
+        return self.mask.key_flags(self.layout.nk) if self.mask is not None else None
+
+
+RunFn = Callable[..., torch.Tensor]
+
+
+def backend_run(
+    name: str,
+    unsupported: Callable[[CallInfo], str | None],
+    compute: Callable[..., torch.Tensor],
+    *,
+    flat: bool = True,
+) -> RunFn:
+    """The protocol's ``run``: the preamble every backend shares, then ``compute(call, **options)``.
+
+    ``flat``: compute receives (BH, N, d) tensors and returns (BH, Nq, dv),
+    unflattened here; otherwise it gets the tensors as given.
+    """
+
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        activation: ActivationLike,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+        **options,
+    ) -> torch.Tensor:
+        info = CallInfo.of(q, k, activation, v=v, attn_mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout_p)
+        why_not = unsupported(info)
+        if why_not is not None:
+            raise BackendUnsupported(f"backend {name!r} cannot compute this call: {why_not}; use backend='auto'")
+        if not flat:
+            batch = batch_shape(q, k, v)
+            return compute(Call(info.activation, q, k, v, batch, attn_mask, bias, causal, scale, dropout_p), **options)
+        qf, kf, vf, batch = flatten_heads(q, k, v)
+        call = Call(
+            info.activation,
+            qf,
+            kf,
+            vf,
+            batch,
+            attn_mask,
+            bias,
+            causal,
+            scale,
+            dropout_p,
+            mask=BlockSource(attn_mask, batch) if attn_mask is not None else None,
+            bias_source=BlockSource(bias.to(qf.dtype), batch) if bias is not None else None,
+        )
+        return unflatten(compute(call, **options), batch)
+
+    run.__name__ = run.__qualname__ = f"{name}_attention"
+    run.__doc__ = compute.__doc__
+    return run

@@ -13,7 +13,7 @@ d = 64, p = 2; 5,984 for d = 32, p = 3; 47,905 for d = 64, p = 3). Then
 
 costs O(N F dv) instead of O(Nq Nk d): exact up to float rounding, not an
 approximation. It pays off when N is larger than about F (times a constant
-the cost model in ``backends/auto.py`` measures): for x^2 at d = 32 from
+this module's :func:`cost` puts on it): for x^2 at d = 32 from
 N ~ 1k, for x^3 at d = 64 only beyond N ~ 50k.
 
 Non-causal: one (F, dv) state per head. Causal: queries and keys in chunks;
@@ -31,29 +31,49 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..activations import Activation
 from .common import (
-    BackendUnsupported,
-    BlockSource,
-    Layout,
+    Call,
+    CallInfo,
+    Estimate,
+    MachineRates,
+    backend_run,
     causal_block,
-    flatten_heads,
-    mask_kind,
+    keys_only_limits,
     refuse_double_backward,
-    row_counts,
-    row_factors,
-    unflatten,
+    row_slice,
+    scale_rows,
 )
 
-__all__ = ["feature_count", "linear_attention", "linear_unsupported_reason", "symmetric_features"]
+if TYPE_CHECKING:
+    from .common import Layout
+
+__all__ = ["NAME", "chunking", "cost", "feature_count", "linear_attention", "run", "symmetric_features", "unsupported"]
+
+NAME = "linear"
+SUMMARY = "exact linear-time x^p (symmetric features)"
 
 # Bytes of one (heads, F, chunk) feature buffer; a few of them are live at once.
 _FEATURE_BYTES = 16 << 20
-_CAUSAL_CHUNK = 128
-_GLOBAL_CHUNK = 128
+_CHUNK = 128  # rows of q or k per step, causal or not
+_MIN_CHUNK, _MIN_CAUSAL_CHUNK = 16, 64  # when one head's features do not fit _FEATURE_BYTES
+
+# The cost model, counted from the code below. Products of (F, dv) states with
+# one row of q or k: non-causal 3 per query (readout; backward dState, dQ) and
+# 3 per key (state; backward dK, dV); causal one more per key (pass 1 rebuilds
+# the state) plus the 7 in-chunk (q k^T)^p products per query over its chunk.
+# Per row and feature a monomial build is 2p - 1 passes (p gathers, p - 1
+# products) and its VJP p(p + 1); rows are built twice (keys three times under
+# causal) and differentiated once. PyTorch ops: ~25 small ones (gathers,
+# products, slices, copies) per (head group, chunk) step, worth about ten of
+# the machine's per-op overheads at these sizes (fitted to the bench timings);
+# ~20 per call.
+_QUERY_PRODUCTS, _KEY_PRODUCTS, _CAUSAL_KEY_PRODUCTS, _INTRA_PRODUCTS = 3, 3, 4, 7
+_OPS_PER_STEP, _OPS = 10, 20
 
 
 def feature_count(d: int, p: int) -> int:
@@ -167,24 +187,17 @@ class _Plan:
     chunk: int
     groups: list[tuple[int, int]]
 
-    def rows(self, t: torch.Tensor | float, h0: int, h1: int, i0: int, i1: int):
-        if not isinstance(t, torch.Tensor):
-            return t
-        t = t if t.shape[0] == 1 else t[h0:h1]
-        return t if t.shape[1] == 1 else t[:, i0:i1]
+    def r_rows(self, h0: int, h1: int, i0: int, i1: int) -> torch.Tensor | float:
+        return row_slice(self.r, h0, h1, i0, i1)
+
+    def key_mask_heads(self, h0: int, h1: int) -> torch.Tensor | None:
+        m = self.key_mask
+        return m if m is None or m.shape[0] == 1 else m[h0:h1]
 
 
 def _masked_values(v: torch.Tensor, plan: _Plan, h0: int, h1: int) -> torch.Tensor:
-    if plan.key_mask is None:
-        return v[h0:h1]
-    m = plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1]
-    return v[h0:h1] * m
-
-
-def _scale_rows(x: torch.Tensor, r) -> torch.Tensor:
-    if isinstance(r, torch.Tensor) or r != 1.0:
-        return x * r
-    return x
+    m = plan.key_mask_heads(h0, h1)
+    return v[h0:h1] if m is None else v[h0:h1] * m
 
 
 # --------------------------------------------------------------------------
@@ -199,15 +212,15 @@ def _fwd_global(q, k, v, plan: _Plan, mono: _Monomials):
         vm = _masked_values(v, plan, h0, h1)
         h = states[h0:h1].zero_()
         for j0 in range(0, lay.nk, c):
-            kt = k[h0:h1, j0:j0 + c].transpose(1, 2)
-            h.baddbmm_(mono(kt), vm[:, j0:j0 + c])
+            kt = k[h0:h1, j0 : j0 + c].transpose(1, 2)
+            h.baddbmm_(mono(kt), vm[:, j0 : j0 + c])
         hw = mono.weigh(h)
         states[h0:h1] = hw
         for i0 in range(0, lay.nq, c):
             i1 = min(lay.nq, i0 + c)
             qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2)
             o = torch.bmm(mono(qt).transpose(1, 2), hw)
-            out[h0:h1, i0:i1] = _scale_rows(o, plan.rows(plan.r, h0, h1, i0, i1))
+            out[h0:h1, i0:i1] = scale_rows(o, plan.r_rows(h0, h1, i0, i1))
     return out, states  # states hold coef (.) sum_j m(k_j) v_j^T
 
 
@@ -222,7 +235,7 @@ def _bwd_global(q, k, v, states, do, plan: _Plan, mono: _Monomials):
         for i0 in range(0, lay.nq, c):
             i1 = min(lay.nq, i0 + c)
             qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2).contiguous()
-            dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+            dor = scale_rows(do[h0:h1, i0:i1], plan.r_rows(h0, h1, i0, i1))
             dhw.baddbmm_(mono(qt), dor)
             dmq = torch.bmm(hw, dor.transpose(1, 2))
             dq[h0:h1, i0:i1] = mono.vjp(qt, dmq).transpose(1, 2) * plan.scale
@@ -234,7 +247,7 @@ def _bwd_global(q, k, v, states, do, plan: _Plan, mono: _Monomials):
             dk[h0:h1, j0:j1] = mono.vjp(kt, dmk).transpose(1, 2)
             dv[h0:h1, j0:j1] = torch.bmm(mono(kt).transpose(1, 2), dh)
         if plan.key_mask is not None:
-            dv[h0:h1].mul_(plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1])
+            dv[h0:h1].mul_(plan.key_mask_heads(h0, h1))
     return dq, dk, dv
 
 
@@ -269,7 +282,7 @@ def _fwd_causal(q, k, v, plan: _Plan, mono: _Monomials):
                 _, a = _intra(qs, kc, p, i0, i0)
                 o.baddbmm_(a, vc)
                 h.baddbmm_(mono(kc.transpose(1, 2)), vc)
-            out[h0:h1, i0:i1] = _scale_rows(o, plan.rows(plan.r, h0, h1, i0, i1))
+            out[h0:h1, i0:i1] = scale_rows(o, plan.r_rows(h0, h1, i0, i1))
     return out
 
 
@@ -286,7 +299,7 @@ def _bwd_causal(q, k, v, do, plan: _Plan, mono: _Monomials):
         for i0 in starts:
             i1 = min(lay.nq, i0 + c)
             qs = q[h0:h1, i0:i1] * plan.scale
-            dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+            dor = scale_rows(do[h0:h1, i0:i1], plan.r_rows(h0, h1, i0, i1))
             dqs = dq[h0:h1, i0:i1]
             if i0 > 0 and lay.nk > 0:
                 qt = qs.transpose(1, 2)
@@ -318,10 +331,10 @@ def _bwd_causal(q, k, v, do, plan: _Plan, mono: _Monomials):
                 dvm[:, i0:j1].baddbmm_(mono(kt).transpose(1, 2), gw)
             if i0 > 0:
                 qt = (q[h0:h1, i0:i1] * plan.scale).transpose(1, 2)
-                dor = _scale_rows(do[h0:h1, i0:i1], plan.rows(plan.r, h0, h1, i0, i1))
+                dor = scale_rows(do[h0:h1, i0:i1], plan.r_rows(h0, h1, i0, i1))
                 g.baddbmm_(mono(qt), dor)
         if plan.key_mask is not None:
-            dvm.mul_(plan.key_mask if plan.key_mask.shape[0] == 1 else plan.key_mask[h0:h1])
+            dvm.mul_(plan.key_mask_heads(h0, h1))
         dv[h0:h1] = dvm
     dq.mul_(plan.scale)
     return dq, dk, dv
@@ -354,63 +367,55 @@ class _LinearFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def linear_unsupported_reason(
-    activation: Activation,
-    mask: str | None = None,
-    has_bias: bool = False,
-    dropout_p: float = 0.0,
-) -> str | None:
-    """Why ``linear`` cannot compute this call, or None when it can; mask is None, "padding" or "full"."""
-    if not activation.is_polynomial:
-        return f"the linear form exists for x^p only, not {activation.spec!r}"
-    if has_bias:
-        return "an additive bias breaks the (q.k)^p factorisation"
-    if dropout_p > 0.0:
-        return "dropout on A needs the materialised matrix"
-    if mask == "full":
-        return "only key-padding masks (shape (..., 1, Nk)) factorise, not a per-query mask"
-    return None
+def unsupported(info: CallInfo) -> str | None:
+    if not info.activation.is_polynomial:
+        return f"the linear form exists for x^p only, not {info.activation.spec!r}"
+    return keys_only_limits(info, "the linear form")
 
 
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    activation: Activation,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """Exact O(N F dv) attention for x^p activations (any divisor), padding masks, causal or not."""
-    reason = linear_unsupported_reason(activation, mask_kind(attn_mask), bias is not None, dropout_p)
-    if reason is not None:
-        raise BackendUnsupported(f"backend 'linear' cannot compute this call: {reason}; use backend='auto'")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    qf, kf, vf, batch = flatten_heads(q, k, v)
-    layout = Layout.of(qf, kf, vf)
-    mask_src = BlockSource(attn_mask, batch) if attn_mask is not None else None
-    counts = row_counts(mask_src, causal, layout.nq, layout.nk, qf.device) if activation.is_dynamic else None
-    r = row_factors(activation, counts, layout.nk, qf.dtype)
-    key_mask = None
-    if mask_src is not None:
-        m = mask_src.flat[:, 0, :]  # (MB, MK) padding flags per key
-        if mask_src.cols_broadcast:
-            m = m.expand(m.shape[0], layout.nk)
-        if mask_src.index is not None:
-            m = m.index_select(0, mask_src.index)
-        key_mask = m.to(qf.dtype).unsqueeze(-1)
-    nfeat = feature_count(layout.d, activation.power)
-    if chunk is None:
-        chunk = _CAUSAL_CHUNK if causal else _GLOBAL_CHUNK
-    per_head = nfeat * chunk * qf.element_size()
-    group = max(1, min(layout.bh, _FEATURE_BYTES // max(per_head, 1)))
+def chunking(bh: int, causal: bool, features: int, dtype_bytes: int, chunk: int | None = None) -> tuple[int, int]:
+    """(rows per chunk, heads per group): as many heads as keep one (heads, F, chunk) buffer within budget.
+
+    A head whose features alone exceed it gets shorter chunks instead.
+    """
+    chunk = chunk if chunk is not None else _CHUNK
+    per_head = features * chunk * dtype_bytes
+    group = max(1, min(bh, _FEATURE_BYTES // max(per_head, 1)))
     if group == 1 and per_head > _FEATURE_BYTES:
-        chunk = max(64 if causal else 16, _FEATURE_BYTES // (nfeat * qf.element_size()))
+        chunk = max(_MIN_CAUSAL_CHUNK if causal else _MIN_CHUNK, _FEATURE_BYTES // (features * dtype_bytes))
+    return chunk, group
+
+
+def cost(info: CallInfo, rates: MachineRates) -> Estimate:
+    p = info.activation.power
+    f = feature_count(info.d, p)
+    chunk, group = chunking(info.bh, info.causal, f, 4)
+    key_products = _CAUSAL_KEY_PRODUCTS if info.causal else _KEY_PRODUCTS
+    flops = 2 * info.bh * f * info.dv * (_QUERY_PRODUCTS * info.nq + key_products * info.nk)
+    if info.causal:
+        flops += _INTRA_PRODUCTS * info.bh * info.nq * chunk * (info.d + info.dv)
+    build, vjp = (2 * p - 1, p * (p + 1)) if p > 1 else (0, 0)  # x itself needs no monomials
+    passes = 2 * build + vjp  # per row and feature
+    ew = info.bh * f * (passes * info.nq + (passes + (build if info.causal else 0)) * info.nk)
+    steps = math.ceil(info.bh / group) * (math.ceil(info.nq / chunk) + math.ceil(info.nk / chunk))
+    t = rates.seconds(flops=flops, cached=ew, ops=steps * _OPS_PER_STEP + _OPS)
+    # f may be symbolic under torch.compile(dynamic=True), which has no "," format; nobody reads notes there.
+    return Estimate(t, f"{f} features" if torch.compiler.is_compiling() else f"{f:,} features")
+
+
+def _compute(call: Call, chunk: int | None = None) -> torch.Tensor:
+    """Exact O(N F dv) attention for x^p activations (any divisor), padding masks, causal or not.
+
+    ``chunk`` overrides the rows per step (see :func:`chunking`).
+    """
+    q, act, layout = call.q, call.activation, call.layout
+    flags = call.key_flags()
+    key_mask = flags.to(q.dtype).unsqueeze(-1) if flags is not None else None
+    chunk, group = chunking(layout.bh, call.causal, feature_count(layout.d, act.power), q.element_size(), chunk)
     groups = [(h, min(layout.bh, h + group)) for h in range(0, layout.bh, group)]
-    plan = _Plan(activation, layout, float(scale), causal, key_mask, r, chunk, groups)
-    out = _LinearFunction.apply(qf, kf, vf, plan)
-    return unflatten(out, batch)
+    plan = _Plan(act, layout, call.scale_value, call.causal, key_mask, call.row_factors(q.dtype), chunk, groups)
+    return _LinearFunction.apply(q, call.k, call.v, plan)
+
+
+run = backend_run(NAME, unsupported, _compute)
+linear_attention = run

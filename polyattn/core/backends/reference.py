@@ -5,18 +5,32 @@ Every other backend is tested against this one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..activations import Activation
 from ..masking import combine_masks, valid_key_counts
+from .common import Call, CallInfo, Estimate, MachineRates, backend_run
 
-__all__ = ["attention_weights", "reference_attention"]
+__all__ = ["NAME", "attention_weights", "cost", "reference_attention", "run", "unsupported"]
+
+NAME = "reference"
+SUMMARY = "materialised S and A (the definition)"
+
+# The cost model, from the code below: six (Nq, Nk)-sized products (S, A v;
+# backward dA, dV, dQ, dK: nothing is recomputed); about ten elementwise passes
+# over (Nq, Nk) matrices forward and backward, four more for a mask's where/zeros
+# and two for a dynamic divisor (N counted per row); four such matrices held
+# for backward; ~30 PyTorch ops in all.
+_PRODUCTS = 6
+_PASSES, _MASK_PASSES, _DYNAMIC_PASSES = 10, 4, 2
+_HELD_MATRICES = 4
+_OPS = 30
 
 
-def attention_weights(
-    scores: torch.Tensor, activation: Activation, mask: torch.Tensor | None
-) -> torch.Tensor:
+def attention_weights(scores: torch.Tensor, activation: Activation, mask: torch.Tensor | None) -> torch.Tensor:
     """A = phi(S) with masked entries exactly zero; mask is bool, True = may attend.
 
     softmax: masked keys take no part in the normalisation. Other activations:
@@ -49,25 +63,42 @@ def attention_weights(
     return torch.where(mask, a, torch.zeros_like(a))
 
 
-def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    activation: Activation,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def unsupported(info: CallInfo) -> str | None:
+    return None  # the definition computes everything, if slowly
+
+
+def cost(info: CallInfo, rates: MachineRates) -> Estimate:
+    e = max(info.bh * info.nq * info.nk, 1)  # the materialised path computes every entry, causal or not
+    held = _HELD_MATRICES * e * 4
+    if held > rates.memory_budget:
+        return Estimate(math.inf, f"needs ~{held / 2**30:.1f} GiB of (Nq, Nk) matrices")
+    passes = e * (
+        _PASSES
+        + (_MASK_PASSES if info.mask or info.causal else 0)
+        + (_DYNAMIC_PASSES if info.activation.is_dynamic else 0)
+    )
+    in_cache = held <= rates.cache_bytes
+    t = rates.seconds(
+        flops=_PRODUCTS * e * (info.d + info.dv),
+        cached=passes if in_cache else 0.0,
+        streamed=0.0 if in_cache else passes,
+        ops=_OPS,
+    )
+    return Estimate(t, f"materialises {info.bh}x{info.nq}x{info.nk} scores")
+
+
+def _compute(call: Call) -> torch.Tensor:
     """Materialised attention in the compute dtype of the inputs (already upcast by the caller)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    mask = combine_masks(attn_mask, causal, q.shape[-2], k.shape[-2], q.device)
-    a = attention_weights(scores, activation, mask)
-    if dropout_p > 0.0:
-        a = F.dropout(a, p=dropout_p, training=True)
-    return torch.matmul(a, v)
+    q, k = call.q, call.k
+    scores = torch.matmul(q, k.transpose(-2, -1)) * call.scale_value
+    if call.bias is not None:
+        scores = scores + call.bias.to(scores.dtype)
+    mask = combine_masks(call.attn_mask, call.causal, q.shape[-2], k.shape[-2], q.device)
+    a = attention_weights(scores, call.activation, mask)
+    if call.dropout_p > 0.0:
+        a = F.dropout(a, p=call.dropout_p, training=True)
+    return torch.matmul(a, call.v)
+
+
+run = backend_run(NAME, unsupported, _compute, flat=False)
+reference_attention = run

@@ -21,17 +21,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..activations import Activation
 from ..masking import combine_masks
-from .common import BackendUnsupported, batch_shape, refuse_double_backward
+from .common import Call, CallInfo, Estimate, MachineRates, backend_run, refuse_double_backward
 
-__all__ = ["sdpa_attention", "sdpa_unsupported_reason"]
+__all__ = ["NAME", "cost", "run", "sdpa_attention", "unsupported"]
+
+NAME = "sdpa"
+SUMMARY = "softmax by F.scaled_dot_product_attention"
+NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+# The cost model: SDPA's seven products (forward S and P v; backward S again,
+# dV, dP, dQ, dK: the fused kernels keep no P) at its own measured rate, a
+# fixed cost per call, ~4 PyTorch ops around it, and with causal + a mask or
+# bias the merged (Nq, Nk) mask, built and read once each.
+_PRODUCTS = 7
+_OPS = 4
+_MERGED_MASK_PASSES = 2
 
 
-def sdpa_unsupported_reason(activation: Activation) -> str | None:
-    if not activation.is_softmax:
-        return f"SDPA computes softmax only, not {activation.spec!r}"
+def unsupported(info: CallInfo) -> str | None:
+    if not info.activation.is_softmax:
+        return f"SDPA computes softmax only, not {info.activation.spec!r}"
     return None
+
+
+def cost(info: CallInfo, rates: MachineRates) -> Estimate:
+    t = _PRODUCTS * info.product_flops / rates.sdpa_flops + rates.sdpa_fixed + rates.seconds(ops=_OPS)
+    if info.causal and (info.mask or info.has_bias):
+        t += rates.seconds(streamed=_MERGED_MASK_PASSES * info.nq * info.nk)
+    return Estimate(t, "FlashAttention-style fused softmax")
 
 
 class _KernelSeen:
@@ -70,10 +88,7 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale) -> torch.Tensor:
     """F.scaled_dot_product_attention, refusing a double backward through a fused kernel with a hint."""
     # Compiled graphs have no double backward at all (AOTAutograd says so), and
     # inspecting grad_fn is not traceable: the guard is for eager calls only.
-    guard = (
-        torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        and any(t.requires_grad for t in (q, k, v))
-    )
+    guard = torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(t.requires_grad for t in (q, k, v))
     if not guard:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
@@ -90,27 +105,14 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale) -> torch.Tensor:
     return out
 
 
-def sdpa_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    activation: Activation,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def _compute(call: Call) -> torch.Tensor:
     """softmax attention by SDPA with polyattn's mask semantics."""
-    reason = sdpa_unsupported_reason(activation)
-    if reason is not None:
-        raise BackendUnsupported(f"backend 'sdpa' cannot compute this call: {reason}; use backend='auto'")
-    batch = batch_shape(q, k, v)
-    q, k, v = (t if tuple(t.shape[:-2]) == batch else t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
+    batch = call.batch
+    q, k, v = (t if tuple(t.shape[:-2]) == batch else t.expand(*batch, *t.shape[-2:]) for t in (call.q, call.k, call.v))
     nq, nk = q.shape[-2], k.shape[-2]
-    mask = attn_mask
+    mask, bias, causal = call.attn_mask, call.bias, call.causal
     if causal and (mask is not None or bias is not None):
-        mask = combine_masks(attn_mask, True, nq, nk, q.device)
+        mask = combine_masks(mask, True, nq, nk, q.device)
         causal = False
     has_any = None
     if mask is not None:
@@ -121,7 +123,11 @@ def sdpa_attention(
     if bias is not None:
         b = bias.to(q.dtype)
         sdpa_mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-    out = _sdpa(q, k, v, sdpa_mask, dropout_p, causal, scale)
+    out = _sdpa(q, k, v, sdpa_mask, call.dropout_p, causal, call.scale)
     if has_any is not None:
         out = out.masked_fill(~has_any, 0.0)
     return out
+
+
+run = backend_run(NAME, unsupported, _compute, flat=False)
+sdpa_attention = run

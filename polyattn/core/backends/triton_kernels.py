@@ -13,7 +13,12 @@ Precision: S, phi(S) and every sum are fp32. With bf16 inputs on a GPU the
 dots read bf16 tiles and accumulate in fp32, so phi(S) and dS are rounded to
 bf16 before their products, as FlashAttention does with P; fp32 inputs use
 IEEE fp32 dots (no TF32). fp16 inputs are computed as fp32 by the caller,
-because x^3 of a score of 40 overflows fp16.
+because x^3 of a score of 40 overflows fp16 (fp16 tensors passed to
+:func:`run` directly are computed in fp32 and stored as fp16).
+
+Layout: q, k, v, dO and every output are contiguous (BH, N, d) tensors, so
+rows are d apart and heads N * d apart; one kernel serves the three passes
+(forward, dQ, dK and dV), chosen by a compile-time PASS.
 
 Testing: ``TRITON_INTERPRET=1`` (set before this module is imported) runs the
 kernels on CPU tensors; the interpreter mis-computes bf16 dots, so there the
@@ -26,16 +31,15 @@ import os
 
 import torch
 
-from ..activations import Activation
 from .common import (
-    BackendUnsupported,
-    BlockSource,
-    flatten_heads,
-    mask_kind,
+    Call,
+    CallInfo,
+    Estimate,
+    MachineRates,
+    backend_run,
+    compute_dtype,
+    keys_only_limits,
     refuse_double_backward,
-    row_counts,
-    row_factors,
-    unflatten,
 )
 
 try:  # triton is optional: CPU-only installs run every other backend
@@ -45,11 +49,19 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-__all__ = ["interpreter_active", "triton_attention", "triton_unavailable_reason", "triton_unsupported_reason"]
+__all__ = ["NAME", "cost", "interpreter_active", "run", "triton_attention", "triton_unavailable_reason", "unsupported"]
+
+NAME = "triton"
+SUMMARY = "fused GPU kernel, elementwise activations"
+NATIVE_CUDA_DTYPES = (torch.bfloat16,)
 
 # Activation codes understood by the kernels.
 _ACT_CODES = {"power": 0, "relu": 1, "elu": 2, "gelu": 3, "tanh": 4, "exp": 5, "sigmoid": 6}
 _MAX_HEAD_DIM = 256
+# The cost model: two products forward, seven backward (both backward passes
+# recompute S: dK/dV four, dQ three); one kernel launch per pass.
+_PRODUCTS = 9
+_OPS = 3
 
 
 def interpreter_active() -> bool:
@@ -65,39 +77,26 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu" and interpreter_active():
         return None
-    return (
-        f"the triton backend needs a CUDA device (got {device.type}; "
-        "TRITON_INTERPRET=1 runs it on CPU, slowly)"
-    )
+    return f"the triton backend needs a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs it on CPU, slowly)"
 
 
-def triton_unsupported_reason(
-    activation: Activation,
-    mask: str | None,
-    has_bias: bool,
-    dropout_p: float,
-    d: int,
-    dv: int,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> str | None:
-    """Why ``triton`` cannot compute this call, or None when it can (dtype: the dtype it would receive)."""
-    reason = triton_unavailable_reason(device)
+def unsupported(info: CallInfo) -> str | None:
+    reason = triton_unavailable_reason(info.device)
     if reason is not None:
         return reason
+    dtype = compute_dtype(info.dtype, info.device, NATIVE_CUDA_DTYPES)
     if dtype not in (torch.float32, torch.bfloat16):
         return f"the fused kernel computes float32 and bfloat16, not {dtype}"
-    if activation.is_softmax:
+    if info.activation.is_softmax:
         return "the fused kernel covers elementwise activations; softmax goes to SDPA"
-    if has_bias:
-        return "the fused kernel takes no additive bias"
-    if dropout_p > 0.0:
-        return "the fused kernel has no dropout"
-    if mask == "full":
-        return "the fused kernel takes key-padding masks (..., 1, Nk) only, not per-query masks"
-    if max(d, dv) > _MAX_HEAD_DIM:
-        return f"head dimension {max(d, dv)} > {_MAX_HEAD_DIM}"
-    return None
+    why_not = keys_only_limits(info, "the fused kernel")
+    if why_not is None and max(info.d, info.dv) > _MAX_HEAD_DIM:
+        why_not = f"head dimension {max(info.d, info.dv)} > {_MAX_HEAD_DIM}"
+    return why_not
+
+
+def cost(info: CallInfo, rates: MachineRates) -> Estimate:
+    return Estimate(rates.seconds(flops=_PRODUCTS * info.product_flops, ops=_OPS), "fused kernel (GPU rate unmeasured)")
 
 
 if triton is not None:
@@ -164,307 +163,238 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _row_factor(R, bh, offs_m, NQ, stride_rb, stride_rn, r_scalar, HAS_R: tl.constexpr):
+    def _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R: tl.constexpr):
         if HAS_R:
-            r = tl.load(R + bh * stride_rb + offs_m * stride_rn, mask=offs_m < NQ, other=0.0)
+            r = tl.load(R + offs_m * stride_rn, mask=offs_m < NQ, other=0.0)
         else:
             r = tl.full(offs_m.shape, r_scalar, tl.float32)
         return r
 
     @triton.jit
-    def _fwd_kernel(
-        Q, K, V, O, KMASK, R,
-        scale, r_scalar,
-        stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
-        stride_mb, stride_rb, stride_rn,
-        NQ, NK, D, DV,
-        ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_R: tl.constexpr, LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            Q + bh * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :],
-            mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0,
-        )
-        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-        hi = NK
-        if CAUSAL:
-            hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = tl.load(
-                K + bh * stride_kb + offs_n[None, :] * stride_kn + offs_d[:, None],
-                mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0,
-            )
-            s = _dot(q, kt, LOWP, NATIVE_LOWP) * scale
-            ok = _valid(offs_m, offs_n, NQ, NK, KMASK + bh * stride_mb, HAS_MASK, CAUSAL)
-            s = tl.where(ok, s, 0.0)
-            a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
-            v = tl.load(
-                V + bh * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0,
-            )
-            acc += _dot(a, v, LOWP, NATIVE_LOWP)
-        r = _row_factor(R, bh, offs_m, NQ, stride_rb, stride_rn, r_scalar, HAS_R)
-        acc = acc * r[:, None]
-        tl.store(
-            O + bh * stride_ob + offs_m[:, None] * stride_on + offs_dv[None, :],
-            acc.to(O.dtype.element_ty),
-            mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV),
+    def _load(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
+        """The (rows, cols) tile at ptr + row * stride_r + col * stride_c, zero outside n_rows x n_cols."""
+        return tl.load(
+            ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+            mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+            other=0.0,
         )
 
     @triton.jit
-    def _bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV_, KMASK, R,
-        scale, r_scalar,
-        stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_dob, stride_don,
-        stride_mb, stride_rb, stride_rn,
-        NQ, NK, D, DV,
-        ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_R: tl.constexpr, LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        k = tl.load(
-            K + bh * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :],
-            mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D), other=0.0,
-        )
-        v = tl.load(
-            V + bh * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :],
-            mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV), other=0.0,
-        )
-        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-        lo = 0
-        if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # query i sees key j only when i >= j
-        for start_m in range(lo, NQ, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + bh * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0,
-            )
-            do = tl.load(
-                DO + bh * stride_dob + offs_m[:, None] * stride_don + offs_dv[None, :],
-                mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV), other=0.0,
-            )
-            r = _row_factor(R, bh, offs_m, NQ, stride_rb, stride_rn, r_scalar, HAS_R)
-            dor = do.to(tl.float32) * r[:, None]
-            s = _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale
-            ok = _valid(offs_m, offs_n, NQ, NK, KMASK + bh * stride_mb, HAS_MASK, CAUSAL)
-            s = tl.where(ok, s, 0.0)
-            a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
-            dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
-            da = _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP)
-            ds = tl.where(ok, da * _dphi(s, ACT, POWER), 0.0)
-            dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
-        dk = dk * scale
+    def _store(ptr, x, rows, cols, row_len, n_rows):
+        """Store the fp32 (rows, cols) tile x into rows of row_len elements, converting to ptr's dtype."""
         tl.store(
-            DK + bh * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D),
-        )
-        tl.store(
-            DV_ + bh * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :],
-            dv.to(DV_.dtype.element_ty),
-            mask=(offs_n[:, None] < NK) & (offs_dv[None, :] < DV),
+            ptr + rows[:, None] * row_len + cols[None, :],
+            x.to(ptr.dtype.element_ty),
+            mask=(rows[:, None] < n_rows) & (cols[None, :] < row_len),
         )
 
+    _FWD = tl.constexpr(0)  # OUT = O
+    _DQ = tl.constexpr(1)  # OUT = dQ
+    _DKDV = tl.constexpr(2)  # OUT = dK, OUT2 = dV
+
     @triton.jit
-    def _bwd_dq_kernel(
-        Q, K, V, DO, DQ, KMASK, R,
-        scale, r_scalar,
-        stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_dob, stride_don,
-        stride_mb, stride_rb, stride_rn,
-        NQ, NK, D, DV,
-        ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_R: tl.constexpr, LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    def _attention_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        OUT,
+        OUT2,
+        KMASK,
+        R,
+        scale,
+        r_scalar,
+        stride_mb,
+        stride_rb,
+        stride_rn,
+        NQ,
+        NK,
+        D,
+        DV,
+        PASS: tl.constexpr,
+        ACT: tl.constexpr,
+        POWER: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HAS_R: tl.constexpr,
+        LOWP: tl.constexpr,
+        NATIVE_LOWP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        # Grid: (blocks of queries, or of keys for _DKDV; BH). 64-bit head offsets: BH * N * d may pass 2^31.
+        pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        Q += bh * NQ * D
+        K += bh * NK * D
+        V += bh * NK * DV
+        DO += bh * NQ * DV
+        KMASK += bh * stride_mb
+        R += bh * stride_rb
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            Q + bh * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :],
-            mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0,
-        )
-        do = tl.load(
-            DO + bh * stride_dob + offs_m[:, None] * stride_don + offs_dv[None, :],
-            mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV), other=0.0,
-        )
-        r = _row_factor(R, bh, offs_m, NQ, stride_rb, stride_rn, r_scalar, HAS_R)
-        dor = do.to(tl.float32) * r[:, None]
-        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        hi = NK
-        if CAUSAL:
-            hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = tl.load(
-                K + bh * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D), other=0.0,
-            )
-            vt = tl.load(
-                V + bh * stride_vb + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                mask=(offs_n[None, :] < NK) & (offs_dv[:, None] < DV), other=0.0,
-            )
-            s = _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale
-            ok = _valid(offs_m, offs_n, NQ, NK, KMASK + bh * stride_mb, HAS_MASK, CAUSAL)
-            s = tl.where(ok, s, 0.0)
-            da = _dot(dor, vt, LOWP, NATIVE_LOWP)
-            ds = tl.where(ok, da * _dphi(s, ACT, POWER), 0.0)
-            dq += _dot(ds, k, LOWP, NATIVE_LOWP)
-        dq = dq * scale
-        tl.store(
-            DQ + bh * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D),
-        )
+        if PASS == _DKDV:
+            # One block of keys; dK and dV stay in registers while the query blocks stream past.
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            OUT += bh * NK * D
+            OUT2 += bh * NK * DV
+            k = _load(K, offs_n, offs_d, D, 1, NK, D)
+            v = _load(V, offs_n, offs_dv, DV, 1, NK, DV)
+            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+            lo = 0
+            if CAUSAL:
+                lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M  # query i sees key j only when i >= j
+            for start_m in range(lo, NQ, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q = _load(Q, offs_m, offs_d, D, 1, NQ, D)
+                r = _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R)
+                dor = _load(DO, offs_m, offs_dv, DV, 1, NQ, DV).to(tl.float32) * r[:, None]
+                ok = _valid(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
+                s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
+                a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
+                dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
+                ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
+                dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
+            _store(OUT, dk * scale, offs_n, offs_d, D, NK)
+            _store(OUT2, dv, offs_n, offs_dv, DV, NK)
+        else:
+            # One block of queries, the key blocks streamed past: O (forward) or dQ.
+            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = _load(Q, offs_m, offs_d, D, 1, NQ, D)
+            r = _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R)
+            if PASS == _FWD:
+                OUT += bh * NQ * DV
+                acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+            else:
+                OUT += bh * NQ * D
+                dor = _load(DO, offs_m, offs_dv, DV, 1, NQ, DV).to(tl.float32) * r[:, None]
+                acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            hi = NK
+            if CAUSAL:
+                hi = tl.minimum(NK, (pid + 1) * BLOCK_M)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                ok = _valid(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
+                if PASS == _FWD:
+                    kt = _load(K, offs_d, offs_n, 1, D, D, NK)
+                    s = tl.where(ok, _dot(q, kt, LOWP, NATIVE_LOWP) * scale, 0.0)
+                    a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
+                    acc += _dot(a, _load(V, offs_n, offs_dv, DV, 1, NK, DV), LOWP, NATIVE_LOWP)
+                else:
+                    k = _load(K, offs_n, offs_d, D, 1, NK, D)
+                    vt = _load(V, offs_dv, offs_n, 1, DV, DV, NK)
+                    s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
+                    ds = tl.where(ok, _dot(dor, vt, LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
+                    acc += _dot(ds, k, LOWP, NATIVE_LOWP)
+            if PASS == _FWD:
+                _store(OUT, acc * r[:, None], offs_m, offs_dv, DV, NQ)
+            else:
+                _store(OUT, acc * scale, offs_m, offs_d, D, NQ)
 
     # GPU launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages). The
-    # autotuner times each once per (NQ, NK, head dim, activation, causal).
+    # autotuner times each once per (pass, NQ, NK, head dim, activation, causal).
     _GPU_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
-    _KEY = ["NQ", "NK", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "HAS_MASK", "LOWP"]
+    _KEY = ["PASS", "NQ", "NK", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "HAS_MASK", "LOWP"]
 
-    def _autotuned(kernel):
-        configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in _GPU_CONFIGS
-        ]
-        return triton.autotune(configs=configs, key=_KEY)(kernel)
+    _TUNED: list = []
 
-    _TUNED: dict[str, object] = {}
-
-    def _kernel(name: str):
-        raw = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[name]
+    def _kernel():
         if interpreter_active():
-            return raw
-        if name not in _TUNED:
-            _TUNED[name] = _autotuned(raw)
-        return _TUNED[name]
+            return _attention_kernel
+        if not _TUNED:
+            configs = [
+                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _GPU_CONFIGS
+            ]
+            _TUNED.append(triton.autotune(configs=configs, key=_KEY)(_attention_kernel))
+        return _TUNED[0]
 
 
-def _launch(name: str, grid_dim: str, bh: int, nq: int, nk: int, args: tuple, meta: dict, blocks):
-    kernel = _kernel(name)
+def _launch(pass_: int, q, k, v, do, out, out2, kmask, r, meta: dict, blocks: tuple[int, int]) -> None:
+    """Run one pass over contiguous (BH, N, d) tensors; do and out2 are ignored where the pass has none."""
+    bh, nq, d = q.shape
+    nk, dv = k.shape[1], v.shape[2]
+    if not (nq and nk):
+        return
+    km = kmask if kmask is not None else q  # never read when HAS_MASK is False
+    rr = r if r is not None else q
+    stride_mb = 0 if kmask is None or kmask.shape[0] == 1 else kmask.stride(0)
+    stride_rb = 0 if r is None or r.shape[0] == 1 else r.stride(0)
+    stride_rn = 0 if r is None or r.shape[1] == 1 else r.stride(1)
+    args = (
+        q,
+        k,
+        v,
+        do,
+        out,
+        out2,
+        km,
+        rr,
+        meta["scale"],
+        meta["r_scalar"],
+        stride_mb,
+        stride_rb,
+        stride_rn,
+        nq,
+        nk,
+        d,
+        dv,
+    )
+    by_keys = pass_ == 2
+    kernel = _kernel()
     if interpreter_active():
         bm, bn = blocks
-        grid = (triton.cdiv(nq if grid_dim == "m" else nk, bm if grid_dim == "m" else bn), bh)
-        kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        kernel[(triton.cdiv(nk if by_keys else nq, bn if by_keys else bm), bh)](
+            *args, PASS=pass_, **meta["const"], BLOCK_M=bm, BLOCK_N=bn
+        )
     else:
-        def grid(m):
-            size, block = (nq, m["BLOCK_M"]) if grid_dim == "m" else (nk, m["BLOCK_N"])
-            return (triton.cdiv(size, block), bh)
 
-        kernel[grid](*args, **meta)
+        def grid(m):
+            return (triton.cdiv(nk, m["BLOCK_N"]) if by_keys else triton.cdiv(nq, m["BLOCK_M"]), bh)
+
+        kernel[grid](*args, PASS=pass_, **meta["const"])
 
 
 class _TritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kmask, r, meta, blocks):
-        bh, nq, d = q.shape
-        nk, dv = k.shape[1], v.shape[2]
-        out = torch.empty(bh, nq, dv, dtype=q.dtype, device=q.device)
+        alloc = torch.empty if q.shape[1] and k.shape[1] else torch.zeros  # the kernel writes every row it sees
+        out = alloc(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        _launch(0, q, k, v, q, out, out, kmask, r, meta, blocks)
         ctx.save_for_backward(q, k, v, kmask, r)
         ctx.meta, ctx.blocks = meta, blocks
-        if nq and nk:
-            _launch("fwd", "m", bh, nq, nk, _args(q, k, v, out, kmask, r, meta), meta["const"], blocks)
-        else:
-            out.zero_()
         return out
 
     @staticmethod
     def backward(ctx, dout):
         refuse_double_backward("triton")
         q, k, v, kmask, r = ctx.saved_tensors
-        meta, blocks = ctx.meta, ctx.blocks
         dout = dout.contiguous()
-        bh, nq, _ = q.shape
-        nk = k.shape[1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if nq and nk:
-            base = _args(q, k, v, dout, kmask, r, meta)
-            dkdv_args = base[:4] + (dk, dv) + base[4:]
-            _launch("dkdv", "n", bh, nq, nk, dkdv_args, meta["const"], blocks)
-            dq_args = base[:4] + (dq,) + base[4:]
-            _launch("dq", "m", bh, nq, nk, dq_args, meta["const"], blocks)
+        _launch(2, q, k, v, dout, dk, dv, kmask, r, ctx.meta, ctx.blocks)
+        _launch(1, q, k, v, dout, dq, dq, kmask, r, ctx.meta, ctx.blocks)
         return dq, dk, dv, None, None, None, None
 
 
-def _args(q, k, v, fourth, kmask, r, meta) -> tuple:
-    """Positional kernel arguments: tensors, scalars, strides, sizes (shared by the three kernels)."""
-    bh, nq, d = q.shape
-    nk, dv = k.shape[1], v.shape[2]
-    km = kmask if kmask is not None else q  # never read when HAS_MASK is False
-    rr = r if r is not None else q
-    stride_mb = 0 if kmask is None or kmask.shape[0] == 1 else kmask.stride(0)
-    stride_rb = 0 if r is None or r.shape[0] == 1 else r.stride(0)
-    stride_rn = 0 if r is None or r.shape[1] == 1 else r.stride(1)
-    return (
-        q, k, v, fourth, km, rr,
-        meta["scale"], meta["r_scalar"],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        fourth.stride(0), fourth.stride(1),
-        stride_mb, stride_rb, stride_rn,
-        nq, nk, d, dv,
-    )
-
-
-def triton_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    activation: Activation,
-    attn_mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    block_sizes: tuple[int, int] = (16, 16),
-) -> torch.Tensor:
+def _compute(call: Call, block_sizes: tuple[int, int] = (16, 16)) -> torch.Tensor:
     """Fused attention for elementwise activations; ``block_sizes`` applies in the interpreter only
     (on a GPU the autotuner picks them)."""
-    reason = triton_unsupported_reason(
-        activation, mask_kind(attn_mask), bias is not None, dropout_p,
-        q.shape[-1], v.shape[-1], q.device, q.dtype,
-    )
-    if reason is not None:
-        raise BackendUnsupported(f"backend 'triton' cannot compute this call: {reason}; use backend='auto'")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    q, act = call.q, call.activation
     lowp = q.dtype == torch.bfloat16
-    qf, kf, vf, batch = flatten_heads(q, k, v)
-    bh, nq, d = qf.shape
-    nk, dv = kf.shape[1], vf.shape[2]
-    mask_src = BlockSource(attn_mask, batch) if attn_mask is not None else None
-    counts = row_counts(mask_src, causal, nq, nk, qf.device) if activation.is_dynamic else None
-    r = row_factors(activation, counts, nk, torch.float32)
+    d, dv = q.shape[2], call.v.shape[2]
+    r = call.row_factors(torch.float32)
     r_tensor = r.reshape(r.shape[0], r.shape[1]).contiguous() if isinstance(r, torch.Tensor) else None
-    kmask = None
-    if mask_src is not None:
-        m = mask_src.flat[:, 0, :]
-        if mask_src.cols_broadcast:
-            m = m.expand(m.shape[0], nk)
-        if mask_src.index is not None:
-            m = m.index_select(0, mask_src.index)
-        kmask = m.to(torch.int8).contiguous()
+    flags = call.key_flags()
+    kmask = flags.to(torch.int8).contiguous() if flags is not None else None
     meta = {
-        "scale": float(scale),
+        "scale": call.scale_value,
         "r_scalar": float(r) if r_tensor is None else 1.0,
         "const": {
-            "ACT": _ACT_CODES[activation.kind],
-            "POWER": activation.power,
-            "CAUSAL": bool(causal),
+            "ACT": _ACT_CODES[act.kind],
+            "POWER": act.power,
+            "CAUSAL": bool(call.causal),
             "HAS_MASK": kmask is not None,
             "HAS_R": r_tensor is not None,
             "LOWP": lowp,
@@ -473,5 +403,8 @@ def triton_attention(
             "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
         },
     }
-    out = _TritonFunction.apply(qf, kf, vf, kmask, r_tensor, meta, tuple(block_sizes))
-    return unflatten(out, batch)
+    return _TritonFunction.apply(q, call.k, call.v, kmask, r_tensor, meta, tuple(block_sizes))
+
+
+run = backend_run(NAME, unsupported, _compute)
+triton_attention = run

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..registry import DataBundle
+
 __all__ = [
     "bar_disabled",
     "TokenStore",
@@ -209,3 +211,40 @@ def cached_dir(task: str, params: dict, generate: Callable[[Path], None], log: b
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def lra_bundle(
+    dataset: str,
+    source: str,
+    splits: dict[str, Dataset | None],
+    num_classes: int,
+    vocab_size: int,
+    max_len: int,
+    pair: bool = False,
+    **info,
+) -> DataBundle:
+    """The DataBundle of an LRA task: its splits, the encoder's sizes, and the info every task reports.
+
+    A missing test split (Text with a held-out validation split) is reported as ``val_is_test``, and
+    the majority-class accuracy is then that of the validation split.
+    """
+    test = splits["test"]
+    evaluation = test if test is not None else splits["val"]
+    return DataBundle(
+        train=splits["train"],
+        val=splits["val"],
+        test=test,
+        num_classes=num_classes,
+        model_overrides={"vocab_size": vocab_size, "max_len": max_len, "num_classes": num_classes, "pair": pair},
+        info={
+            "dataset": dataset,
+            "source": source,
+            "train": len(splits["train"]),
+            "val": len(splits["val"]),
+            "test": 0 if test is None else len(test),
+            **({"val_is_test": True} if test is None else {}),
+            "max_len": max_len,
+            **info,
+            "majority_test_acc": majority_fraction(evaluation.labels.numpy()),
+        },
+    )

@@ -15,7 +15,7 @@ import torch
 from ..cifar import load_cifar_arrays
 from ..errors import DatasetError
 from ..registry import DataBundle, in_range, register_dataset
-from .common import FixedLengthDataset, majority_fraction
+from .common import FixedLengthDataset, lra_bundle
 
 __all__ = ["grayscale_tokens", "load_cifar_gray"]
 
@@ -52,18 +52,4 @@ def load_cifar_gray(root, train_fraction: float = 0.9) -> dict[str, FixedLengthD
 def build_lra_image(cfg: dict, seed: int) -> DataBundle:
     frac = float(cfg["train_fraction"])
     splits = load_cifar_gray(cfg["root"], frac)
-    return DataBundle(
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        num_classes=10,
-        model_overrides={"vocab_size": 256, "max_len": 1024, "num_classes": 10, "pair": False},
-        info={
-            "dataset": "lra_image",
-            "source": str(cfg["root"]),
-            "train": len(splits["train"]),
-            "val": len(splits["val"]),
-            "test": len(splits["test"]),
-            "majority_test_acc": majority_fraction(splits["test"].labels.numpy()),
-        },
-    )
+    return lra_bundle("lra_image", str(cfg["root"]), splits, 10, 256, 1024)

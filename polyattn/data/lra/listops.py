@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
 from ..registry import DataBundle, int_at_least, register_dataset
-from .common import SequenceDataset, TokenStore, bar_disabled, cached_dir, majority_fraction
+from .common import SequenceDataset, TokenStore, bar_disabled, cached_dir, lra_bundle
 
 __all__ = [
     "OPERATORS",
@@ -422,22 +422,14 @@ def build_lra_listops(cfg: dict, seed: int) -> DataBundle:
     limits = {s: cfg[f"num_{s}"] for s in SPLIT_FILES}
     splits = load_listops(root, max_len, cfg["tokens"], limits)
     lengths = splits["train"].store.lengths()
-    return DataBundle(
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        num_classes=10,
-        model_overrides={"vocab_size": len(LISTOPS_VOCAB) + 1, "max_len": max_len, "num_classes": 10, "pair": False},
-        info={
-            "dataset": "lra_listops",
-            "source": source,
-            "train": len(splits["train"]),
-            "val": len(splits["val"]),
-            "test": len(splits["test"]),
-            "tokens": cfg["tokens"],
-            "max_len": max_len,
-            "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
-            "truncated": int((lengths > max_len).sum()),
-            "majority_test_acc": majority_fraction(splits["test"].labels.numpy()),
-        },
+    return lra_bundle(
+        "lra_listops",
+        source,
+        splits,
+        10,
+        len(LISTOPS_VOCAB) + 1,
+        max_len,
+        tokens=cfg["tokens"],
+        mean_length=float(lengths.mean()) if len(lengths) else 0.0,
+        truncated=int((lengths > max_len).sum()),
     )

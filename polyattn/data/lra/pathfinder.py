@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
 from ..registry import DataBundle, int_at_least, register_dataset
-from .common import FixedLengthDataset, bar_disabled, cached_dir, majority_fraction, split_indices
+from .common import FixedLengthDataset, bar_disabled, cached_dir, lra_bundle, split_indices
 
 __all__ = [
     "PathfinderSpec",
@@ -551,21 +551,14 @@ def build_lra_pathfinder(cfg: dict, seed: int) -> DataBundle:
         source = f"generated (seed {cfg['seed']}) in {root}"
     splits, info = load_pathfinder(root, cfg["difficulty"], int(cfg["seed"]), int(cfg["num_images"]))
     h, w = info["image_size"]
-    return DataBundle(
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        num_classes=2,
-        model_overrides={"vocab_size": 256, "max_len": h * w, "num_classes": 2, "pair": False},
-        info={
-            "dataset": "lra_pathfinder",
-            "source": source,
-            "difficulty": cfg["difficulty"],
-            "train": len(splits["train"]),
-            "val": len(splits["val"]),
-            "test": len(splits["test"]),
-            "image_size": [h, w],
-            "empty_skipped": info["empty_skipped"],
-            "majority_test_acc": majority_fraction(splits["test"].labels.numpy()),
-        },
+    return lra_bundle(
+        "lra_pathfinder",
+        source,
+        splits,
+        2,
+        256,
+        h * w,
+        difficulty=cfg["difficulty"],
+        image_size=[h, w],
+        empty_skipped=info["empty_skipped"],
     )

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..registry import DataBundle, int_at_least, register_dataset
-from .common import PairDataset, TokenStore, bar_disabled, majority_fraction
+from .common import PairDataset, TokenStore, bar_disabled, lra_bundle
 
 __all__ = ["AAN_LAYOUT", "AAN_FILES", "read_aan_tsv", "load_aan"]
 
@@ -106,19 +106,4 @@ def build_lra_retrieval(cfg: dict, seed: int) -> DataBundle:
     max_len = int(cfg["max_len"])
     limits = {s: (cfg[f"num_{s}"] or None) for s in AAN_FILES}
     splits = load_aan(cfg["root"], max_len, limits)
-    return DataBundle(
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        num_classes=2,
-        model_overrides={"vocab_size": 257, "max_len": max_len, "num_classes": 2, "pair": True},
-        info={
-            "dataset": "lra_retrieval",
-            "source": str(cfg["root"]),
-            "train": len(splits["train"]),
-            "val": len(splits["val"]),
-            "test": len(splits["test"]),
-            "max_len": max_len,
-            "majority_test_acc": majority_fraction(splits["test"].labels.numpy()),
-        },
-    )
+    return lra_bundle("lra_retrieval", str(cfg["root"]), splits, 2, 257, max_len, pair=True)

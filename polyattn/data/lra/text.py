@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DatasetError, DatasetFormatError, DatasetNotFoundError
 from ..registry import DataBundle, in_range, int_at_least, register_dataset
-from .common import SequenceDataset, TokenStore, bar_disabled, majority_fraction, split_indices
+from .common import SequenceDataset, TokenStore, bar_disabled, lra_bundle, split_indices
 
 __all__ = ["IMDB_LAYOUT", "read_imdb_split", "load_imdb"]
 
@@ -113,21 +113,4 @@ def build_lra_text(cfg: dict, seed: int) -> DataBundle:
     frac = float(cfg["val_fraction"])
     max_len = int(cfg["max_len"])
     splits = load_imdb(cfg["root"], max_len, frac, int(cfg["seed"]))
-    evaluation = splits["test"] or splits["val"]
-    return DataBundle(
-        train=splits["train"],
-        val=splits["val"],
-        test=splits["test"],
-        num_classes=2,
-        model_overrides={"vocab_size": 257, "max_len": max_len, "num_classes": 2, "pair": False},
-        info={
-            "dataset": "lra_text",
-            "source": str(cfg["root"]),
-            "train": len(splits["train"]),
-            "val": len(splits["val"]),
-            "test": 0 if splits["test"] is None else len(splits["test"]),
-            "val_is_test": splits["test"] is None,
-            "max_len": max_len,
-            "majority_test_acc": majority_fraction(evaluation.labels.numpy()),
-        },
-    )
+    return lra_bundle("lra_text", str(cfg["root"]), splits, 2, 257, max_len)

@@ -49,9 +49,7 @@ def build_model_from_config(cfg: dict) -> torch.nn.Module:
     )
 
 
-def grid(
-    pde: PDE, n_x: int, n_t: int, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
+def grid(pde: PDE, n_x: int, n_t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """x, t of shape (n_t, n_x) on the PDE's domain, boundaries included (row i is time t_i)."""
     xs = torch.linspace(*pde.x_range, n_x, dtype=torch.float64)
     ts = torch.linspace(*pde.t_range, n_t, dtype=torch.float64)

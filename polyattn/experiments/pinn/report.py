@@ -64,9 +64,7 @@ def plot_loss(history: list[dict], title: str, path: Path) -> None:
 def _read_run(run_dir: Path) -> tuple[dict, dict | None]:
     mpath = run_dir / "metrics.json"
     if not mpath.is_file():
-        raise ValueError(
-            f"{str(run_dir)!r} has no metrics.json: is it a finished `polyattn pinn` run directory?"
-        )
+        raise ValueError(f"{str(run_dir)!r} has no metrics.json: is it a finished `polyattn pinn` run directory?")
     metrics = json.loads(mpath.read_text(encoding="utf-8"))
     ppath = run_dir / "prediction.npz"
     pred = dict(np.load(ppath)) if ppath.is_file() else None
@@ -83,12 +81,23 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     Writes ``out_dir/comparison.md`` and ``out_dir/<pde>.png`` (exact solution,
     then each run's prediction and |error|); returns the table.
     """
-    from PIL import Image
-
-    plt = pyplot()
-
     out = Path(out_dir)
     runs = [(Path(d), *_read_run(Path(d))) for d in run_dirs]
+    table, groups = _comparison_table(runs)
+    atomic_write_text(table, out / "comparison.md")
+    # The figure shows the first run of each (PDE, model, attention).
+    runs = [
+        next((d, m, p) for d, m, p in runs if (m["pde"], m["model"], m["activation"] or "-") == key) for key in groups
+    ]
+    for pde_name in dict.fromkeys(m["pde"] for _, m, _ in runs):
+        group = [(m, p) for _, m, p in runs if m["pde"] == pde_name and p is not None]
+        if group:
+            _prediction_figure(pde_name, group, out / f"{pde_name}.png", dpi)
+    return table
+
+
+def _comparison_table(runs: list[tuple]) -> tuple[str, dict[tuple, list[dict]]]:
+    """The per-run table (and, with repeated runs, the aggregate one), and the runs grouped by variant."""
     lines = [
         "| PDE | model | attention | seed | rMAE | rRMSE | final loss | steps (evals) | train time |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -98,9 +107,7 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         att = m["activation"] or "-"
         groups.setdefault((m["pde"], m["model"], att), []).append(m)
         if m["diverged"]:
-            lines.append(
-                f"| {m['pde']} | {m['model']} | {att} | {m['seed']} | diverged | | | {m['steps']} | |"
-            )
+            lines.append(f"| {m['pde']} | {m['model']} | {att} | {m['seed']} | diverged | | | {m['steps']} | |")
             continue
         lines.append(
             f"| {m['pde']} | {m['model']} | {att} | {m['seed']} | {m['rMAE']:.3f} | {m['rRMSE']:.3f} | "
@@ -123,60 +130,50 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
             runs_cell = f"{len(group)}" + (f" ({diverged} diverged)" if diverged else "")
             agg.append(f"| {pde_name} | {model_name} | {att} | {runs_cell} | {cells[0]} | {cells[1]} |")
         table += "\n".join(agg) + "\n"
-    atomic_write_text(table, out / "comparison.md")
+    return table, groups
 
-    # The figure shows the first run of each (PDE, model, attention).
-    runs = [
-        next((d, m, p) for d, m, p in runs if (m["pde"], m["model"], m["activation"] or "-") == key)
-        for key in groups
-    ]
-    for pde_name in dict.fromkeys(m["pde"] for _, m, _ in runs):
-        group = [(m, p) for _, m, p in runs if m["pde"] == pde_name and p is not None]
-        if not group:
-            continue
-        pde = get_pde(pde_name, group[0][0]["pde_params"])
-        extent = [pde.x_range[0], pde.x_range[1], pde.t_range[0], pde.t_range[1]]
-        exact = group[0][1]["exact"]
-        n = len(group)
-        fig, axes = plt.subplots(2, n + 1, figsize=(2.1 * (n + 1), 4.0), squeeze=False)
-        fig.subplots_adjust(left=0.02, right=0.99, bottom=0.02, top=0.82, wspace=0.08, hspace=0.08)
-        lim = float(np.abs(exact).max())
-        err_max = max(float(np.abs(p["pred"] - p["exact"]).max()) for _, p in group)
-        axes[0, 0].imshow(
-            exact, origin="lower", extent=extent, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim
+
+def _prediction_figure(pde_name: str, group: list[tuple[dict, dict]], path: Path, dpi: int) -> None:
+    """Exact solution, then each run's prediction over its |error|, on shared colour scales."""
+    from PIL import Image
+
+    plt = pyplot()
+    pde = get_pde(pde_name, group[0][0]["pde_params"])
+    extent = [pde.x_range[0], pde.x_range[1], pde.t_range[0], pde.t_range[1]]
+    exact = group[0][1]["exact"]
+    n = len(group)
+    fig, axes = plt.subplots(2, n + 1, figsize=(2.1 * (n + 1), 4.0), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.99, bottom=0.02, top=0.82, wspace=0.08, hspace=0.08)
+    lim = float(np.abs(exact).max())
+    err_max = max(float(np.abs(p["pred"] - p["exact"]).max()) for _, p in group)
+    axes[0, 0].imshow(exact, origin="lower", extent=extent, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    axes[0, 0].set_title("exact", fontsize=8)
+    axes[1, 0].axis("off")
+    axes[1, 0].text(0.0, 0.5, "top: prediction\nbottom: |error|\n(shared scales)", fontsize=7, va="center")
+    for j, (m, p) in enumerate(group, start=1):
+        axes[0, j].imshow(p["pred"], origin="lower", extent=extent, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        axes[0, j].set_title(f"{_variant(m)}\nrMAE {m['rMAE']:.3f}", fontsize=7)
+        axes[1, j].imshow(
+            np.abs(p["pred"] - p["exact"]),
+            origin="lower",
+            extent=extent,
+            aspect="auto",
+            cmap="magma",
+            vmin=0,
+            vmax=err_max,
         )
-        axes[0, 0].set_title("exact", fontsize=8)
-        axes[1, 0].axis("off")
-        axes[1, 0].text(
-            0.0, 0.5, "top: prediction\nbottom: |error|\n(shared scales)", fontsize=7, va="center"
-        )
-        for j, (m, p) in enumerate(group, start=1):
-            axes[0, j].imshow(
-                p["pred"], origin="lower", extent=extent, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim
-            )
-            axes[0, j].set_title(f"{_variant(m)}\nrMAE {m['rMAE']:.3f}", fontsize=7)
-            axes[1, j].imshow(
-                np.abs(p["pred"] - p["exact"]),
-                origin="lower",
-                extent=extent,
-                aspect="auto",
-                cmap="magma",
-                vmin=0,
-                vmax=err_max,
-            )
-        for ax in axes.ravel():
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(f"{pde_name} (x horizontal, t vertical)", fontsize=9, y=0.985)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
-        plt.close(fig)
-        # A 128-colour palette keeps the documentation figures small.
-        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(colors=128)
-        small = io.BytesIO()
-        img.save(small, format="PNG", optimize=True)
-        atomic_write_bytes(small.getvalue(), out / f"{pde_name}.png")
-    return table
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{pde_name} (x horizontal, t vertical)", fontsize=9, y=0.985)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    # A 128-colour palette keeps the documentation figures small.
+    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(colors=128)
+    small = io.BytesIO()
+    img.save(small, format="PNG", optimize=True)
+    atomic_write_bytes(small.getvalue(), path)
 
 
 def summary_row(metrics: dict) -> str:
