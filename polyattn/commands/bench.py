@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--divisor", default=None, help="divisor of x^p: sqrt(N) (default), N, none or a number")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    p.add_argument(
+        "--threads", dest="num_threads", type=int, default=None, help="torch threads (default: torch's, all cores)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,7 +55,7 @@ _GRID_FIELDS = (
     "divisor",
     "device",
     "dtype",
-    "threads",
+    "num_threads",
 )
 _MODEL_FIELDS = (
     "activations",
@@ -63,16 +65,16 @@ _MODEL_FIELDS = (
     "img_size",
     "patch_size",
     "device",
-    "threads",
+    "num_threads",
 )
 
 
 def _load_yaml(path_text: str | None) -> dict[str, Any]:
     if not path_text:
         return {}
-    from ..utils.io import read_yaml_mapping
+    from ..training.config import read_config_file
 
-    return read_yaml_mapping(path_text, "--config (a YAML mapping of bench settings)")
+    return read_config_file(path_text)  # a mapping of bench settings; `inherit:` works as in every config
 
 
 def build_config(args: argparse.Namespace):

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Theorem 4.1")
     g.add_argument("--bound-n", type=int_list, default=None, help="matrix sizes N (default 2,4,...,4096)")
     g.add_argument("--bound-samples", type=int, default=None, help="matrices per family and N (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads while running (default 1)")
+    p.add_argument(
+        "--threads", dest="num_threads", type=int, default=None, help="torch threads while running (default 1)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -52,7 +54,7 @@ _FIELDS = (
     "activations",
     "bound_n",
     "bound_samples",
-    "threads",
+    "num_threads",
 )
 
 
@@ -62,9 +64,9 @@ def build_config(args: argparse.Namespace) -> Any:
 
     data: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.config:
-        from ..utils.io import read_yaml_mapping
+        from ..training.config import read_config_file
 
-        loaded = read_yaml_mapping(args.config, "--config (a YAML mapping of theory settings such as 'samples: 64')")
+        loaded = read_config_file(args.config)  # a mapping of theory settings such as 'samples: 64'; may inherit
         data.update(loaded)
     data.update({k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None})
     return TheoryConfig.from_dict(data).resolved()

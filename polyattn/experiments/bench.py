@@ -74,7 +74,7 @@ class BenchConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU
     memory: bool = True
-    threads: int | None = None  # torch threads on CPU (default: torch's own, all cores)
+    num_threads: int | None = None  # torch threads on CPU (default: torch's own, all cores)
     seed: int = 0
     # A backend is skipped (and the skip reported) when the cost model puts it
     # above skip_factor x the fastest supported backend and above min_skip_s,
@@ -197,8 +197,8 @@ def _memory_worker() -> None:
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations >= 64 KiB are mmapped, freed at once
     job = json.loads(sys.stdin.read())
     cfg = BenchConfig(**job["config"])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     warmed: set[tuple] = set()
     for case in job["cases"]:
         fn = _case_fn(case["backend"], case["spec"])
@@ -328,8 +328,8 @@ def run_bench(
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
     old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     t_start = time.perf_counter()
     try:
         cases = _plan_cases(cfg)
@@ -366,7 +366,7 @@ def run_bench(
         machine = machine_line(cfg.device)
     finally:
         torch.set_num_threads(old_threads)
-    results = bench_results(cfg, machine, cfg.threads or old_threads, t_start, cases=cases)
+    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, cases=cases)
     if out_dir is not None:
         out = write_bench_dir(out_dir, cfg, results, format_table(results))
         if plots:

@@ -44,7 +44,7 @@ class ModelBenchConfig:
     steps: int = 5
     warmup_steps: int = 1
     device: str = "auto"
-    threads: int | None = None
+    num_threads: int | None = None
     seed: int = 0
 
     @staticmethod
@@ -161,8 +161,8 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
     """Train ``cfg.model`` for a few steps under each (activation, backend); returns imgs/s per row."""
     device = _device(cfg)
     old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     combos = [(a, b) for a in cfg.activations for b in cfg.backends]
     if device.type == "cuda" and "triton" not in cfg.backends:
         combos += [(a, "triton") for a in cfg.activations if a != "softmax"]
@@ -185,7 +185,7 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
     for r in rows:
         if base and r.get("imgs_per_s"):
             r["vs_softmax_auto"] = r["imgs_per_s"] / base["imgs_per_s"]
-    results = bench_results(cfg, machine, cfg.threads or old_threads, t_start, rows=rows)
+    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
     if out_dir is not None:
         write_bench_dir(out_dir, cfg, results, format_model_table(results))
     return results

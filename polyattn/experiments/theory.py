@@ -90,7 +90,7 @@ class TheoryConfig:
     # Intra-op threads while running. The work is many small memory-bound
     # tensor ops, which gain little from threads and slow down badly when the
     # cores are shared with other jobs.
-    threads: int = 1
+    num_threads: int = 1
     activations: list[str] = field(default_factory=lambda: ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"])
 
     def resolved(self) -> TheoryConfig:
@@ -100,7 +100,7 @@ class TheoryConfig:
         # complex (D < 0) before sigma_t itself could be checked.
         if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
             raise ValueError(f"theory config: {_name('seed')} must be an integer >= 0, got {cfg.seed!r}")
-        for name in ("bound_samples", "samples", "D", "d", "threads"):
+        for name in ("bound_samples", "samples", "D", "d", "num_threads"):
             v = getattr(cfg, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"theory config: {_name(name)} must be a positive integer, got {v!r}")
@@ -158,7 +158,7 @@ _OPTIONS = {
     "d": "--d",
     "sigma_x": "--sigma-x",
     "sigma_t": "--sigma-t",
-    "threads": "--threads",
+    "num_threads": "--threads",
     "activations": "--activations",
 }
 
@@ -306,7 +306,7 @@ def check_softmax_bounds(cfg: TheoryConfig, progress: bool = True, tol: float = 
     (relative; fp64 rounding of a tight one-hot case is about 1e-16).
     """
     cfg = cfg.resolved()
-    with _torch_threads(cfg.threads):
+    with _torch_threads(cfg.num_threads):
         return _check_softmax_bounds(cfg, progress, tol)
 
 
@@ -447,7 +447,7 @@ def monte_carlo_norms(cfg: TheoryConfig, progress: bool = True) -> dict[str, Any
     so differences between activations are not sampling noise.
     """
     cfg = cfg.resolved()
-    with _torch_threads(cfg.threads):
+    with _torch_threads(cfg.num_threads):
         return _monte_carlo_norms(cfg, progress)
 
 
