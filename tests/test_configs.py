@@ -51,6 +51,16 @@ def test_the_paper_runs_are_all_there():
     assert sum(n.startswith("figure1.yaml:") for n in names) == 4 * 7
     assert sum(n.startswith("table2.yaml:") for n in names) == 4 * 5
     assert sum(n.startswith("table5.yaml:") for n in names) == 2 * 6
+    assert sum(n.startswith("figure10.yaml:") for n in names) == 2 * 9
+
+
+def test_figure10_scales_and_table2_norms():
+    f10 = points("figure10")
+    assert {c["model"]["name"] for c in f10.values()} == {"vit_base", "vit_small"}
+    ks = sorted({float(c["model"]["activation"].split("/")[1]) for c in f10.values()})
+    assert ks[0] == 8 and ks[-1] == 25 and all(c["model"]["activation"].startswith("x^3/") for c in f10.values())
+    # Figures 4-5 are the norms of the Table 2 runs: they record them.
+    assert {c["diagnostics"]["every"] for c in points("table2").values()} == {500}
 
 
 @pytest.mark.parametrize("item", CONFIGS, ids=rel)
