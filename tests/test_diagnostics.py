@@ -329,3 +329,25 @@ def test_plot_norm_curves_draws_runs(tmp_path):
         plot_norm_curves([{"kind": "epoch"}], tmp_path / "none.png")
     with pytest.raises(ValueError, match="layers"):
         plot_norm_curves(runs, tmp_path / "bad.png", layers=[7])
+
+
+def test_norm_curves_draw_the_softmax_bounds_at_the_sequence_length(tmp_path, monkeypatch):
+    from polyattn.experiments import plots
+
+    rows = [{"kind": "norms", "step": s, "layer": 0, "head": 0, "fro": 1.0, "jac_fro": 1.0} for s in range(3)]
+    drawn = {}
+
+    def keep(fig, out_png, dpi=100):
+        drawn["fig"] = fig
+        return tmp_path / "norms.png"
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    plots.plot_norm_curves(rows, tmp_path / "norms.png", tokens=17)
+    top, bottom = drawn["fig"].axes[0], drawn["fig"].axes[1]
+
+    def dashed(ax):
+        return [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+    assert dashed(top) == pytest.approx([math.sqrt(17)]) and dashed(bottom) == pytest.approx([2 * math.sqrt(17)])
+    plots.plot_norm_curves(rows, tmp_path / "norms.png")  # without N: no bound lines
+    assert dashed(drawn["fig"].axes[0]) == []

@@ -7,6 +7,7 @@ importing this module is cheap and works without a display.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,8 +79,13 @@ def plot_norm_curves(
     title: str | None = None,
     log_y: bool = True,
     dpi: int = 100,
+    tokens: int | None = None,
 ) -> Path:
     """Draw ||A||_F (top row) and ||dA/dS||_F (bottom row) against training step, one column per layer.
+
+    ``tokens``: the sequence length N; when given, the softmax bounds of Theorem 4.1 are drawn as
+    dashed lines (||A||_F <= sqrt(N), ||dA/dS||_F <= 2 sqrt(N)) so that each curve can be read
+    against them.
 
     ``rows``: either one run's rows, or a mapping ``label -> rows`` (e.g.
     ``{"softmax": rows_a, "x^3/sqrt(N)": rows_b}``) drawn as one curve per
@@ -114,6 +120,11 @@ def plot_norm_curves(
                 if pts:
                     steps, vals = zip(*pts, strict=True)
                     ax.plot(steps, vals, label=run_label, linewidth=1.4)
+            if tokens:
+                bound, name = (math.sqrt(tokens), "sqrt(N)") if key == "fro" else (2 * math.sqrt(tokens), "2 sqrt(N)")
+                ax.axhline(
+                    bound, color="black", linestyle="--", linewidth=1.0, label=f"softmax bound {name}, N={tokens}"
+                )
             if log_y:
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
@@ -124,6 +135,8 @@ def plot_norm_curves(
             if col == 0:
                 ax.set_ylabel(f"{label} (mean over heads)")
     axes[0][0].legend(fontsize=8)
+    if tokens:
+        axes[1][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -359,7 +359,8 @@ def _norm_figure(results: dict, out: Path, notes: list[str]) -> dict[str, str]:
         return {}
     results["norm_summary"] = {act: norm_summary(rows) for act, rows in norm_rows.items()}
     title = f"attention norms during training (seed {seed}, mean over heads)"
-    return {"norms": plot_norm_curves(norm_rows, out / "norms.png", title=title).name}
+    png = plot_norm_curves(norm_rows, out / "norms.png", title=title, tokens=results.get("tokens"))
+    return {"norms": png.name}
 
 
 def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool = False) -> tuple[dict, list[str]]:
@@ -373,23 +374,27 @@ def write_compare_figures(results: dict, out: str | os.PathLike, progress: bool 
     settings = results["settings"]
     title = f"{settings['model']} on {settings['dataset']}, {len(settings['seeds'])} seed(s)"
     figures = {"accuracy": plot_accuracy(results["table"], out / "accuracy.png", title).name}
+    # The attention figures first: they measure the sequence length, which the norm figure's bounds need.
+    figures.update(_attention_figures(results, out, notes))
     figures.update(_norm_figure(results, out, notes))
+    return figures, notes
 
-    loaded = _load_models(results, out, settings["activations"], notes)
+
+def _attention_figures(results: dict, out: Path, notes: list[str]) -> dict[str, str]:
+    loaded = _load_models(results, out, results["settings"]["activations"], notes)
     if not loaded:
-        return figures, notes
+        return {}
     cfg = next(iter(loaded.values()))[1]
     try:
         x, y = _val_batch(cfg, HEATMAP_BATCH)
     except TypeError as e:
         notes.append(f"no attention figures: {e}")
-        return figures, notes
-    attention_figures, results["tokens"], attention_notes = write_attention_figures(
+        return {}
+    figures, results["tokens"], attention_notes = write_attention_figures(
         {act: model for act, (model, _) in loaded.items()}, x, y, out
     )
-    figures.update(attention_figures)
     notes += attention_notes
-    return figures, notes
+    return figures
 
 
 # --------------------------------------------------------------------------- #
