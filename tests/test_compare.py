@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from polyattn.cli import main
 from polyattn.core.activations import get_activation
@@ -188,3 +189,45 @@ def test_sweep_tiny_and_bad_patch_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "patch 3 does not tile the 8x8 images" in err and "[1, 2, 4, 8]" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_statistics_intervals_and_paired_differences():
+    from polyattn.experiments.compare import paired_difference, summarize, t_interval
+
+    # t(0.975, 2) = 4.3027: mean 0.5, std 0.1, half width 4.3027 * 0.1 / sqrt(3).
+    lo, hi = t_interval([0.4, 0.5, 0.6])
+    assert (lo, hi) == pytest.approx((0.5 - 0.2484138, 0.5 + 0.2484138), abs=1e-6)
+    assert t_interval([0.5]) is None
+    a = {"0": 0.90, "1": 0.92, "2": 0.95, "3": None}  # seed 3 diverged: not paired
+    b = {"0": 0.88, "1": 0.91, "2": 0.92, "3": 0.90}
+    d = paired_difference(a, b)
+    assert d["pairs"] == 3 and d["mean"] == pytest.approx(0.02)
+    # Paired t = mean / (std / sqrt(3)) = 0.02 / (0.01 / sqrt(3)) = 3.464 with 2 dof: p = 0.0742.
+    assert d["p"] == pytest.approx(0.0742, abs=5e-4) and d["ci95"][0] < 0 < d["ci95"][1]
+    assert paired_difference({"0": 0.9}, {"0": 0.8}) is None
+    records = [
+        {"activation": act, "seed": s, "top1": acc, "diverged": acc is None, "best_val_acc": acc}
+        for act, accs in (("softmax", b), ("x", a))
+        for s, acc in accs.items()
+    ]
+    rows = summarize(records, ["softmax", "x"])
+    assert rows[0]["vs_baseline"] is None and rows[1]["vs_baseline"]["baseline"] == "softmax"
+    assert rows[1]["vs_baseline"]["mean"] == pytest.approx(0.02) and rows[1]["n"] == 3
+    text = __import__("polyattn.experiments.report", fromlist=["format_table"]).format_table(rows, "metric")
+    assert "vs softmax (paired)" in text and "+2.00 [" in text and "(baseline)" in text
+
+
+def test_resume_reads_a_missing_key_as_its_default(tmp_path, capsys):
+    # A run written before a key existed ran with that key's default: --resume reuses it.
+    out = tmp_path / "cmp"
+    assert compare_cli(out, acts="softmax", seeds="1") == 0
+    saved = out / "runs" / "softmax-s0" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    assert cfg["train"].pop("eval_every") == 1  # the default
+    saved.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert compare_cli(out, "--resume", acts="softmax", seeds="1") == 0
+    cfg["train"]["label_smoothing"] = 0.3  # a real difference is still refused
+    saved.write_text(yaml.safe_dump(cfg))
+    assert compare_cli(out, "--resume", acts="softmax", seeds="1") == 2
+    assert "label_smoothing" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..core.activations import get_activation
-from ..training.config import ConfigError, dump_config, load_config
+from ..training.config import ConfigError, dump_config, load_config, resolve_config
 from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
@@ -53,12 +53,14 @@ __all__ = [
     "format_table",
     "json_safe",
     "mean_std",
+    "paired_difference",
     "parse_activations",
     "parse_seeds",
     "plan_runs",
     "relative_path",
     "run_grid",
     "summarize",
+    "t_interval",
 ]
 
 DEFAULT_ACTIVATIONS: tuple[str, ...] = ("softmax", "x^3/sqrt(N)", "x^3", "x/sqrt(N)", "x")
@@ -235,6 +237,16 @@ def _normalised(cfg: dict) -> dict:
     return yaml.safe_load(dump_config(cfg)) or {}
 
 
+def _saved_config(path: Path) -> dict:
+    """A run's config.yaml with the defaults of keys added since it was written: a key it lacks ran
+    with the behaviour that key's default names, so a missing key is not a change."""
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return _normalised(resolve_config(saved))
+    except ConfigError:  # a key since removed or renamed: compare as written, naming what differs
+        return saved
+
+
 def plan_runs(
     runs: Sequence[GridRun],
     config: str | None,
@@ -273,7 +285,7 @@ def plan_runs(
         if started and resume:
             saved = run_dir / "config.yaml"
             if saved.is_file():
-                diff = _changed(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, _normalised(cfg))
+                diff = _changed(_saved_config(saved), _normalised(cfg))
                 if diff:
                     raise CompareError(
                         f"{run_dir} was made with another config, so --resume cannot reuse it:\n  "
@@ -365,8 +377,40 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(records: Sequence[dict], activations: Sequence[str]) -> list[dict]:
-    """One row per activation: mean and std of top-1 over its finished (not diverged) seeds."""
+def t_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """Student-t confidence interval of the mean, [lo, hi] (None for fewer than 2 values)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean, std = mean_std(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return [mean - half, mean + half]
+
+
+def paired_difference(a: dict[str, float | None], b: dict[str, float | None]) -> dict | None:
+    """a - b over the seeds both finished: mean, 95% t-interval and the paired t-test's two-sided p.
+
+    Seeds pair runs that share their initial weights' seed and data order, which removes the seed's
+    own effect from the comparison. None with fewer than 2 pairs.
+    """
+    pairs = [(a[s], b[s]) for s in a if s in b and a[s] is not None and b[s] is not None]
+    if len(pairs) < 2:
+        return None
+    diffs = [x - y for x, y in pairs]
+    mean, std = mean_std(diffs)
+    if std == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        from scipy import stats
+
+        p = float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
+    return {"mean": mean, "ci95": t_interval(diffs), "p": p, "pairs": len(pairs)}
+
+
+def summarize(records: Sequence[dict], activations: Sequence[str], baseline: str = "softmax") -> list[dict]:
+    """One row per activation: top-1 mean, std and 95% interval over its finished (not diverged) seeds,
+    and the paired difference to ``baseline`` (when it is in the grid) over the seeds both finished."""
     rows = []
     for act in activations:
         recs = [r for r in records if r["activation"] == act]
@@ -377,6 +421,7 @@ def summarize(records: Sequence[dict], activations: Sequence[str]) -> list[dict]
                 "activation": act,
                 "mean": mean,
                 "std": std,
+                "ci95": t_interval(ok),
                 "n": len(ok),
                 "seeds": len(recs),
                 "diverged": sum(r["diverged"] for r in recs),
@@ -384,6 +429,10 @@ def summarize(records: Sequence[dict], activations: Sequence[str]) -> list[dict]
                 "best_val_mean": mean_std([r["best_val_acc"] for r in recs if r["best_val_acc"] is not None])[0],
             }
         )
+    base = next((r for r in rows if r["activation"] == baseline), None)
+    for r in rows:
+        vs = None if base is None or r is base else paired_difference(r["per_seed"], base["per_seed"])
+        r["vs_baseline"] = None if vs is None else {"baseline": baseline, **vs}
     return rows
 
 

@@ -408,24 +408,56 @@ def _mean_std(row: Mapping) -> str:
     return f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%"
 
 
+def _ci(r: Mapping) -> str:
+    ci = r.get("ci95")
+    return "-" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _vs(r: Mapping, baseline: str) -> str:
+    """The paired difference to the baseline in points: "+0.27 [-1.20, +1.74] p=0.62"."""
+    if r["activation"] == baseline:
+        return "(baseline)"
+    vs = r.get("vs_baseline")
+    if not vs:
+        return "-"
+    lo, hi = vs["ci95"]
+    return f"{100 * vs['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={vs['p']:.2g}"
+
+
+def _baseline(rows: Sequence[Mapping]) -> str:
+    return next((r["vs_baseline"]["baseline"] for r in rows if r.get("vs_baseline")), "softmax")
+
+
+STATS_NOTE = (
+    "95% CI: Student-t interval of the mean over seeds; vs {b}: the difference to {b} in points over the "
+    "seeds both finished (same seed = same initial weights and data order), its 95% t-interval and the "
+    "paired t-test's two-sided p. With 3 seeds an interval is wide: a difference is real only where it "
+    "excludes 0."
+)
+
+
 def format_table(rows: Sequence[dict], metric: str = "") -> str:
-    """The comparison table as fixed-width text: activation, top-1 mean +- std, seeds, diverged, per seed."""
-    header = ["activation", "top-1 (mean ± std)", "n", "diverged", "per seed"]
+    """The comparison table as fixed-width text: activation, top-1 mean +- std and its 95% interval,
+    seeds, diverged, the paired difference to softmax, per seed."""
+    baseline = _baseline(rows)
+    header = ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
     lines = [header]
     for r in rows:
         lines.append(
             [
                 r["activation"],
                 _mean_std(r),
+                _ci(r),
                 f"{r['n']}/{r['seeds']}",
                 str(r["diverged"]),
+                _vs(r, baseline),
                 "  ".join(f"s{s}:{'div' if v is None else f'{100 * v:.1f}'}" for s, v in r["per_seed"].items()),
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [
         "  ".join(
-            cell.ljust(w) if i in (0, 4) else cell.rjust(w)
+            cell.ljust(w) if i in (0, 5, 6) else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         )
         for line in lines
@@ -433,6 +465,7 @@ def format_table(rows: Sequence[dict], metric: str = "") -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     if metric:
         text.append(f"top-1: {metric}; n = seeds that finished without diverging (mean and std over those)")
+        text.append(STATS_NOTE.format(b=baseline))
     return "\n".join(t.rstrip() for t in text)
 
 
@@ -503,14 +536,20 @@ def _results_section(results: Mapping) -> list[str]:
         "## Results",
         "",
         f"Top-1: {results['metric']}. Mean and standard deviation (sample, over seeds) of the runs that finished; "
-        "a run whose loss or gradient became non-finite counts under *diverged* and not in the mean.",
+        "a run whose loss or gradient became non-finite counts under *diverged* and not in the mean. "
+        + STATS_NOTE.format(b=_baseline(results["table"])),
         "",
-        "| activation | top-1 (mean ± std) | n | diverged | per seed |",
-        "| --- | --- | --- | --- | --- |",
+        f"| activation | top-1 (mean ± std) | 95% CI | n | diverged | vs {_baseline(results['table'])} (paired) "
+        "| per seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    baseline = _baseline(results["table"])
     for r in results["table"]:
         per_seed = ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items())
-        lines.append(f"| {r['activation']} | {_mean_std(r)} | {r['n']}/{r['seeds']} | {r['diverged']} | {per_seed} |")
+        lines.append(
+            f"| {r['activation']} | {_mean_std(r)} | {_ci(r)} | {r['n']}/{r['seeds']} | {r['diverged']} | "
+            f"{_vs(r, baseline)} | {per_seed} |"
+        )
     lines.append("")
     figs = results.get("figures", {})
     if "accuracy" in figs:
