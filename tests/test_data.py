@@ -320,3 +320,25 @@ def test_cifar_missing_and_malformed(tmp_path):
     _pickle(folder / "train", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
     with pytest.raises(DatasetFormatError, match="b'fine_labels'"):
         build_dataset({"name": "cifar100", "root": str(tmp_path / "d")}, 0)
+
+
+def test_digits_test_split_and_image_size():
+    from polyattn.data.registry import build_dataset
+
+    base = {"name": "digits", "seed": 0, "augment": "none", "val_fraction": 0.2}
+    plain = build_dataset({**base, "test_fraction": 0.0, "image_size": 8}, 0)
+    assert (len(plain.train), len(plain.val), plain.test) == (1438, 359, None)
+    three = build_dataset({**base, "test_fraction": 0.2, "image_size": 8}, 0)
+    sizes = (len(three.train), len(three.val), len(three.test))
+    assert sum(sizes) == 1797 and abs(sizes[1] - 359) <= 10 and abs(sizes[2] - 359) <= 10
+    # The test split does not move when the validation fraction changes, and the splits are disjoint.
+    other = build_dataset({**base, "val_fraction": 0.1, "test_fraction": 0.2, "image_size": 8}, 0)
+    assert torch.equal(other.test.images, three.test.images)
+    # The 1,797 digits are pairwise distinct images, so distinct images across splits = disjoint splits.
+    seen = {tuple(x.flatten().tolist()) for ds in (three.train, three.val, three.test) for x in ds.images}
+    assert len(seen) == 1797
+    big = build_dataset({**base, "test_fraction": 0.0, "image_size": 16}, 0)
+    x, _ = big.train[0]
+    assert x.shape == (1, 16, 16) and big.model_overrides["img_size"] == 16
+    with pytest.raises(DatasetError, match="must be below 1"):
+        build_dataset({**base, "val_fraction": 0.5, "test_fraction": 0.5, "image_size": 8}, 0)
