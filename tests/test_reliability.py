@@ -301,3 +301,20 @@ def test_the_lock_api_errors_are_run_dir_errors(tmp_path):
         RunDirLock(tmp_path / "d").acquire()
     assert time.perf_counter() - t0 < 1.0  # refuses at once, never waits
     a.release()
+
+
+def test_a_checkpoint_older_than_a_key_resumes_with_its_default(tmp_path):
+    # Runs written before train.select / train.schedule existed trained as their defaults say.
+    run = tmp_path / "run"
+    assert cli_train(run, "train.epochs=1") == 0
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for key in ("select", "schedule"):
+        del ckpt["config"]["train"][key]
+    torch.save(ckpt, path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["train"]["select"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_resume(run, "train.epochs=2") == 0
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "resume"]
+    assert [list(r["changed"]) for r in rows] == [["train.epochs"]]

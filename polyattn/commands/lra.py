@@ -1,4 +1,4 @@
-"""``polyattn lra --task TASK --activation SPEC [--data DIR] [--preset cpu] --out RUN_DIR``.
+"""``polyattn lra --task TASK --activation SPEC [--data DIR] [--preset cpu] [--protocol P] --out RUN_DIR``.
 
 Trains the Nystromformer LRA encoder on one Long Range Arena task with the
 polyattn trainer (progress bar, metrics.jsonl, checkpoints, resume, torchrun)
@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="reduced scale that runs in minutes on a CPU: listops (learns), pathfinder (a pipeline check, at chance)",
     )
     p.add_argument(
+        "--protocol",
+        choices=["nystromformer", "polyattn"],
+        help="nystromformer: token id 0 is padding, mean over the padded length, OneCycleLR (linear), test "
+        "score of the best validation checkpoint; polyattn: the padding mask, mean over valid tokens, warmup + "
+        "cosine, final weights (default: nystromformer at full scale, polyattn with --preset cpu)",
+    )
+    p.add_argument(
         "--config", metavar="FILE.yaml", help="config file instead of the task's settings (configs/lra/*.yaml)"
     )
     add_point_arguments(p)
@@ -44,23 +51,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="tabulate finished runs (lra_result.json) and exit")
 
 
+def _protocol_overrides(name: str) -> list[str]:
+    from ..experiments.lra import PROTOCOLS
+
+    layer = PROTOCOLS[name]
+    return [f"model.overrides.protocol={layer['model']['overrides']['protocol']}"] + [
+        f"train.{k}={v}" for k, v in layer["train"].items()
+    ]
+
+
 def _config(args: argparse.Namespace) -> dict:
     from ..experiments.lra import lra_config
     from ..training.config import load_config
 
+    protocol = getattr(args, "protocol", None)
     if args.resume:
+        if protocol:
+            raise ValueError("--protocol cannot change on --resume: the run keeps the protocol it started with")
         saved = Path(args.out) / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} not found (is {args.out} a run directory?)")
         return load_config(saved, list(args.overrides))
     if args.config:
-        extra = list(args.overrides)
+        # Before --set, so that an explicit key still wins over the protocol's.
+        extra = (_protocol_overrides(protocol) if protocol else []) + list(args.overrides)
         if args.data:
             extra.append(f"data.root={args.data}")
         return load_config(args.config, extra, point=args.point)
     if not args.task:
         raise ValueError("give --task (or --config FILE, or --table RUN_DIR ...)")
-    return lra_config(args.task, args.activation, args.data, args.preset, args.overrides)
+    return lra_config(args.task, args.activation, args.data, args.preset, args.overrides, protocol=protocol)
 
 
 def _print_result(r: dict) -> None:
@@ -69,6 +89,7 @@ def _print_result(r: dict) -> None:
 
     rows = [
         ("task / activation", f"{r['task']} / {r['activation']}"),
+        ("protocol", r.get("protocol", "polyattn")),
         ("test accuracy", "diverged" if r["diverged"] else fmt_pct(r["test_acc"], 2)),
         ("majority class", fmt_pct(r["majority_acc"], 2)),
         (
@@ -76,6 +97,7 @@ def _print_result(r: dict) -> None:
             ("did not train" if r["activation"] in PAPER_DID_NOT_TRAIN else fmt_pct(r["paper_test_acc"], 2))
             + ("  (full scale; this run is reduced)" if r["reduced_scale"] else ""),
         ),
+        ("selected epoch", str(r.get("selected_epoch"))),
         ("steps", str(r["steps"])),
         ("run directory", r["run_dir"]),
     ]

@@ -3,7 +3,7 @@
     tokens (B, L) [+ padding_mask (B, L), True = padding]
       -> token embedding + learned positional embedding, dropout     (B, L, dim)
       -> depth x pre-norm block: x + drop(attn(norm(x))), x + mlp(norm(x))
-      -> final norm, mean over the valid (non-padding) tokens         (B, dim)
+      -> final norm, mean pooling                                     (B, dim)
       -> head: Linear(dim, mlp_dim), ReLU, Linear(mlp_dim, classes)
 
 Defaults are Nystromformer's LRA settings: dim 64, 2 layers, 2 heads of 32,
@@ -13,6 +13,19 @@ a key padding mask: padded keys get exactly zero weight after the activation
 and the dynamic N of x^p/sqrt(N) counts valid keys only, so appending padding
 never changes the logits. Trailing columns that are padding in every row are
 cut before the blocks (cheaper; the same result by that property).
+
+``protocol`` chooses what counts as padding and what the mean divides by:
+
+    polyattn        the padding mask as given; the mean over the valid tokens
+    nystromformer   as the Nystromformer LRA code (LRA/code/dataset.py, model.py,
+                    model_wrapper.py): every token id 0 is padding, also inside a
+                    sequence (black pixels in Image and Pathfinder), on top of the
+                    given mask; the sum over the valid tokens is divided by the
+                    padded length, the power of two that code pads to (``padded_len``:
+                    2,048 for ListOps' 2,000, 1,024 for Text's 1,000, 4,096 for
+                    Retrieval's 4,000, 1,024 for the images)
+
+Under both, appending padding never changes the logits.
 
 The dual encoder (Retrieval) encodes both documents with one shared encoder
 and classifies [u, v, u*v, u-v] of the pooled vectors.
@@ -28,9 +41,19 @@ from ..core.layers import PolyAttention
 from . import _checks
 from .registry import register_model
 
-__all__ = ["LRAEncoder", "LRAClassifier", "LRADualClassifier", "LRA_DEFAULTS"]
+__all__ = ["LRAEncoder", "LRAClassifier", "LRADualClassifier", "LRA_DEFAULTS", "LRA_PROTOCOLS"]
 
-LRA_DEFAULTS = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_dim": 128, "dropout": 0.1, "attn_drop": 0.1}
+LRA_PROTOCOLS = ("polyattn", "nystromformer")
+# "polyattn" stays the default so that models built before the protocol existed keep their outputs.
+LRA_DEFAULTS = {
+    "dim": 64,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_dim": 128,
+    "dropout": 0.1,
+    "attn_drop": 0.1,
+    "protocol": "polyattn",
+}
 
 
 class _Block(nn.Module):
@@ -49,7 +72,10 @@ class _Block(nn.Module):
 
 
 class LRAEncoder(nn.Module):
-    """Token sequence -> pooled vector (B, dim): embeddings, pre-norm blocks, final norm, masked mean."""
+    """Token sequence -> pooled vector (B, dim): embeddings, pre-norm blocks, final norm, masked mean.
+
+    ``protocol``: "polyattn" or "nystromformer" (module docstring).
+    """
 
     def __init__(
         self,
@@ -62,15 +88,19 @@ class LRAEncoder(nn.Module):
         mlp_dim: int = 128,
         dropout: float = 0.1,
         attn_drop: float = 0.1,
+        protocol: str = "polyattn",
     ) -> None:
         super().__init__()
+        if protocol not in LRA_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {list(LRA_PROTOCOLS)}, got {protocol!r}")
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("depth", depth)):
             _checks.positive_int(name, value)
         _checks.heads("dim", dim, num_heads)
         _checks.positive_int("mlp_dim", mlp_dim)
         _checks.probability("dropout", dropout)
         _checks.probability("attn_drop", attn_drop)
-        self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
+        self.vocab_size, self.max_len, self.dim, self.protocol = vocab_size, max_len, dim, protocol
+        self.padded_len = 1 << (max_len - 1).bit_length()
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_len, dim)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -102,6 +132,10 @@ class LRAEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L) long, padding_mask (B, L) bool True = padding -> pooled (B, dim)."""
         self._check(tokens, padding_mask)
+        nystromformer = self.protocol == "nystromformer"
+        if nystromformer:
+            zero = tokens == 0
+            padding_mask = zero if padding_mask is None else padding_mask | zero
         if padding_mask is not None:
             # Columns that are padding in every row change nothing: drop them.
             keep = (~padding_mask).any(0).nonzero()
@@ -115,6 +149,10 @@ class LRAEncoder(nn.Module):
         if padding_mask is None:
             return x.mean(1)
         valid = (~padding_mask).unsqueeze(-1).to(x.dtype)
+        if nystromformer:
+            # Their padded positions are zeroed and still counted: the divisor is the padded length, not
+            # the width of this batch (trimmed above, or shorter than max_len), so padding stays inert.
+            return (x * valid).sum(1) / self.padded_len
         return (x * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 

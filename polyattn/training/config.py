@@ -112,6 +112,8 @@ _BUILTIN: dict[str, dict[str, Key]] = {
         "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16")),
         "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
         "max_steps": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "schedule": Key("cosine", "str", choices=("cosine", "onecycle_linear")),
+        "select": Key("last", "str", choices=("last", "best_val")),
         "eval_every": Key(1, "int", check=at_least(1), requirement=">= 1"),
         "log_every": Key(10, "int", check=at_least(1), requirement=">= 1"),
         "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),

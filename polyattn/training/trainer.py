@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, checkpoints, exact resume, DDP.
+"""The training loop: AdamW, warmup + cosine or one-cycle, checkpoints, model selection, exact resume, DDP.
 
     summary = train(load_config("configs/digits_vit_micro.yaml"), "runs/digits")
 
@@ -7,7 +7,9 @@ A run directory holds:
     config.yaml            the resolved config (after a resume that changed keys: the config in force now)
     metrics.jsonl          one JSON object per line, "kind": "step" | "epoch" | "norms" | "resume" | "summary"
     checkpoints/last.pt    model, optimizer, scheduler, scaler, epoch, step, RNG states of every process,
-                           config, model_args; written atomically after every epoch
+                           the best evaluation so far, config, model_args; written atomically after every epoch
+    checkpoints/best.pt    with train.select=best_val: the weights of the evaluation with the best validation
+                           accuracy (model, epoch, step, val, config, model_args); the test split is scored with them
     summary.json           the final summary (also returned by ``train``)
     .lock                  held by the process training there (utils.rundir.RunDirLock)
 
@@ -16,12 +18,14 @@ after the checkpoint, and continues so that the result is bitwise the run
 that was never interrupted (CPU; the sampler order depends only on the seed
 and the epoch, the RNG states come from the checkpoint). Config changes on
 resume are applied (optimizer settings, schedule, step budget, logging) or
-refused (model, data, batch size, seed, amp: see ``_fixed_on_resume``); applied
-ones are recorded as a "resume" row with the step they took effect at.
+refused (model, data, batch size, seed, amp, model selection: see
+``_fixed_on_resume``); applied ones are recorded as a "resume" row with the step
+they took effect at.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -42,6 +46,7 @@ from tqdm.auto import tqdm
 from ..data.registry import DataBundle, build_dataset
 from ..models.registry import create_model
 from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
+from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError, RunDirLock
 from .checkpoint import CHECKPOINT, config_changes, divergence_advice, read_checkpoint, refuse_changes
 from .config import ConfigError, dump_config, resolve_config
@@ -54,7 +59,19 @@ from .distributed import (
     init_distributed,
 )
 
-__all__ = ["train", "load_run", "build_model", "lr_at", "RunDirError", "RunExistsError", "TrainingInterrupted"]
+__all__ = [
+    "train",
+    "load_run",
+    "build_model",
+    "lr_at",
+    "onecycle_at",
+    "BEST_CHECKPOINT",
+    "RunDirError",
+    "RunExistsError",
+    "TrainingInterrupted",
+]
+
+BEST_CHECKPOINT = Path("checkpoints") / "best.pt"
 
 
 class RunExistsError(RunDirError):
@@ -86,10 +103,25 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # Keys a resume may change, and how: everything in ``train`` and ``diagnostics`` is read afresh each
 # step or applied to the restored optimizer below, except these, which fix the data order, the batches
-# or the numerics of the steps already taken. In ``model`` and ``data`` only these may change.
-_RESUME_FIXED_TRAIN = ("batch_size", "seed", "amp")
+# or the numerics of the steps already taken, or (select) which weights the run reports: best_val
+# must have seen every evaluation of the run. In ``model`` and ``data`` only these may change.
+_RESUME_FIXED_TRAIN = ("batch_size", "seed", "amp", "select")
 _RESUME_FREE_DATA = ("root", "num_workers")
 _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps")
+# Changing any of these moves the learning rate (and, for onecycle_linear, beta1) of the next update.
+_SCHEDULE_KEYS = ("schedule", "min_lr", "warmup_epochs", "warmup_steps", "epochs", "max_steps")
+
+
+def _with_new_defaults(cfg: dict) -> dict:
+    """A checkpoint's config with the defaults of keys added since it was written.
+
+    A new key's default is the behaviour runs had before it existed (train.select=last,
+    train.schedule=cosine, data.test_fraction=0, ...), so a key the checkpoint lacks is no change.
+    """
+    try:
+        return resolve_config(copy.deepcopy(cfg))
+    except ConfigError:  # a key since removed or renamed: compare as written, so the diff names it
+        return copy.deepcopy(cfg)
 
 
 def _fixed_on_resume(key: str) -> bool:
@@ -179,10 +211,49 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: i
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+# torch.optim.lr_scheduler.OneCycleLR's defaults, which the Nystromformer LRA code leaves in place.
+ONECYCLE_DIV_FACTOR, ONECYCLE_FINAL_DIV_FACTOR = 25.0, 1e4
+ONECYCLE_BASE_MOMENTUM, ONECYCLE_MAX_MOMENTUM = 0.85, 0.95
+
+
+def onecycle_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> tuple[float, float]:
+    """(learning rate, AdamW beta1) of update ``step`` (0-based) under one-cycle with linear annealing.
+
+    The arithmetic of ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr, total_steps=total_steps,
+    pct_start=warmup_steps / total_steps, anneal_strategy="linear")`` with its other defaults: the lr
+    rises from lr / 25 to lr over the warmup and falls to lr / 25 / 1e4 at the last update, while
+    beta1 (cycle_momentum) falls from 0.95 to 0.85 and rises back. Two cases where OneCycleLR would
+    divide by zero or extrapolate are pinned: a phase of one step takes its end value, and steps past
+    the last update keep the last update's values.
+    """
+    initial = lr / ONECYCLE_DIV_FACTOR
+    final = initial / ONECYCLE_FINAL_DIV_FACTOR
+    step = min(step, total_steps - 1)
+    pct_start = warmup_steps / total_steps
+    phases = (
+        (float(pct_start * total_steps) - 1, initial, lr, ONECYCLE_MAX_MOMENTUM, ONECYCLE_BASE_MOMENTUM),
+        (total_steps - 1, lr, final, ONECYCLE_BASE_MOMENTUM, ONECYCLE_MAX_MOMENTUM),
+    )
+    start = 0.0
+    for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
+        if step <= end or i == len(phases) - 1:
+            pct = (step - start) / (end - start) if end > start else 1.0
+            return (lr1 - lr0) * pct + lr0, (m1 - m0) * pct + m0
+        start = end
+    raise AssertionError("unreachable: the last phase always matches")
+
+
+def make_scheduler(
+    optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine"
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over ``lr_at`` (schedule ``cosine``) or ``onecycle_at`` (``onecycle_linear``; beta1 is
+    the caller's to set, see ``onecycle_at``)."""
+
     # A closure, not an object: LambdaLR checkpoints an object's attributes and
     # would restore the old total on a resume that extends train.epochs.
     def factor(step: int) -> float:
+        if schedule == "onecycle_linear":
+            return onecycle_at(step, lr, warmup_steps, total_steps)[0] / lr
         return lr_at(step, lr, min_lr, warmup_steps, total_steps) / lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -455,6 +526,11 @@ class _Run:
     # -- setup --
     def setup(self) -> None:
         cfg, tc, env = self.cfg, self.tc, self.env
+        if tc["schedule"] == "onecycle_linear" and tc["min_lr"] > 0:
+            raise ConfigError(
+                f"train.min_lr={tc['min_lr']:g} applies to train.schedule=cosine only; onecycle_linear ends at "
+                "train.lr / 25 / 1e4 as torch's OneCycleLR does: set train.min_lr=0"
+            )
         if tc["batch_size"] % env.world_size:
             raise ConfigError(
                 f"train.batch_size ({tc['batch_size']}) is the global batch and must be divisible by the "
@@ -492,7 +568,9 @@ class _Run:
         if warmup is None:
             warmup = round(tc["warmup_epochs"] * self.steps_per_epoch)
         self.warmup_steps = min(self.total_steps, warmup)
-        self.scheduler = make_scheduler(self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps)
+        self.scheduler = make_scheduler(
+            self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps, tc["schedule"]
+        )
         self.dtype = amp_dtype(tc["amp"], env.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if (tc["mixup"] > 0 or tc["cutmix"] > 0) and not isinstance(self.bundle.train[0][0], torch.Tensor):
@@ -501,11 +579,16 @@ class _Run:
         if env.rank > 0:
             seed_everything(tc["seed"] + 7919 * env.rank)
         self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
+        self._set_beta1()
+        # The best evaluation so far ({"epoch", "step", "val"}) and, with select=best_val, its weights (CPU).
+        self.best: dict | None = None
+        self.best_state: dict | None = None
         self.last_good_epoch: int | None = None
 
     def restore(self) -> None:
         ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
-        applied, refused = config_changes(ckpt["config"], self.cfg, _fixed_on_resume)
+        old = _with_new_defaults(ckpt["config"])
+        applied, refused = config_changes(old, self.cfg, _fixed_on_resume)
         refuse_changes(self.run_dir, refused)
         try:
             self.model.load_state_dict(ckpt["model"])
@@ -520,9 +603,13 @@ class _Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_val, self.last_val = ckpt.get("best_val_acc"), ckpt.get("last_val")
+        self.best = ckpt.get("best")
         self.last_good_epoch = self.epoch
-        if any(f"train.{k}" in applied for k in _OPTIMIZER_KEYS):
+        if any(f"train.{k}" in applied for k in (*_OPTIMIZER_KEYS, *_SCHEDULE_KEYS)):
             self._apply_optimizer_settings()
+        self._set_beta1()
+        if self.tc["select"] == "best_val" and self.best is not None:
+            self.best_state = self._restore_best(ckpt)
         states = ckpt["rng"]
         if len(states) == self.env.world_size:
             _set_rng_state(states[self.env.rank], self.env.device)
@@ -560,6 +647,50 @@ class _Run:
             g["lr"] = tc["lr"] * factor
         self.scheduler._last_lr = [g["lr"] for g in groups]
 
+    def _set_beta1(self) -> None:
+        """Under onecycle_linear, AdamW's beta1 of the next update, as OneCycleLR's cycle_momentum sets it."""
+        if self.tc["schedule"] != "onecycle_linear":
+            return
+        beta1 = onecycle_at(self.step, self.tc["lr"], self.warmup_steps, self.total_steps)[1]
+        for g in self.optimizer.param_groups:
+            g["betas"] = (beta1, g["betas"][1])
+
+    def _restore_best(self, ckpt: dict) -> dict:
+        """The weights of the best evaluation that last.pt records, from best.pt.
+
+        last.pt is written before best.pt, so a run stopped between the two has a best.pt one
+        evaluation behind; the missing weights are then last.pt's own, and best.pt is rewritten.
+        """
+        path, best = self.run_dir / BEST_CHECKPOINT, self.best
+        if path.is_file():
+            saved = load_checkpoint(path, ("model", "epoch", "step"), f"delete it and {CHECKPOINT} to start again")
+            if (saved["epoch"], saved["step"]) == (best["epoch"], best["step"]):
+                return saved["model"]
+        if (best["epoch"], best["step"]) != (ckpt["epoch"], ckpt["step"]):
+            raise RunDirError(
+                f"cannot resume {self.run_dir}: {path} does not hold the weights of the best evaluation "
+                f"(epoch {best['epoch']}, step {best['step']}) that {CHECKPOINT} records, so train.select=best_val "
+                "cannot report them; restore that file, or train into a new --out"
+            )
+        state = {k: v.detach().to("cpu", copy=True) for k, v in ckpt["model"].items()}
+        self._write_best(state)
+        return state
+
+    def _write_best(self, state: dict) -> None:
+        if not self.env.is_main:
+            return
+        atomic_save(
+            {
+                "model": state,
+                "epoch": self.best["epoch"],
+                "step": self.best["step"],
+                "val": self.best["val"],
+                "config": self.cfg,
+                "model_args": self.model_args,
+            },
+            self.run_dir / BEST_CHECKPOINT,
+        )
+
     def save_checkpoint(self) -> None:
         states = gather_objects(_rng_state(self.env.device), self.env)  # collective: every rank calls it
         if not self.env.is_main:
@@ -575,6 +706,7 @@ class _Run:
                 "rng": states,
                 "sampler": {"seed": self.tc["seed"], "epoch": self.epoch},
                 "best_val_acc": self.best_val,
+                "best": self.best,
                 "last_val": self.last_val,
                 "config": self.cfg,
                 "model_args": self.model_args,
@@ -705,18 +837,22 @@ class _Run:
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self._set_beta1()
 
     def end_epoch(self, result: dict) -> None:
         tc = self.tc
         sums = result["sums"]
         self.epoch += 1
         last = self.epoch >= tc["epochs"] or self.step >= self.total_steps
-        val = None
+        val, improved = None, False
         if self.epoch % tc["eval_every"] == 0 or last:
             val = evaluate(self.model, self.val_loader, self.env, self.dtype)
             self.last_val = val
+            # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
             if self.best_val is None or val["acc"] > self.best_val:
                 self.best_val = val["acc"]
+                self.best = {"epoch": self.epoch, "step": self.step, "val": val}
+                improved = True
         n = max(sums[2].item(), 1.0)
         row = {
             "kind": "epoch",
@@ -738,13 +874,36 @@ class _Run:
             )
         self.metrics.write([row])
         self.save_checkpoint()
+        if improved and tc["select"] == "best_val":
+            # After last.pt, so that a stop in between leaves a state _restore_best can complete.
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._write_best(self.best_state)
         for cb in self.callbacks:
             cb(row)
 
+    def _selected(self) -> dict | None:
+        """{"epoch", "val"} of the weights the run reports: the best evaluation, or the final weights."""
+        if self.tc["select"] == "best_val":
+            return self.best
+        if self.epoch == 0:
+            return None
+        return {"epoch": self.epoch, "val": self.last_val}
+
+    def _evaluate_state(self, state: dict, loader: DataLoader) -> dict:
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(state)
+        try:
+            return evaluate(self.model, loader, self.env, self.dtype)
+        finally:
+            self.model.load_state_dict(final)
+
     def summary(self, t_start: float) -> dict:
-        test = None
+        selected = self._selected()
+        test = test_last = None
         if self.test_loader is not None and self.diverged is None:
-            test = evaluate(self.model, self.test_loader, self.env, self.dtype)
+            test = test_last = evaluate(self.model, self.test_loader, self.env, self.dtype)
+            if self.tc["select"] == "best_val" and selected is not None and selected["epoch"] != self.epoch:
+                test = self._evaluate_state(self.best_state, self.test_loader)
         n_params = sum(p.numel() for p in self.model.parameters())
         return {
             "run_dir": str(self.run_dir),
@@ -755,6 +914,10 @@ class _Run:
             "final_val_acc": None if self.last_val is None else self.last_val["acc"],
             "final_val_loss": None if self.last_val is None else self.last_val["loss"],
             "test_acc": None if test is None else test["acc"],
+            "test_acc_last": None if test_last is None else test_last["acc"],
+            "select": self.tc["select"],
+            "selected_epoch": None if selected is None else selected["epoch"],
+            "selected_val_acc": None if selected is None or selected["val"] is None else selected["val"]["acc"],
             "epochs": self.epoch,
             "steps": self.step,
             "diverged": self.diverged is not None,
@@ -798,6 +961,7 @@ class _Run:
             self.checkpoint_step = self.step
         elif self.env.is_main:
             self.metrics.truncate_to(0, 0)
+            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
         if self.env.is_main:
             atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
             self.log(
@@ -837,12 +1001,20 @@ class _Run:
 
 
 # --- loading a finished run --------------------------------------------------------
-def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode with the run's last weights, the run's config) from a run directory."""
+def load_run(
+    run_dir: str | Path, map_location: str | torch.device = "cpu", checkpoint: str = "last"
+) -> tuple[nn.Module, dict]:
+    """(model in eval mode with the run's weights, the run's config) from a run directory.
+
+    ``checkpoint``: "last" (the final weights) or "best" (checkpoints/best.pt of a train.select=best_val run).
+    """
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
+    if checkpoint not in ("last", "best"):
+        raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
+    path = run_dir / (CHECKPOINT if checkpoint == "last" else BEST_CHECKPOINT)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir} a polyattn run directory?")
+        hint = " (it exists for runs with train.select=best_val)" if checkpoint == "best" else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}: is {run_dir} a polyattn run directory?")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     args = ckpt["model_args"]
     model = build_model(args["name"], args["activation"], args["kwargs"])

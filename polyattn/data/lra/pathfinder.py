@@ -1,21 +1,30 @@
 """Pathfinder (LRA): are the two circles joined by one dashed contour? 32x32 pixels = 1,024 tokens.
 
-Generator, in the style of Linsley et al. 2018 ("Learning long-range spatial
-dependencies with horizontal gated recurrent units"): every image holds two
-target contours of ``contour_length`` short line segments ("paddles") that
-start ``seed_distance`` apart and wander with bounded curvature, plus short
-distractor contours. One circle marks the start of one target contour; the
-other marks the far end of the same contour (label 1, connected) or of the
-other one (label 0). Both classes therefore hold the same strokes; only the
-connectivity differs. Contours keep a margin from each other, so joining
-strokes never touch.
+Generator after the original one (Linsley et al. 2018, "Learning long-range
+spatial dependencies with horizontal gated recurrent units"; drewlinsley/pathfinder,
+snakes2.py and snakes.py), with the settings LRA used for pathfinder32/64/128/256
+(google-research/long-range-arena, lra_benchmarks/data/pathfinder.py). Every
+image holds two target contours of ``contour_length`` short line segments
+("paddles", ``paddle_length`` long and ``paddle_thickness`` wide, a gap of
+``margin`` between consecutive ones) plus short distractor contours. The first
+target contour starts in the central box (``PathfinderSpec.seed_box``: a border
+of 2 x ``seed_distance`` is kept free, as the original does for its first
+seed); the second starts ``seed_distance`` from the first. Contours turn with
+weight cos^2(min(turn x continuity, pi/2)), as the original's. One circle marks
+the start of one target contour; the other marks the far end of the same
+contour (label 1, connected) or of the other one (label 0). Both classes
+therefore hold the same strokes; only the connectivity differs. Contours keep a
+margin from each other, so joining strokes never touch.
+
+``PathfinderSpec(size=N)`` takes LRA's settings for N = 32, 64, 128, 256 and
+scales the nearest of those for other sizes (see ``PathfinderSpec``).
 
 Files use the layout of the LRA release (lra_release/pathfinder32/):
 
     ROOT/curv_contour_length_14/imgs/<b>/sample_<i>.png     8-bit grayscale
     ROOT/curv_contour_length_14/metadata/<b>.npy             text, one line per image:
         "imgs/<b> sample_<i>.png <i> <label> <continuity> <contour_length> <distractor_length>
-         <paddle_length> <paddle_thickness> <margin> 1"
+         <paddle_length> <paddle_thickness> <paddle_margin> 1"
 
 (the ".npy" metadata files of the release are whitespace-separated text with
 the image folder, file name, index and label in the first four fields; the
@@ -31,7 +40,7 @@ import functools
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,7 @@ from .common import FixedLengthDataset, bar_disabled, cached_dir, lra_bundle, sp
 
 __all__ = [
     "PathfinderSpec",
+    "LRA_SETTINGS",
     "PATHFINDER_LAYOUT",
     "DIFFICULTIES",
     "level_folder",
@@ -63,6 +73,66 @@ DIFFICULTIES = {
 }
 IMAGES_PER_FOLDER = 1000
 
+# LRA's generator settings per image size, in the original's terms: the docstrings of Pathfinder32/64/128/256 in
+# google-research/long-range-arena lra_benchmarks/data/pathfinder.py, over the defaults of drewlinsley/pathfinder
+# snakes2_wrapper.py where LRA leaves a setting out (paddle length 5, padding 22, seed distance 27).
+# paddle_margins: the original's paddle_margin_list, one drawn per image. distractor_budget: num_distractor_snakes
+# = budget // distractor_length. contrast: snake_contrast x paddle_contrast, the targets' stroke intensity; the
+# distractors get snake_contrast alone (snakes.make_many_snakes is not handed the paddle contrast).
+LRA_SETTINGS = {
+    32: {
+        "paddle_length": 2.0,
+        "paddle_thickness": 0.5,
+        "paddle_margins": (1.0,),
+        "marker_radius": 1.5,
+        "seed_distance": 7.0,
+        "continuity": 1.0,
+        "padding": 1,
+        "contrast": 1.5,
+        "distractor_contrast": 2.0,
+        "distractor_budget": 20,
+    },
+    64: {
+        "paddle_length": 5.0,
+        "paddle_thickness": 1.0,
+        "paddle_margins": (1.0,),
+        "marker_radius": 2.5,
+        "seed_distance": 12.0,
+        "continuity": 1.8,
+        "padding": 1,
+        "contrast": 0.8,
+        "distractor_contrast": 0.8,
+        "distractor_budget": 22,
+    },
+    128: {
+        "paddle_length": 5.0,
+        "paddle_thickness": 1.5,
+        "paddle_margins": (2.0, 3.0),
+        "marker_radius": 3.0,
+        "seed_distance": 20.0,
+        "continuity": 1.8,
+        "padding": 1,
+        "contrast": 0.9,
+        "distractor_contrast": 0.9,
+        "distractor_budget": 35,
+    },
+    256: {
+        "paddle_length": 5.0,
+        "paddle_thickness": 2.0,
+        "paddle_margins": (3.0,),
+        "marker_radius": 5.0,
+        "seed_distance": 27.0,
+        "continuity": 1.8,
+        "padding": 22,
+        "contrast": 1.0,
+        "distractor_contrast": 1.0,
+        "distractor_budget": 30,
+    },
+}
+# Below these, scaled-down strokes and circles fade into the 8-bit antialiasing (pathfinder32's are the thinnest).
+_MIN_THICKNESS = 0.5
+_MIN_MARKER_RADIUS = 1.0
+
 PATHFINDER_LAYOUT = """\
 ROOT/   (e.g. lra_release/pathfinder32/; ROOT may also be one difficulty folder)
   curv_baseline/ | curv_contour_length_9/ | curv_contour_length_14/
@@ -74,34 +144,106 @@ _GENERATE_HINT = (
 )
 
 
+def _size_settings(size: int) -> dict:
+    """This generator's settings for an image size: LRA's for 32/64/128/256, else the nearest of those scaled."""
+    ref = min(LRA_SETTINGS, key=lambda s: (abs(math.log(max(size, 1) / s)), s))
+    base, f = LRA_SETTINGS[ref], max(size, 1) / ref
+    # A straight contour of the original has gaps of twice the paddle margin: snakes.extend_snake moves the pivot
+    # length + 2 * margin ahead and draws the next paddle from margin past it.
+    gaps = tuple(2 * m * f for m in base["paddle_margins"])
+    return {
+        "paddle_length": base["paddle_length"] * f,
+        "paddle_thickness": max(base["paddle_thickness"] * f, min(_MIN_THICKNESS, base["paddle_thickness"])),
+        "margin": min(gaps),
+        "margin_choices": gaps if len(gaps) > 1 else (),
+        "marker_radius": max(base["marker_radius"] * f, min(_MIN_MARKER_RADIUS, base["marker_radius"])),
+        "seed_distance": base["seed_distance"] * f,
+        "continuity": base["continuity"],
+        "padding": max(1, round(base["padding"] * f)),
+        "contrast": base["contrast"],
+        "distractor_contrast": base["distractor_contrast"],
+        "distractor_budget": base["distractor_budget"],
+    }
+
+
 @dataclass(frozen=True)
 class PathfinderSpec:
     """Generator settings; lengths in pixels of the final image.
 
-    The defaults are LRA's pathfinder32 settings where they carry over
-    (contour length 14, paddle length 2, margin 1, marker radius 1.5, seed
-    distance 7, continuity 1, distractor length = contour length // 3 and
-    20 // distractor length distractors); the paddle thickness is 0.75 rather
-    than 0.5 so that strokes survive this renderer's antialiasing.
+    Settings left at None take the value for ``size``: for 32, 64, 128 and 256
+    the ones LRA generated pathfinder32/64/128/256 with (``LRA_SETTINGS``; at 32:
+    paddle length 2, thickness 0.5, gap 2, marker radius 1.5, seed distance 7,
+    continuity 1, distractor length contour_length // 3 and 20 // that many
+    distractors). Other sizes take the settings of the nearest of those four
+    sizes with every length (paddle length and thickness, gap, marker radius,
+    seed distance, border padding) scaled by size / that size, counts,
+    continuity and contrasts unchanged, and paddles no thinner than 0.5 and
+    circles no smaller than radius 1 (16 px: paddle length 1, gap 1, seed
+    distance 3.5).
+
+    ``margin`` is the gap between consecutive paddles of a contour and the
+    clearance kept around strokes; the original's "paddle margin" is half of it
+    (its straight contours have gaps of two paddle margins). ``margin_choices``,
+    when not empty, holds the gaps each image draws its own from (pathfinder128:
+    4 or 6); it defaults to that of ``size`` unless ``margin`` is given.
     """
 
     size: int = 32
     contour_length: int = 14
     distractor_length: int | None = None  # None: contour_length // 3
-    num_distractors: int | None = None  # None: 20 // distractor_length
-    paddle_length: float = 2.0
-    paddle_thickness: float = 0.75
-    margin: float = 1.0
-    marker_radius: float = 1.5
-    continuity: float = 1.0  # turn weight cos^2(min(turn * continuity, pi/2)): 1 allows up to 90 degrees
-    seed_distance: float = 7.0
-    padding: int = 1
-    contrast: float = 1.5  # stroke intensity before clipping to 1 (thin antialiased strokes stay visible)
-    antialias: int = 4
+    num_distractors: int | None = None  # None: distractor_budget // distractor_length
+    paddle_length: float | None = None
+    paddle_thickness: float | None = None
+    margin: float | None = None
+    margin_choices: tuple[float, ...] | None = None
+    marker_radius: float | None = None
+    continuity: float | None = None  # turn weight cos^2(min(turn * continuity, pi/2)): 1 allows up to 90 degrees
+    seed_distance: float | None = None
+    padding: int | None = None
+    contrast: float | None = None  # target strokes' intensity before clipping to 1
+    distractor_contrast: float | None = None
+    distractor_budget: int | None = None
+    # this renderer's supersampling; None: at least 4 sub-pixels across a paddle (the original draws at 2x and
+    # downsamples with Lanczos)
+    antialias: int | None = None
+
+    def __post_init__(self) -> None:
+        base = _size_settings(self.size)
+        if self.margin_choices is None:
+            choices = base["margin_choices"] if self.margin is None else ()
+        else:
+            choices = self.margin_choices
+        # a tuple of floats keeps the spec hashable and its asdict() stable for the cache key
+        object.__setattr__(self, "margin_choices", tuple(float(c) for c in choices))
+        if self.margin is None and self.margin_choices:
+            object.__setattr__(self, "margin", min(self.margin_choices))
+        for f in fields(self):
+            if f.name in base and getattr(self, f.name) is None:
+                object.__setattr__(self, f.name, base[f.name])
+        if self.antialias is None:
+            # coarser sampling lets the ink of thin paddles jump with their position by over 10%
+            object.__setattr__(self, "antialias", max(4, math.ceil(4 / self.paddle_thickness)))
+
+    @property
+    def paddle_margin(self) -> float:
+        """The original generator's name for half the gap (what its metadata records)."""
+        return self.margin / 2
+
+    def seed_box(self) -> tuple[float, float]:
+        """(low, high) in either coordinate of the box that holds the first target contour's first paddle.
+
+        The original keeps a border of 2 x seed_distance free when it draws that paddle
+        (snakes2.initialize_two_seeds); where that leaves less than two paddle lengths
+        (small images), the box is that wide around the centre instead.
+        """
+        lo, hi = 2 * self.seed_distance, self.size - 2 * self.seed_distance
+        if hi - lo < 2 * self.paddle_length:
+            lo, hi = self.size / 2 - self.paddle_length, self.size / 2 + self.paddle_length
+        return max(lo, float(self.padding)), min(hi, float(self.size - self.padding))
 
     def resolved(self) -> PathfinderSpec:
         d = self.distractor_length or max(1, self.contour_length // 3)
-        n = self.num_distractors if self.num_distractors is not None else 20 // d
+        n = self.num_distractors if self.num_distractors is not None else self.distractor_budget // d
         return replace(self, distractor_length=d, num_distractors=n)
 
     def check(self) -> None:
@@ -111,6 +253,10 @@ class PathfinderSpec:
             raise ValueError(f"contour_length must be >= 1, got {self.contour_length}")
         if min(self.paddle_length, self.paddle_thickness, self.marker_radius) <= 0 or self.margin < 0:
             raise ValueError("paddle_length, paddle_thickness, marker_radius must be > 0 and margin >= 0")
+        if any(c < 0 for c in self.margin_choices):
+            raise ValueError(f"margin_choices must be >= 0, got {self.margin_choices}")
+        if self.seed_distance <= 0 or self.padding < 0:
+            raise ValueError("seed_distance must be > 0 and padding >= 0")
 
 
 def level_folder(contour_length: int) -> str:
@@ -130,7 +276,7 @@ class _Canvas:
         self.spec = spec
         s, p = spec.size, spec.padding
         self.blocked = np.zeros((s, s), dtype=bool)
-        self.blocked[:p], self.blocked[-p:], self.blocked[:, :p], self.blocked[:, -p:] = True, True, True, True
+        self.blocked[:p], self.blocked[s - p :], self.blocked[:, :p], self.blocked[:, s - p :] = True, True, True, True
         self.centres = np.arange(s) + 0.5  # pixel centre coordinates along either axis
 
     def free(self, py: np.ndarray, px: np.ndarray, exempt: tuple | None = None) -> np.ndarray:
@@ -171,6 +317,16 @@ def _segment_distance(py: np.ndarray, px: np.ndarray, a: tuple, b: tuple) -> np.
     # np.minimum/np.maximum: np.clip costs several times more on arrays this small
     t = np.minimum(np.maximum((ry * dy + rx * dx) / max(dy * dy + dx * dx, 1e-12), 0.0), 1.0)
     return np.hypot(ry - t * dy, rx - t * dx)
+
+
+def _on_paddle(py: np.ndarray, px: np.ndarray, a: tuple, b: tuple, half: float) -> np.ndarray:
+    """Points (py, px) on the paddle ab of half-width ``half``: flat ends, as the original's PIL line."""
+    dy, dx = b[0] - a[0], b[1] - a[1]
+    length = max(math.hypot(dy, dx), 1e-12)
+    ry, rx = py - a[0], px - a[1]
+    along = (ry * dy + rx * dx) / length
+    across = np.abs(ry * dx - rx * dy) / length
+    return (along >= 0) & (along <= length) & (across <= half)
 
 
 def _step(p: tuple, theta: float, length: float) -> tuple:
@@ -223,17 +379,29 @@ class _Snake:
         return True
 
 
-def _seed(canvas: _Canvas, rng: np.random.Generator, near: tuple | None = None, tries: int = 30) -> _Snake | None:
-    """A free first paddle: anywhere, or starting ``seed_distance`` from ``near``."""
+def _seed(
+    canvas: _Canvas,
+    rng: np.random.Generator,
+    near: tuple | None = None,
+    box: tuple[float, float] | None = None,
+    tries: int = 30,
+) -> _Snake | None:
+    """A free first paddle: within ``box`` (both coordinates), starting ``seed_distance`` from ``near``, or anywhere."""
     spec = canvas.spec
     along = _ALONG * spec.paddle_length
     for _ in range(tries):
         theta = float(rng.uniform(-math.pi, math.pi))
-        if near is None:
-            y, x = rng.uniform(spec.padding, spec.size - spec.padding, size=2)
-            start = (float(y), float(x))
-        else:
+        if near is not None:
             start = _step(near, float(rng.uniform(-math.pi, math.pi)), spec.seed_distance)
+        else:
+            lo, hi = box if box is not None else (spec.padding, spec.size - spec.padding)
+            y, x = rng.uniform(lo, hi, size=2)
+            start = (float(y), float(x))
+        if box is not None:
+            # the whole paddle in the box: the original dilates the blocked border by the oriented paddle first
+            end = _step(start, theta, spec.paddle_length)
+            if not (box[0] <= end[0] <= box[1] and box[0] <= end[1] <= box[1]):
+                continue
         if canvas.free(start[0] + along * math.sin(theta), start[1] + along * math.cos(theta)).all():
             return _Snake(start, theta, canvas)
     return None
@@ -241,7 +409,7 @@ def _seed(canvas: _Canvas, rng: np.random.Generator, near: tuple | None = None, 
 
 def _targets(rng: np.random.Generator, spec: PathfinderSpec) -> tuple[_Canvas, list[_Snake]] | None:
     canvas = _Canvas(spec)
-    first = _seed(canvas, rng)
+    first = _seed(canvas, rng, box=spec.seed_box())
     second = None if first is None else _seed(canvas, rng, near=first.tip)
     if second is None:
         return None
@@ -254,39 +422,46 @@ def _targets(rng: np.random.Generator, spec: PathfinderSpec) -> tuple[_Canvas, l
     return canvas, snakes
 
 
-def _render(paddles: list, disks: list, spec: PathfinderSpec) -> np.ndarray:
-    """Strokes and marker disks drawn at ``antialias`` times the size, then averaged down to 8 bits."""
+def _render(strokes: list[tuple[list, float]], disks: list, spec: PathfinderSpec) -> np.ndarray:
+    """Paddles (groups of (paddles, intensity)) and marker disks drawn at ``antialias`` times the size,
+    then averaged down to 8 bits."""
     aa, size = spec.antialias, spec.size
     n = size * aa
     fine = (np.arange(n) + 0.5) / aa  # sub-pixel centres in image coordinates
-    strokes = np.zeros((n, n), dtype=np.float32)
+    ink = np.zeros((n, n), dtype=np.float32)
     half = spec.paddle_thickness / 2
-    for a, b in paddles:
-        y0, x0 = (max(0, math.floor((min(a[i], b[i]) - half) * aa)) for i in (0, 1))
-        y1, x1 = (min(n, math.ceil((max(a[i], b[i]) + half) * aa)) for i in (0, 1))
-        if y1 > y0 and x1 > x0:
-            hit = _segment_distance(fine[y0:y1, None], fine[None, x0:x1], a, b) <= half
-            strokes[y0:y1, x0:x1][hit] = spec.contrast
-    marks = np.zeros_like(strokes)
+    for paddles, intensity in strokes:
+        for a, b in paddles:
+            y0, x0 = (max(0, math.floor((min(a[i], b[i]) - half) * aa)) for i in (0, 1))
+            y1, x1 = (min(n, math.ceil((max(a[i], b[i]) + half) * aa)) for i in (0, 1))
+            if y1 > y0 and x1 > x0:
+                hit = _on_paddle(fine[y0:y1, None], fine[None, x0:x1], a, b, half)
+                region = ink[y0:y1, x0:x1]
+                region[hit] = np.maximum(region[hit], intensity)
+    marks = np.zeros_like(ink)
     r = spec.marker_radius
     for c in disks:
         y0, x0 = (max(0, math.floor((c[i] - r) * aa)) for i in (0, 1))
         y1, x1 = (min(n, math.ceil((c[i] + r) * aa)) for i in (0, 1))
         inside = np.hypot(fine[y0:y1, None] - c[0], fine[None, x0:x1] - c[1]) <= r
         marks[y0:y1, x0:x1][inside] = 1.0
-    image = np.maximum(strokes.reshape(size, aa, size, aa).mean((1, 3)), marks.reshape(size, aa, size, aa).mean((1, 3)))
+    image = np.maximum(ink.reshape(size, aa, size, aa).mean((1, 3)), marks.reshape(size, aa, size, aa).mean((1, 3)))
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 @dataclass
 class PathfinderSample:
-    """An image with the geometry behind it: contours as lists of paddles ((y, x), (y, x)), the two marks."""
+    """An image with the geometry behind it: contours as lists of paddles ((y, x), (y, x)), the two marks.
+
+    ``targets[0]`` is the contour seeded in the central box; ``margin`` is the gap this image was drawn with.
+    """
 
     image: np.ndarray
     label: int
     targets: list  # the two target contours
     distractors: list
     marks: list  # the two marker centres
+    margin: float | None = None
 
 
 def make_pathfinder_sample(rng: np.random.Generator, spec: PathfinderSpec, label: int) -> PathfinderSample:
@@ -294,6 +469,9 @@ def make_pathfinder_sample(rng: np.random.Generator, spec: PathfinderSpec, label
     if label not in (0, 1):
         raise ValueError(f"label must be 0 or 1, got {label!r}")
     spec = spec.resolved()
+    if spec.margin_choices:
+        # one gap per image, as the original draws one paddle margin per image
+        spec = replace(spec, margin=float(rng.choice(spec.margin_choices)), margin_choices=())
     for _ in range(1000):
         made = _targets(rng, spec)
         if made is None:
@@ -316,8 +494,10 @@ def make_pathfinder_sample(rng: np.random.Generator, spec: PathfinderSpec, label
                     break
             distractors.append(d.paddles)
         targets = [s.paddles for s in snakes]
-        image = _render([p for c in targets + distractors for p in c], marks, spec)
-        return PathfinderSample(image, label, targets, distractors, marks)
+        strokes = [([p for c in targets for p in c], spec.contrast)]
+        strokes.append(([p for c in distractors for p in c], spec.distractor_contrast))
+        image = _render(strokes, marks, spec)
+        return PathfinderSample(image, label, targets, distractors, marks, spec.margin)
     raise RuntimeError(
         f"could not place two contours of {spec.contour_length} paddles in a {spec.size}x{spec.size} image "
         "after 1000 tries: use a shorter contour_length or a larger size"
@@ -340,10 +520,12 @@ def _write_folder(args: tuple) -> list[str]:
     for i in range(n):
         rng = np.random.default_rng([seed, b, i])  # each image reproducible on its own
         label = int(rng.integers(2))
-        Image.fromarray(make_pathfinder_image(rng, spec, label), mode="L").save(img_dir / f"sample_{i}.png")
+        sample = make_pathfinder_sample(rng, spec, label)
+        Image.fromarray(sample.image, mode="L").save(img_dir / f"sample_{i}.png")
+        # the release's fields; its paddle margin is half this generator's gap (see PathfinderSpec)
         lines.append(
             f"imgs/{b} sample_{i}.png {i} {label} {r.continuity} {r.contour_length} {r.distractor_length} "
-            f"{r.paddle_length} {r.paddle_thickness} {r.margin} 1"
+            f"{r.paddle_length} {r.paddle_thickness} {sample.margin / 2} 1"
         )
     return lines
 
@@ -513,7 +695,7 @@ _DEFAULTS = {
     "num_images": 200000,
     "image_size": 32,
     "gen_contour_length": None,  # None: 6 / 9 / 14 by difficulty
-    "gen_num_distractors": None,  # None: 20 // (contour_length // 3)
+    "gen_num_distractors": None,  # None: the size's distractor budget // (contour_length // 3), 20 // 4 at 32
     "gen_workers": 0,  # processes generating images (0 = all cores); does not change the images
 }
 
@@ -523,7 +705,7 @@ def _generated_root(cfg: dict) -> Path:
     spec = PathfinderSpec(
         size=int(cfg["image_size"]), contour_length=int(contour), num_distractors=cfg["gen_num_distractors"]
     )
-    params = {"format": 1, "seed": int(cfg["seed"]), "num_images": int(cfg["num_images"]), **asdict(spec)}
+    params = {"format": 2, "seed": int(cfg["seed"]), "num_images": int(cfg["num_images"]), **asdict(spec)}
 
     def generate(tmp: Path) -> None:
         write_pathfinder(tmp, int(cfg["num_images"]), spec, int(cfg["seed"]), int(cfg["gen_workers"]))
