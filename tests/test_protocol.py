@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from synthetic_setting import synthetic_run
 
 from polyattn.cli import main
 from polyattn.data.registry import build_dataset
@@ -32,23 +33,15 @@ from polyattn.utils import RunDirError, read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 # 64 synthetic 8x8 images, 4 steps per epoch, 4 epochs, a linear model (below): well under a second per run.
-RUN = [
-    "data.name=synthetic",
-    "data.num_train=64",
-    "data.num_val=40",
+RUN = synthetic_run(
+    40,
     "data.num_test=40",
-    "data.image_size=8",
-    "data.channels=1",
-    "data.num_classes=4",
     "data.augment=light",
     "model.name=_select_peak_at_8",
-    "train.batch_size=16",
     "train.epochs=4",
-    "train.log_every=1",
-    "train.warmup_epochs=1",
     "train.lr=0.05",
     "train.weight_decay=0",
-]
+)
 TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from synthetic_setting import small_vit, synthetic_run
 
 from polyattn.cli import main
 from polyattn.models import register_model
@@ -24,22 +25,7 @@ from polyattn.utils.rundir import LOCK_NAME
 REPO = Path(__file__).resolve().parents[1]
 
 # 64 synthetic 8x8 images, 4 steps per epoch, a 1-block model: about a second per run.
-TINY = [
-    "data.name=synthetic",
-    "data.num_train=64",
-    "data.num_val=16",
-    "data.image_size=8",
-    "data.channels=1",
-    "data.num_classes=4",
-    "model.overrides.depth=1",
-    "model.overrides.dim=16",
-    "model.overrides.num_heads=2",
-    "model.overrides.patch_size=4",
-    "train.batch_size=16",
-    "train.epochs=2",
-    "train.log_every=1",
-    "train.warmup_epochs=1",
-]
+TINY = synthetic_run(16, *small_vit(1, 16), "train.epochs=2")
 
 
 def tiny(*extra: str) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from synthetic_setting import small_vit, synthetic_run
 
 from polyattn.cli import main
 from polyattn.models import register_model
@@ -32,23 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # A small, fast setting: 64 synthetic 8x8 images, 4 steps per epoch, a 2-block model.
-SMALL = [
-    "data.name=synthetic",
-    "data.num_train=64",
-    "data.num_val=30",
-    "data.image_size=8",
-    "data.channels=1",
-    "data.num_classes=4",
-    "model.overrides.depth=2",
-    "model.overrides.dim=32",
-    "model.overrides.num_heads=2",
-    "model.overrides.patch_size=4",
-    "train.batch_size=16",
-    "train.epochs=3",
-    "train.log_every=1",
-    "train.warmup_epochs=1",
-    "train.lr=3e-3",
-]
+SMALL = synthetic_run(30, *small_vit(2, 32), "train.epochs=3", "train.lr=3e-3")
 
 TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
 
