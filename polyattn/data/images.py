@@ -3,7 +3,12 @@
 Images are decoded with PIL when an item is read. Evaluation: resize the
 shorter side to ``image_size / crop_pct`` and take the central crop. Training
 augmentation (``data.augment``): ``none``; ``light`` = random shift (zero padding)
-and horizontal flip; ``crop`` = Inception-style random-resized crop and flip.
+and horizontal flip; ``crop`` = Inception-style random-resized crop and flip;
+``timm`` = timm's training pipeline (``timm.data.create_transform``: random-resized
+crop, flip, ``data.auto_augment`` e.g. RandAugment ``rand-m9-mstd0.5-inc1``, random
+erasing with probability ``data.re_prob``), which needs ``pip install polyattn[timm]``.
+The evaluation transform is the same for every choice (it is timm's eval transform:
+bicubic resize by crop_pct, then the central crop).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .transforms import (
     random_resized_crop,
     random_shift,
     resize_shorter,
+    timm_train_transform,
 )
 
 __all__ = [
@@ -55,7 +61,7 @@ ROOT/
   val/<class>/*.JPEG        the same class folder names as train/
 """
 
-AUGMENT_CHOICES = ("none", "light", "crop")
+AUGMENT_CHOICES = ("none", "light", "crop", "timm")
 
 
 def _size(v, key: str = "image_size") -> tuple[int, int]:
@@ -77,6 +83,8 @@ class ImageTransform:
         crop_pct: float = 1.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
     ) -> None:
         if augment not in AUGMENT_CHOICES:
             raise ValueError(f"augment must be one of {list(AUGMENT_CHOICES)}, got {augment!r}")
@@ -87,8 +95,12 @@ class ImageTransform:
         self.crop_pct = crop_pct
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        # augment=timm: timm's whole training pipeline (it normalises itself).
+        self.timm = timm_train_transform(size, auto_augment, re_prob, mean, std) if self.augment == "timm" else None
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.timm is not None:
+            return self.timm(img)
         if self.augment == "crop":
             img = random_resized_crop(img, self.size)
         else:
@@ -238,7 +250,15 @@ def find_class_folders(
 def _bundle(name: str, cfg: dict, classes: list[str], train, val) -> DataBundle:
     size = _size(cfg["image_size"])
     crop_pct = float(cfg["crop_pct"])
-    tr = ImageFileDataset(train, ImageTransform(size, True, cfg["augment"], crop_pct))
+    auto_augment = cfg.get("auto_augment")
+    if auto_augment is not None and not isinstance(auto_augment, str):
+        raise ValueError(f"data.auto_augment must be a timm policy string or null, got {auto_augment!r}")
+    if cfg["augment"] != "timm" and (auto_augment or cfg.get("re_prob", 0.0)):
+        raise ValueError("data.auto_augment and data.re_prob apply to data.augment=timm only")
+    transform = ImageTransform(
+        size, True, cfg["augment"], crop_pct, auto_augment=auto_augment, re_prob=float(cfg.get("re_prob", 0.0))
+    )
+    tr = ImageFileDataset(train, transform)
     va = ImageFileDataset(val, ImageTransform(size, False, "none", crop_pct))
     img_size = size[0] if size[0] == size[1] else list(size)
     return DataBundle(
@@ -260,25 +280,36 @@ def _bundle(name: str, cfg: dict, classes: list[str], train, val) -> DataBundle:
 
 _IMAGE_CHOICES = {"augment": AUGMENT_CHOICES}
 # Checked before the (possibly long) scan of the image folders.
-_IMAGE_CHECKS = {"image_size": IMAGE_SIZE, "crop_pct": in_range(0, 1, hi_closed=True)}
+_IMAGE_CHECKS = {
+    "image_size": IMAGE_SIZE,
+    "crop_pct": in_range(0, 1, hi_closed=True),
+    "re_prob": in_range(0, 1, lo_closed=True, hi_closed=True),
+}
+# auto_augment: a timm policy string (e.g. "rand-m9-mstd0.5-inc1"); it and re_prob apply to augment=timm.
+_TIMM_KEYS = {"auto_augment": None, "re_prob": 0.0}
 
 
 @register_dataset(
-    "tiny_imagenet", {"image_size": 64, "crop_pct": 1.0, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
+    "tiny_imagenet", {"image_size": 64, "crop_pct": 1.0, "augment": "none", **_TIMM_KEYS}, _IMAGE_CHOICES, _IMAGE_CHECKS
 )
 def build_tiny_imagenet(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_tiny_imagenet(cfg["root"])
     return _bundle("tiny_imagenet", cfg, classes, train, val)
 
 
-@register_dataset("imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS)
+@register_dataset(
+    "imagenet", {"image_size": 224, "crop_pct": 0.875, "augment": "none", **_TIMM_KEYS}, _IMAGE_CHOICES, _IMAGE_CHECKS
+)
 def build_imagenet(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_class_folders(cfg["root"], "imagenet")
     return _bundle("imagenet", cfg, classes, train, val)
 
 
 @register_dataset(
-    "image_folder", {"image_size": 224, "crop_pct": 0.875, "augment": "none"}, _IMAGE_CHOICES, _IMAGE_CHECKS
+    "image_folder",
+    {"image_size": 224, "crop_pct": 0.875, "augment": "none", **_TIMM_KEYS},
+    _IMAGE_CHOICES,
+    _IMAGE_CHECKS,
 )
 def build_image_folder(cfg: dict, seed: int) -> DataBundle:
     classes, train, val = find_class_folders(cfg["root"], "image_folder")

@@ -26,6 +26,7 @@ __all__ = [
     "resize_shorter",
     "center_crop",
     "random_resized_crop",
+    "timm_train_transform",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,3 +146,39 @@ def random_resized_crop(
             return img.crop((left, top, left + cw, top + ch)).resize((size[1], size[0]), Image.BICUBIC)
     side = min(w, h)  # fallback: the central square
     return center_crop(img, (side, side)).resize((size[1], size[0]), Image.BICUBIC)
+
+
+# --- timm's training pipeline (optional extra) --------------------------------
+def timm_train_transform(
+    size: tuple[int, int],
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+):
+    """timm's ImageNet training transform (PIL image -> normalised tensor): random-resized crop
+    (bicubic), flip, ``auto_augment`` (e.g. RandAugment ``rand-m9-mstd0.5-inc1``; None: colour
+    jitter 0.4 instead, as timm does) and random erasing with probability ``re_prob`` in ``pixel``
+    mode (per-pixel normal noise, as DeiT, Swin and XCiT train). Needs ``pip install polyattn[timm]``.
+
+    RandAugment draws from python's ``random`` and numpy's global RNG, random erasing from torch's
+    and python's: the trainer checkpoints all three (and seeds numpy in DataLoader workers).
+    """
+    from .errors import DatasetError
+
+    try:
+        from timm.data import create_transform
+    except ImportError as e:
+        raise DatasetError(f"data.augment=timm needs timm: pip install polyattn[timm] ({e})") from None
+    h, w = size
+    return create_transform(
+        (3, h, w),
+        is_training=True,
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        interpolation="bicubic",
+        mean=tuple(mean),
+        std=tuple(std),
+    )

@@ -108,6 +108,11 @@ _BUILTIN: dict[str, dict[str, Key]] = {
         "grad_clip": Key(1.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
         "mixup": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
         "cutmix": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
+        # Which Mixup/CutMix: polyattn's mix_batch (torch RNG) or timm.data.Mixup (numpy RNG; pip install
+        # polyattn[timm]); both checkpointed, so either resumes exactly.
+        "mixup_impl": Key("polyattn", "str", choices=("polyattn", "timm")),
+        # EMA of the weights (timm.utils.ModelEmaV3), updated after every optimizer step; 0 = off.
+        "ema_decay": Key(0.0, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1) (0 = off)"),
         "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
         "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16")),
         "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),

@@ -6,7 +6,8 @@ A run directory holds:
 
     config.yaml            the resolved config (after a resume that changed keys: the config in force now)
     metrics.jsonl          one JSON object per line, "kind": "step" | "epoch" | "norms" | "resume" | "summary"
-    checkpoints/last.pt    model, optimizer, scheduler, scaler, epoch, step, RNG states of every process,
+    checkpoints/last.pt    model, optimizer, scheduler, scaler, EMA weights (train.ema_decay > 0), epoch, step,
+                           RNG states of every process (python, numpy, torch: mix_batch, timm's Mixup, RandAugment),
                            the best evaluation so far, config, model_args; written atomically after every epoch
     checkpoints/best.pt    with train.select=best_val: the weights of the evaluation with the best validation
                            accuracy (model, epoch, step, val, config, model_args); the test split is scored with them
@@ -297,7 +298,51 @@ def mix_batch(
     return x, lam * one_hot + (1.0 - lam) * one_hot[perm]
 
 
+def timm_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+    """``timm.data.Mixup`` (per-batch mode, switch probability 0.5 as in mix_batch); its soft targets
+    carry the label smoothing, so the loss must not smooth again. Draws from numpy's global RNG.
+    None when timm is not installed."""
+    try:
+        from timm.data import Mixup
+    except ImportError:
+        return None
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def apply_mixup(mixer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mixer(x, y)``; timm's Mixup wants an even batch, so an odd one (a short last batch, a
+    rank's share) is padded with a copy of its last example, which is dropped again afterwards."""
+    n = x.shape[0]
+    if n % 2 == 0:
+        return mixer(x, y)
+    xm, t = mixer(torch.cat([x, x[-1:]]), torch.cat([y, y[-1:]]))
+    return xm[:n], t[:n]
+
+
+class PlainEma:
+    """Fallback for ``timm.utils.ModelEmaV3`` without timm, for float32 weights the same update:
+    ``ema = ema.lerp(weight, 1 - decay)`` for floating tensors of the state dict, a copy for the rest."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.is_floating_point():
+                e.lerp_(m.to(e.dtype), 1.0 - self.decay)
+            else:
+                e.copy_(m)
+
+
 # --- loaders ---------------------------------------------------------------------
+def _seed_numpy_in_worker(worker_id: int) -> None:
+    # torch seeds python's random and its own RNG in each DataLoader worker, not numpy's (which
+    # timm's RandAugment draws from): without this, workers would share one numpy stream.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, ...: every example evaluated exactly once across processes."""
 
@@ -323,6 +368,7 @@ def train_loader(ds: Dataset, batch: int, seed: int, env: DistEnv, workers: int)
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
         persistent_workers=workers > 0,
+        worker_init_fn=_seed_numpy_in_worker if workers > 0 else None,
     )
 
 
@@ -575,6 +621,12 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if (tc["mixup"] > 0 or tc["cutmix"] > 0) and not isinstance(self.bundle.train[0][0], torch.Tensor):
             raise ConfigError("train.mixup / train.cutmix need image tensors; this dataset yields dicts")
+        self.mixer = None
+        if (tc["mixup"] > 0 or tc["cutmix"] > 0) and tc["mixup_impl"] == "timm":
+            self.mixer = timm_mixup(tc["mixup"], tc["cutmix"], tc["label_smoothing"], self.bundle.num_classes)
+            if self.mixer is None:
+                self.log("train.mixup_impl=timm: timm is not installed (pip install polyattn[timm]); using mix_batch")
+        self.ema = self._make_ema()
         # Other processes draw their own dropout and augmentation randomness.
         if env.rank > 0:
             seed_everything(tc["seed"] + 7919 * env.rank)
@@ -584,6 +636,20 @@ class _Run:
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.last_good_epoch: int | None = None
+
+    def _make_ema(self):
+        """timm's ModelEmaV3 of the model (a copy updated after every optimizer step), or None."""
+        decay = self.tc["ema_decay"]
+        if decay <= 0:
+            return None
+        if self.tc["select"] == "best_val":
+            raise ConfigError("train.ema_decay > 0 with train.select=best_val is not supported; use select=last")
+        try:
+            from timm.utils import ModelEmaV3
+        except ImportError:
+            self.log("train.ema_decay: timm is not installed (pip install polyattn[timm]); using PlainEma")
+            return PlainEma(self.model, decay)
+        return ModelEmaV3(self.model, decay=decay)
 
     def restore(self) -> None:
         ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
@@ -601,6 +667,12 @@ class _Run:
             ) from None
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.module.load_state_dict(ckpt["ema"])
+            else:  # ema_decay switched on by this resume
+                self.ema.module.load_state_dict(self.model.state_dict())
+                self.log("train.ema_decay: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_val, self.last_val = ckpt.get("best_val_acc"), ckpt.get("last_val")
         self.best = ckpt.get("best")
@@ -701,6 +773,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "ema": None if self.ema is None else self.ema.module.state_dict(),
                 "epoch": self.epoch,
                 "step": self.step,
                 "rng": states,
@@ -789,12 +862,15 @@ class _Run:
     def _forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, logits, gradient norm before clipping); gradients are left in the parameters."""
         tc, env = self.tc, self.env
-        target = y
-        if tc["mixup"] > 0 or tc["cutmix"] > 0:
+        target, smoothing = y, tc["label_smoothing"]
+        if self.mixer is not None:
+            x, target = apply_mixup(self.mixer, x, y)
+            smoothing = 0.0  # already in timm's soft targets
+        elif tc["mixup"] > 0 or tc["cutmix"] > 0:
             x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
         with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = _forward(self.net, x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=tc["label_smoothing"])
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -835,6 +911,8 @@ class _Run:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.scheduler.step()
         self.step += 1
         self._set_beta1()
@@ -844,9 +922,12 @@ class _Run:
         sums = result["sums"]
         self.epoch += 1
         last = self.epoch >= tc["epochs"] or self.step >= self.total_steps
-        val, improved = None, False
+        val, val_ema, improved = None, None, False
         if self.epoch % tc["eval_every"] == 0 or last:
             val = evaluate(self.model, self.val_loader, self.env, self.dtype)
+            if self.ema is not None:
+                val_ema = evaluate(self.ema.module, self.val_loader, self.env, self.dtype)
+                val = {**val, "ema": val_ema}
             self.last_val = val
             # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
             if self.best_val is None or val["acc"] > self.best_val:
@@ -862,12 +943,22 @@ class _Run:
             "train_acc": sums[1].item() / n,
             "val_loss": None if val is None else val["loss"],
             "val_acc": None if val is None else val["acc"],
+            **(
+                {}
+                if self.ema is None
+                else {
+                    "val_loss_ema": None if val_ema is None else val_ema["loss"],
+                    "val_acc_ema": None if val_ema is None else val_ema["acc"],
+                }
+            ),
             "lr": self.optimizer.param_groups[0]["lr"],
             "time_s": result["time_s"],
             "samples_per_s": sums[2].item() / max(result["time_s"], 1e-9),
         }
         if self.progress:
             val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
+            if val_ema is not None:
+                val_text += f"  val_acc_ema {val_ema['acc']:.4f}"
             self.log(
                 f"epoch {self.epoch}/{tc['epochs']}  train_loss {row['train_loss']:.4f}  "
                 f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
@@ -904,6 +995,20 @@ class _Run:
             test = test_last = evaluate(self.model, self.test_loader, self.env, self.dtype)
             if self.tc["select"] == "best_val" and selected is not None and selected["epoch"] != self.epoch:
                 test = self._evaluate_state(self.best_state, self.test_loader)
+        ema_keys = {}
+        if self.ema is not None:
+            # The EMA weights are the run's result: test_acc is theirs, test_acc_raw the raw final weights'.
+            test_ema = None
+            if self.test_loader is not None and self.diverged is None:
+                test_ema = evaluate(self.ema.module, self.test_loader, self.env, self.dtype)
+            last_ema = None if self.last_val is None else self.last_val.get("ema")
+            ema_keys = {
+                "test_acc_raw": None if test is None else test["acc"],
+                "final_val_acc_ema": None if last_ema is None else last_ema["acc"],
+                "final_val_loss_ema": None if last_ema is None else last_ema["loss"],
+                "ema_decay": self.tc["ema_decay"],
+            }
+            test = test_ema
         n_params = sum(p.numel() for p in self.model.parameters())
         return {
             "run_dir": str(self.run_dir),
@@ -915,6 +1020,7 @@ class _Run:
             "final_val_loss": None if self.last_val is None else self.last_val["loss"],
             "test_acc": None if test is None else test["acc"],
             "test_acc_last": None if test_last is None else test_last["acc"],
+            **ema_keys,
             "select": self.tc["select"],
             "selected_epoch": None if selected is None else selected["epoch"],
             "selected_val_acc": None if selected is None or selected["val"] is None else selected["val"]["acc"],
