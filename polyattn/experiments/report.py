@@ -431,7 +431,7 @@ def _baseline(rows: Sequence[Mapping]) -> str:
 STATS_NOTE = (
     "95% CI: Student-t interval of the mean over seeds; vs {b}: the difference to {b} in points over the "
     "seeds both finished (same seed = same initial weights and data order), its 95% t-interval and the "
-    "paired t-test's two-sided p. With 3 seeds an interval is wide: a difference is real only where it "
+    "paired t-test's two-sided p. With few seeds an interval is wide: a difference is real only where it "
     "excludes 0."
 )
 
