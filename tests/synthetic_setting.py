@@ -28,3 +28,20 @@ def small_vit(depth: int, dim: int) -> list[str]:
         "model.overrides.num_heads=2",
         "model.overrides.patch_size=4",
     ]
+
+
+# The trainer tests' standard setting: a 2-block width-32 vit_micro, 3 epochs of 4 steps.
+SMALL = synthetic_run(30, *small_vit(2, 32), "train.epochs=3", "train.lr=3e-3")
+TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
+
+
+def small_cfg(*extra: str) -> dict:
+    """The resolved config of SMALL plus ``extra`` overrides."""
+    from polyattn.training import load_config
+
+    return load_config(None, SMALL + list(extra))
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without their timings: what two runs must share to be the same run."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-from synthetic_setting import synthetic_run
+from synthetic_setting import TIMING_KEYS, comparable, synthetic_run
 
 from polyattn.cli import main
 from polyattn.data.registry import build_dataset
@@ -42,7 +42,6 @@ RUN = synthetic_run(
     "train.lr=0.05",
     "train.weight_decay=0",
 )
-TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
 
 
 class _PeakAt8(nn.Module):
@@ -72,10 +71,6 @@ register_model("_select_peak_at_8")(lambda activation="softmax", **kw: _PeakAt8(
 
 def cfg_of(*extra: str) -> dict:
     return load_config(None, RUN + list(extra))
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def test_accuracy(model: nn.Module, cfg: dict) -> float:

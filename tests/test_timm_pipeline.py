@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_setting import small_vit, synthetic_run
+from synthetic_setting import comparable, small_cfg, small_vit
 
 pytest.importorskip("timm")
 
@@ -21,16 +21,6 @@ from polyattn.training.trainer import apply_mixup, build_model, model_kwargs, ti
 from polyattn.utils import read_jsonl, seed_everything  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = synthetic_run(30, *small_vit(2, 32), "train.epochs=3", "train.lr=3e-3")
-TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
-
-
-def small_cfg(*extra: str) -> dict:
-    return load_config(None, SMALL + list(extra))
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def make_image_folder(root: Path, classes=("a", "b"), per_class=2) -> Path:

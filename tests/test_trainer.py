@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-from synthetic_setting import small_vit, synthetic_run
+from synthetic_setting import SMALL, comparable, small_cfg
 
 from polyattn.cli import main
 from polyattn.models import register_model
@@ -33,17 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # A small, fast setting: 64 synthetic 8x8 images, 4 steps per epoch, a 2-block model.
-SMALL = synthetic_run(30, *small_vit(2, 32), "train.epochs=3", "train.lr=3e-3")
-
-TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
-
-
-def small_cfg(*extra: str) -> dict:
-    return load_config(None, SMALL + list(extra))
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 # --- config ---------------------------------------------------------------------------------
