@@ -362,6 +362,43 @@ def test_low_precision_inputs_are_computed_in_fp32_and_returned_as_given():
         torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
 
 
+class _ProductDtypes(TorchDispatchMode):
+    """Records the dtype of every matrix product (mm, bmm, addmm, baddbmm, SDPA) that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "bmm", "addmm", "baddbmm") or "scaled_dot_product" in name:
+            self.dtypes.add((out[0] if isinstance(out, tuple) else out).dtype)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("spec", "backend"),
+    [("x^3/sqrt(N)", "reference"), ("x^3/sqrt(N)", "chunked"), ("x^2/N", "linear"), ("softmax", "sdpa")],
+)
+def test_autocast_does_not_lower_the_attention_to_bf16(spec, backend):
+    # Under autocast every matmul would run in bf16, so x^3 of an fp16/bf16 score would be rounded (or,
+    # in fp16, overflow): polyattn.attention turns autocast off inside, forward and backward.
+    q, k, v = (t.bfloat16().requires_grad_() for t in _inputs(torch.float32, nq=40, nk=40))
+    with _ProductDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = polyattn.attention(q, k, v, spec, backend=backend)
+    with _ProductDtypes() as seen_backward:
+        out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert seen.dtypes == {torch.float32} and torch.bfloat16 not in seen_backward.dtypes
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = polyattn.attention(q32, k32, v32, spec, backend="reference")
+    # Equal to fp32 attention of the same (bf16) inputs up to the final rounding of the output to bf16.
+    torch.testing.assert_close(out.float(), want.bfloat16().float(), rtol=8e-3, atol=1e-5)  # one bf16 step
+    want.bfloat16().float().square().sum().backward()
+    torch.testing.assert_close(q.grad.float(), q32.grad.bfloat16().float(), rtol=2e-2, atol=1e-3)
+
+
 def test_polyattention_layer_matches_across_backends():
     torch.manual_seed(0)
     layer = polyattn.PolyAttention(32, 4, "x^3/sqrt(N)").double()

@@ -31,7 +31,7 @@ TINY = ["train.max_steps=4", "model.overrides.depth=2", "model.overrides.dim=32"
 
 
 def compare_cli(out: Path, *extra: str, acts: str = "softmax,x^3/sqrt(N)", seeds: str = "2") -> int:
-    argv = ["compare", "--out", str(out), "--activations", acts, "--seeds", seeds, "--epochs", "1"]
+    argv = ["compare", "--out", str(out), "--activations", acts, "--seeds", seeds, "--epochs", "1", "--jobs", "1"]
     return main([*argv, "--norm-every", "1", "--no-progress", *extra, "--set", *TINY])
 
 
@@ -94,17 +94,18 @@ def test_compare_end_to_end_then_resume(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [r["activation"] for r in results["table"]] == ["softmax", "x^3/sqrt(N)"]
     assert len(results["runs"]) == 4 and {r["status"] for r in results["runs"]} == {"trained"}
+    assert results["metric"] == "top-1 accuracy on the test split at the epoch with the best validation accuracy"
     for row in results["table"]:
-        # The table is computed from the runs' own summaries.
-        finals = [
-            json.loads((out / "runs" / f"{get_activation(row['activation']).slug}-s{s}" / "summary.json").read_text())[
-                "final_val_acc"
-            ]
+        # The table is computed from the runs' own summaries: test accuracy of the best-validation weights.
+        summaries = [
+            json.loads((out / "runs" / f"{get_activation(row['activation']).slug}-s{s}" / "summary.json").read_text())
             for s in (0, 1)
         ]
+        assert all(s["select"] == "best_val" and s["test_acc"] is not None for s in summaries)
+        tests = [s["test_acc"] for s in summaries]
         assert row["n"] == 2 and row["diverged"] == 0
-        assert row["mean"] == pytest.approx(statistics.fmean(finals))
-        assert row["std"] == pytest.approx(statistics.stdev(finals))
+        assert row["mean"] == pytest.approx(statistics.fmean(tests))
+        assert row["std"] == pytest.approx(statistics.stdev(tests))
 
     run = out / "runs" / "x3_divsqrtN-s1"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
@@ -115,7 +116,7 @@ def test_compare_end_to_end_then_resume(tmp_path, capsys):
     rows0 = [r for r in read_jsonl(out / "runs" / "x3_divsqrtN-s0" / "metrics.jsonl") if r["kind"] == "norms"]
     last = [r["fro"] for r in rows0 if r["step"] == 3]
     assert results["norm_summary"]["x^3/sqrt(N)"]["fro_last"] == pytest.approx(statistics.fmean(last))
-    assert results["tokens"] == 17
+    assert results["tokens"] == 65
 
     figs = results["figures"]
     assert set(figs) == {"accuracy", "norms", "attention_layer2", "cls_attention"}
@@ -173,21 +174,27 @@ def test_diverged_run_is_reported_not_raised(tmp_path, capsys):
 # --- sweep -------------------------------------------------------------------------------------
 def test_sweep_tiny_and_bad_patch_size(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--out", str(out), "--scales", "1,8", "--patch-sizes", "4,2", "--epochs", "1", "--no-progress"]
+    argv = ["sweep", "--out", str(out), "--scales", "1,8", "--patch-sizes", "8,4", "--epochs", "1", "--no-progress"]
+    argv += ["--jobs", "1"]
     assert main([*argv, "--set", "train.max_steps=2", "model.overrides.depth=1", "model.overrides.dim=32"]) == 0
     stdout = capsys.readouterr().out
     assert "k=1" in stdout and "k=8" in stdout and "softmax" in stdout
     results = json.loads((out / "results.json").read_text())
-    assert [(r["patch_size"], r["tokens"]) for r in results["table"]] == [(4, 4), (2, 16)]
+    # Digits resized to 16x16 by default: patch 8 and 4 give 4 and 16 patches.
+    assert [(r["patch_size"], r["tokens"]) for r in results["table"]] == [(8, 4), (4, 16)]
+    assert results["settings"]["image_size"] == [16, 16]
     assert all(set(r["cells"]) == {"1", "8"} and r["softmax"]["n"] == 1 for r in results["table"])
     names = sorted(os.listdir(out / "runs"))
-    assert names == sorted(f"p{p}-{a}-s0" for p in (4, 2) for a in ("x3", "x3_div8", "softmax"))
+    assert names == sorted(f"p{p}-{a}-s0" for p in (8, 4) for a in ("x3", "x3_div8", "softmax"))
     assert {r["activation"] for r in results["runs"]} == {"x^3", "x^3/8", "softmax"}
     assert is_png(out / "sweep.png") and "](sweep.png)" in (out / "report.md").read_text()
 
     assert main(["sweep", "--out", str(tmp_path / "bad"), "--patch-sizes", "3", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "patch 3 does not tile the 8x8 images" in err and "[1, 2, 4, 8]" in err
+    assert "patch 3 does not tile the 16x16 images" in err and "[1, 2, 4, 8, 16]" in err
+    # --image-size 0 keeps the config's own size (8x8 digits).
+    assert main(["sweep", "--out", str(tmp_path / "bad"), "--patch-sizes", "3", "--image-size", "0"]) == 2
+    assert "patch 3 does not tile the 8x8 images" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -231,3 +238,92 @@ def test_resume_reads_a_missing_key_as_its_default(tmp_path, capsys):
     saved.write_text(yaml.safe_dump(cfg))
     assert compare_cli(out, "--resume", acts="softmax", seeds="1") == 2
     assert "label_smoothing" in capsys.readouterr().err
+
+
+# --- runs side by side ----------------------------------------------------------------------------
+def _numbers(out: Path) -> dict:
+    """Every run's summary and metric rows without wall-clock fields: what must not depend on --jobs."""
+    clock = {"time_s", "samples_per_s", "run_dir"}
+    runs = {}
+    for run in sorted((out / "runs").iterdir()):
+        summary = json.loads((run / "summary.json").read_text())
+        rows = [{k: v for k, v in r.items() if k not in clock} for r in read_jsonl(run / "metrics.jsonl")]
+        runs[run.name] = ({k: v for k, v in summary.items() if k not in clock}, rows)
+    return runs
+
+
+def test_parallel_runs_give_the_numbers_of_sequential_ones(tmp_path, capsys):
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert compare_cli(seq, "--jobs", "1", seeds="0,1") == 0
+    assert compare_cli(par, "--jobs", "2", seeds="0,1") == 0
+    capsys.readouterr()
+    assert _numbers(par) == _numbers(seq)
+    results = json.loads((par / "results.json").read_text())
+    assert results["settings"]["jobs"] == 2
+    assert [r["name"] for r in results["runs"]] == ["softmax-s0", "softmax-s1", "x3_divsqrtN-s0", "x3_divsqrtN-s1"]
+    # --resume with --jobs 2: the one unfinished run trains again, the others are reused.
+    (par / "runs" / "softmax-s1" / "summary.json").unlink()
+    assert compare_cli(par, "--resume", "--jobs", "2", seeds="0,1") == 0
+    again = json.loads((par / "results.json").read_text())
+    assert [r["status"] for r in again["runs"]] == ["reused", "resumed", "reused", "reused"]
+    assert again["table"] == results["table"]
+
+
+def test_jobs_argument_and_its_default(tmp_path, capsys, monkeypatch):
+    from polyattn.experiments import compare as cmp
+
+    for bad in ("0", "two", "-1", "1.5"):
+        assert main(["compare", "--out", str(tmp_path / "x"), "--jobs", bad, "--no-progress"]) == 2
+        assert "--jobs must be a positive integer or auto" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cmp.check_jobs("auto") is None and cmp.check_jobs(None) is None and cmp.check_jobs("3") == 3
+
+    def planned(n: int, threads: int, done: int = 0) -> list:
+        cfg = {"train": {"num_threads": threads, "device": "cpu"}}
+        return [
+            cmp.PlannedRun(cmp.GridRun(f"r{i}", None, None), cfg, tmp_path, "done" if i < done else "new")
+            for i in range(n)
+        ]
+
+    monkeypatch.setattr(cmp, "usable_cores", lambda: 4)
+    assert cmp.default_jobs(planned(21, 1)) == 4  # one run per core
+    assert cmp.default_jobs(planned(21, 2)) == 2  # two threads each
+    assert cmp.default_jobs(planned(21, 0)) == 1  # 0 = a run takes every core
+    assert cmp.default_jobs(planned(21, 1, done=19)) == 2  # never more than the runs left to train
+    assert cmp.default_jobs(planned(3, 1, done=3)) == 1
+
+
+def test_ctrl_c_stops_parallel_runs_and_resume_finishes_them(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--out", str(out), "--activations", "softmax,x", "--seeds", "1", "--epochs", "30"]
+    args += ["--no-progress", "--norm-every", "0", "--set", "model.overrides.patch_size=4"]
+    args += ["model.overrides.depth=1", "model.overrides.dim=32", "model.overrides.num_heads=2"]
+    # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyattn", *args, "--jobs", "2"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = [out / "runs" / name / "checkpoints" / "last.pt" for name in ("softmax-s0", "x-s0")]
+    deadline = time.monotonic() + 120
+    while not all(c.is_file() for c in checkpoints):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoints after 120 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: finished runs are kept; continue with the same command plus --resume" in err
+    assert not any((c.parent.parent / "summary.json").exists() for c in checkpoints)
+
+    assert main([*args, "--jobs", "1", "--resume"]) == 0
+    capsys.readouterr()
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["status"], r["epochs"]) for r in runs] == [("resumed", 30), ("resumed", 30)]

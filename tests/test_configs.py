@@ -80,7 +80,10 @@ def test_digits_config_is_the_main_setting():
         "digits",
         "softmax",
     )
-    assert cfg["model"]["overrides"]["patch_size"] == 2
+    # One pixel per token (65 tokens, where 1/sqrt(N) = 1/8.1 has room to act), a held-out test split
+    # and model selection on validation only.
+    assert cfg["model"]["overrides"] == {"patch_size": 1, "pos_embed_std": 1.0}
+    assert (cfg["data"]["val_fraction"], cfg["data"]["test_fraction"], cfg["train"]["select"]) == (0.2, 0.2, "best_val")
 
 
 def test_table1_is_vit_tiny_with_256_tokens_on_tiny_imagenet():

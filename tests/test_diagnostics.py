@@ -231,6 +231,24 @@ def test_recorder_leaves_outputs_and_gradients_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
 
 
+def test_recorder_measures_in_fp32_under_autocast():
+    # Under bf16 autocast the recorder's own score product would otherwise run in bf16 (a 1e-2 error).
+    torch.manual_seed(0)
+    model = Net("x^3/sqrt(N)")
+    seen = []
+    for _, m in polyattn.attention_modules(model):
+        m.attention_observers.append(lambda mod, q, k, *rest: seen.append((q.detach().float(), k.detach().float())))
+    with polyattn.NormRecorder(model, every=1) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        rec.set_step(0)
+        model(torch.randn(3, 10, 16))
+        rows = rec.pop_rows()
+    for layer, (q, k) in enumerate(seen):
+        fro, jac = polyattn.attention_norms(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, "x^3/sqrt(N)")
+        got = [r for r in rows if r["layer"] == layer]
+        torch.testing.assert_close(torch.tensor([r["fro"] for r in got]), fro.mean(0), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor([r["jac_fro"] for r in got]), jac.mean(0), rtol=1e-5, atol=0)
+
+
 def test_recorder_records_once_per_recording_step_and_skips_others(monkeypatch):
     calls = []
     real = diagnostics.head_norms

@@ -199,3 +199,33 @@ def test_drop_path_is_identity_in_eval_and_weight_decay_exemptions():
     assert not torch.allclose(a, model(x))
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
     assert model.blocks[-1].drop_path.p == pytest.approx(0.5) and model.blocks[0].drop_path.p == 0.0
+
+
+def test_pos_embed_std_sets_the_initial_scale_and_is_checked():
+    torch.manual_seed(0)
+    default = ViT(img_size=8, patch_size=1, in_chans=1, num_classes=10, dim=64, depth=1, num_heads=4)
+    torch.manual_seed(0)
+    unit = ViT(img_size=8, patch_size=1, in_chans=1, num_classes=10, dim=64, depth=1, num_heads=4, pos_embed_std=1.0)
+    assert 0.018 < default.pos_embed.std().item() < 0.022  # ViT's 0.02
+    # A normal truncated at +-2 std has std 0.88; 65 x 64 draws put the estimate well inside +-0.05.
+    assert 0.83 < unit.pos_embed.std().item() < 0.93 and unit.pos_embed.abs().max().item() <= 2.0
+    with pytest.raises(ValueError, match="pos_embed_std"):
+        ViT(img_size=8, patch_size=1, in_chans=1, dim=64, depth=1, num_heads=4, pos_embed_std=0)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_cpu_qkv_layout_equals_the_plain_split(amp):
+    # On CPU PolyAttention hands the backends contiguous fp32 q, k, v in one copy; values must equal the
+    # plain split of the projection (cast to fp32 under autocast), and gradients must flow the same.
+    torch.manual_seed(0)
+    layer = polyattn.PolyAttention(32, 4, "x^3/sqrt(N)")
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        q, k, v = layer.project_qkv(x)
+        plain = [t.view(3, 11, 4, 8).transpose(1, 2).float() for t in layer.qkv(x).chunk(3, dim=-1)]
+    assert all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == (3, 4, 11, 8) for t in (q, k, v))
+    for got, want in zip((q, k, v), plain, strict=True):
+        assert torch.equal(got, want)
+    (g1,) = torch.autograd.grad(sum(t.square().sum() for t in (q, k, v)), x)
+    (g2,) = torch.autograd.grad(sum(t.square().sum() for t in plain), x)
+    torch.testing.assert_close(g1, g2)

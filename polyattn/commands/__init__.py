@@ -22,6 +22,17 @@ def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def add_jobs_argument(p: argparse.ArgumentParser) -> None:
+    """``--jobs N|auto``: how many runs of a grid train at once, one process each."""
+    p.add_argument(
+        "--jobs",
+        default="auto",
+        metavar="N",
+        help="runs trained at once, one process each (default auto: one per CPU core at the config's "
+        "train.num_threads; 1 on a GPU). A run's numbers do not depend on it",
+    )
+
+
 def int_list(text: str, positive: bool = False) -> list[int]:
     """argparse type for ``8,16,32``: comma-separated integers, at least one (``positive``: all >= 1)."""
     try:

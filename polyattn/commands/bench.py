@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="timed training steps (default 5)")
     g.add_argument("--img-size", type=int, default=None, help="image side (default 64)")
     g.add_argument("--patch-size", type=int, default=None, help="patch side (default 4: 257 tokens at 64x64)")
+    g.add_argument("--in-chans", type=int, default=None, help="image channels (default 3)")
+    g.add_argument(
+        "--amp", type=str_list, default=None, help="precisions to time, some of off,bf16 (default off = fp32)"
+    )
 
 
 _GRID_FIELDS = (
@@ -64,6 +68,8 @@ _MODEL_FIELDS = (
     "steps",
     "img_size",
     "patch_size",
+    "in_chans",
+    "amp",
     "device",
     "num_threads",
 )

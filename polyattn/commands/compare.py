@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_set_argument, run_experiment
+from . import add_jobs_argument, add_set_argument, run_experiment
 
 DEFAULT_OUT = "runs/compare"
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="SPEC",
-        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^3,x/sqrt(N),x); "
+        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^3/16,x^3,x/sqrt(N),x/16,x); "
         "quote specs with parentheses in a shell",
     )
     p.add_argument(
@@ -29,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset", default=None, help="data.name (default: digits, from the base config)")
     p.add_argument("--model", default=None, help="model.name (default: vit_micro, from the base config)")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 20)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 15)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument(
         "--config",
         metavar="FILE.yaml",
         default=None,
-        help="base config (default: built-in vit_micro on digits, patch 2, 20 epochs = configs/digits_vit_micro.yaml)",
+        help="base config (default: built-in vit_micro on digits, patch 1, 15 epochs = configs/digits_vit_micro.yaml)",
     )
     add_set_argument(p, "train.lr=1e-3 model.overrides.depth=2")
     p.add_argument(
@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="record attention norms every K steps (default 5; 0: no norm curves) unless the config sets it",
     )
+    add_jobs_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             norm_every=DEFAULT_NORM_EVERY if args.norm_every is None else args.norm_every,
+            jobs=args.jobs,
         ),
         args.out,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_set_argument, run_experiment
+from . import add_jobs_argument, add_set_argument, run_experiment
 
 DEFAULT_OUT = "runs/sweep"
 
@@ -36,11 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--patch-sizes",
         type=_ints,
         default=None,
-        help="ViT patch sizes, i.e. sequence lengths (default 4,2,1: 4, 16, 64 patches of the 8x8 digits)",
+        help="ViT patch sizes, i.e. sequence lengths (default 8,4,2,1: 4, 16, 64, 256 patches of the digits "
+        "resized to 16x16)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="data.image_size: resize the images to this side (default 16; 0: the config's own size)",
     )
     p.add_argument("--power", type=int, default=3, help="P in x^P/k (default 3)")
     p.add_argument("--seeds", default="1", help="a count (2: seeds 0,1) or a comma list (0,5,7; one seed: 5,)")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default 40)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 15)")
     p.add_argument("--no-baseline", action="store_true", help="no softmax reference run per patch size")
     p.add_argument("--dataset", default=None, help="data.name (default: digits); must be an image dataset")
     p.add_argument("--model", default=None, help="model.name (default: vit_micro)")
@@ -48,11 +55,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_set_argument(p, "train.lr=1e-3")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out, continue interrupted ones")
+    add_jobs_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.sweep import DEFAULT_PATCH_SIZES, DEFAULT_SCALES, DEFAULT_SWEEP_EPOCHS, sweep
+    from ..experiments.sweep import (
+        DEFAULT_PATCH_SIZES,
+        DEFAULT_SCALES,
+        DEFAULT_SWEEP_EPOCHS,
+        DEFAULT_SWEEP_IMAGE_SIZE,
+        sweep,
+    )
+
+    image_size = DEFAULT_SWEEP_IMAGE_SIZE if args.image_size is None else (args.image_size or None)
 
     results = run_experiment(
         lambda: sweep(
@@ -62,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             power=args.power,
             seeds=args.seeds,
             epochs=DEFAULT_SWEEP_EPOCHS if args.epochs is None else args.epochs,
+            image_size=image_size,
             dataset=args.dataset,
             model=args.model,
             config=args.config,
@@ -69,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             baseline=not args.no_baseline,
             resume=args.resume,
             progress=not args.no_progress,
+            jobs=args.jobs,
         ),
         args.out,
     )

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .activations import ActivationLike, get_activation
 from .backends import resolve_backend
 
-__all__ = ["attention", "compute_dtype"]
+__all__ = ["attention", "autocast_off", "compute_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 are computed in fp32 (x^3 of a score of 40 is 64,000, fp16's edge); others as they are."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off for ``device_type`` when it is on (and costs nothing when not)."""
+    # Meta and other devices have no autocast at all (asking raises).
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -153,5 +164,8 @@ def attention(
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
         if bias is not None:
             bias = bias.to(cd)
-    out = fn(q, k, v, act, attn_mask=attn_mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    # Under autocast every matmul inside a backend would drop back to fp16/bf16, undoing the fp32
+    # compute above (x^3 of an fp16 score overflows): the backend runs with autocast off.
+    with autocast_off(q.device.type):
+        out = fn(q, k, v, act, attn_mask=attn_mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     return out.to(out_dtype)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activations import ActivationLike
+from .functional import compute_dtype
 from .masking import padding_to_attn_mask
 from .module import AttentionModule
 
@@ -68,7 +69,18 @@ class PolyAttention(AttentionModule, nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         if context is None:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            qkv = self.qkv(x)
+            if qkv.device.type == "cpu":
+                # Every CPU backend computes in fp32 on (B*heads, N, d) blocks: one copy into that layout and
+                # dtype here replaces three strided casts (under autocast) and three reshapes in the backend.
+                b, n, _ = qkv.shape
+                qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                cd = compute_dtype(qkv.dtype)
+                # .to() with an unchanged dtype returns the strided view as it is.
+                qkv = qkv.contiguous() if qkv.dtype == cd else qkv.to(cd, memory_format=torch.contiguous_format)
+                q, k, v = qkv.unbind(0)
+                return q, k, v
+            q, k, v = qkv.chunk(3, dim=-1)
         else:
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.dim:
                 raise ValueError(f"context must have shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .activations import Activation, ActivationLike, get_activation
-from .functional import attention
+from .functional import attention, autocast_off
 
 __all__ = [
     "AttentionModule",
@@ -98,8 +98,11 @@ class AttentionModule:
             # projections return bf16/fp16; SDPA in timm's own forward would cast them all to
             # the autocast dtype, which is v's. polyattn.attention still computes in fp32.
             q, k = q.to(v.dtype), k.to(v.dtype)
-        for observe in self.attention_observers:
-            observe(self, q, k, attn_mask, bias, causal, scale)  # type: ignore[arg-type]
+        if self.attention_observers:
+            # Observers measure in fp32, as the attention computes; autocast would make their matmuls bf16.
+            with autocast_off(q.device.type):
+                for observe in self.attention_observers:
+                    observe(self, q, k, attn_mask, bias, causal, scale)  # type: ignore[arg-type]
         return attention(
             q,
             k,

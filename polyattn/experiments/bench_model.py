@@ -6,6 +6,10 @@ attention layer is switched to one backend, and images per second over the
 timed steps are reported against softmax under ``auto`` (which runs SDPA).
 The default shape is the paper's Tiny-ImageNet ViT setting: 64x64 images,
 patch 4, 256 patches + the class token = 257 tokens, 200 classes.
+``amp`` lists the precisions to time: ``off`` (fp32) and ``bf16`` (autocast:
+bf16 matrix products in the linear layers, the attention itself in fp32, as
+the trainer's ``train.amp``). Each step is the trainer's: forward, loss,
+backward, gradient clipping, AdamW.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
@@ -39,7 +44,9 @@ class ModelBenchConfig:
     backends: list[str] = field(default_factory=lambda: ["auto", "chunked", "reference"])
     img_size: int = 64
     patch_size: int = 4
+    in_chans: int = 3
     num_classes: int = 200
+    amp: list[str] = field(default_factory=lambda: ["off"])
     batch_size: int = 32
     steps: int = 5
     warmup_steps: int = 1
@@ -55,7 +62,13 @@ class ModelBenchConfig:
             raise ValueError(f"unknown backend(s) {bad}; choose from {['auto', *sorted(BACKENDS)]}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        bad = [a for a in cfg.amp if a not in _AMP]
+        if bad or not cfg.amp:
+            raise ValueError(f"amp: unknown setting(s) {bad}; list some of {list(_AMP)}")
         return cfg
+
+
+_AMP = {"off": None, "bf16": torch.bfloat16}
 
 
 def _set_backend(model: nn.Module, backend: str) -> int:
@@ -73,18 +86,21 @@ def _attention_shape(model: nn.Module, cfg: ModelBenchConfig) -> tuple[int, int,
     return None
 
 
-def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device):
-    """One AdamW training step on a fixed random batch."""
+def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device, amp: str):
+    """One training step as the trainer takes it (autocast, fp32 loss, clipping at 1, AdamW) on a fixed batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    dtype = _AMP[amp]
 
     def step() -> float:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return float(loss.detach())
 
@@ -97,15 +113,22 @@ def _device(cfg: ModelBenchConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _runner(cfg: ModelBenchConfig, act: str, backend: str, device: torch.device) -> tuple[dict, Callable | None]:
-    """The result row of one (activation, backend) and its training step, or None with row["skipped"] set."""
+def _runner(
+    cfg: ModelBenchConfig, act: str, backend: str, amp: str, device: torch.device
+) -> tuple[dict, Callable | None]:
+    """The result row of one (activation, backend, amp) and its training step, or None with row["skipped"] set."""
     from ..models import create_model
     from ..utils import seed_everything
 
-    row: dict[str, Any] = {"activation": act, "backend": backend}
+    row: dict[str, Any] = {"activation": act, "backend": backend, "amp": amp}
     seed_everything(cfg.seed)
     model = create_model(
-        cfg.model, activation=act, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes
+        cfg.model,
+        activation=act,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
     ).to(device)
     model.train()
     shape = _attention_shape(model, cfg)
@@ -122,7 +145,7 @@ def _runner(cfg: ModelBenchConfig, act: str, backend: str, device: torch.device)
             row["skipped"] = why_not
             return row, None
     _set_backend(model, backend)
-    return row, _make_step(model, cfg, device)
+    return row, _make_step(model, cfg, device, amp)
 
 
 def _time(runners: list[tuple[dict, Callable]], cfg: ModelBenchConfig, device: torch.device, progress: bool) -> None:
@@ -163,14 +186,21 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
     old_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    combos = [(a, b) for a in cfg.activations for b in cfg.backends]
-    if device.type == "cuda" and "triton" not in cfg.backends:
-        combos += [(a, "triton") for a in cfg.activations if a != "softmax"]
+    backends = list(cfg.backends)
+    if device.type == "cuda" and "triton" not in backends:
+        backends.append("triton")
+    combos = [
+        (a, b, amp)
+        for amp in cfg.amp
+        for a in cfg.activations
+        for b in backends
+        if not (b == "triton" and a == "softmax" and b not in cfg.backends)
+    ]
     t_start = time.perf_counter()
     rows, runners = [], []
     try:
-        for act, backend in combos:
-            row, step = _runner(cfg, act, backend, device)
+        for act, backend, amp in combos:
+            row, step = _runner(cfg, act, backend, amp, device)
             rows.append(row)
             if step is not None:
                 runners.append((row, step))
@@ -179,10 +209,11 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
     finally:
         torch.set_num_threads(old_threads)
         runners.clear()
-    base = next(
-        (r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto" and r.get("imgs_per_s")), None
-    )
+    bases = {
+        r["amp"]: r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto" and r.get("imgs_per_s")
+    }
     for r in rows:
+        base = bases.get(r["amp"])  # softmax under auto (SDPA) at the same precision
         if base and r.get("imgs_per_s"):
             r["vs_softmax_auto"] = r["imgs_per_s"] / base["imgs_per_s"]
     results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
@@ -195,21 +226,24 @@ def format_model_table(results: dict) -> str:
     cfg = results["config"]
     lines = [
         f"polyattn bench --model {cfg['model']} on {results['machine']}",
-        f"batch {cfg['batch_size']}, {cfg['img_size']}x{cfg['img_size']} images, patch {cfg['patch_size']}; "
+        f"batch {cfg['batch_size']}, {cfg['img_size']}x{cfg['img_size']}x{cfg.get('in_chans', 3)} images, "
+        f"patch {cfg['patch_size']}; "
         f"AdamW training steps, fastest of {cfg['steps']} (taken in turns), {cfg['warmup_steps']} warm-up",
         "",
-        f"{'activation':<14} {'backend':<10} {'runs':<10} {'imgs/s':>8} {'ms/step':>8} {'vs softmax':>11}",
+        f"{'activation':<14} {'backend':<10} {'amp':<5} {'runs':<10} {'imgs/s':>8} {'ms/step':>8} {'vs softmax':>11}",
     ]
     for r in results["rows"]:
         runs = r.get("runs", "")
         if r.get("skipped"):
-            lines.append(f"{r['activation']:<14} {r['backend']:<10} {runs:<10} skipped: {r['skipped']}")
+            lines.append(
+                f"{r['activation']:<14} {r['backend']:<10} {r.get('amp', 'off'):<5} {runs:<10} skipped: {r['skipped']}"
+            )
             continue
         ips = r["imgs_per_s"]
         ms = 1e3 * min(r["step_times_s"])
         rel = r.get("vs_softmax_auto")
         lines.append(
-            f"{r['activation']:<14} {r['backend']:<10} {runs:<10} {ips:>8.1f} {ms:>8.0f} "
+            f"{r['activation']:<14} {r['backend']:<10} {r.get('amp', 'off'):<5} {runs:<10} {ips:>8.1f} {ms:>8.1f} "
             f"{'-' if rel is None else f'{rel:.2f}x':>11}"
         )
     lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")

@@ -1,7 +1,7 @@
 """Compare attention activations: one model per activation and seed, then a table and a report.
 
     from polyattn.experiments.compare import compare
-    results = compare("runs/compare")   # digits, vit_micro; softmax, x^3/sqrt(N), x^3, x/sqrt(N), x; 3 seeds
+    results = compare("runs/compare")   # digits at 65 tokens, vit_micro; the Table 1 set + x^p/sqrt(N); 3 seeds
     print(results["table_text"])
 
 Every run goes through the polyattn trainer (``polyattn.training.train``) with
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -49,10 +50,13 @@ __all__ = [
     "CompareError",
     "GridRun",
     "base_overrides",
+    "check_jobs",
     "compare",
+    "default_jobs",
     "format_table",
     "json_safe",
     "mean_std",
+    "metric_words",
     "paired_difference",
     "parse_activations",
     "parse_seeds",
@@ -61,11 +65,13 @@ __all__ = [
     "run_grid",
     "summarize",
     "t_interval",
+    "usable_cores",
 ]
 
-DEFAULT_ACTIVATIONS: tuple[str, ...] = ("softmax", "x^3/sqrt(N)", "x^3", "x/sqrt(N)", "x")
+# The paper's Table 1 set (softmax, x^3/16, x^3, x/16, x) and the theory's own scale, 1/sqrt(N).
+DEFAULT_ACTIVATIONS: tuple[str, ...] = ("softmax", "x^3/sqrt(N)", "x^3/16", "x^3", "x/sqrt(N)", "x/16", "x")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
-# Recording every 5 of the 460 steps of a default run gives 92 points per curve:
+# Recording every 5 of the 255 steps of a default run gives 51 points per curve:
 # smooth curves for a cost lost in the timing noise.
 DEFAULT_NORM_EVERY = 5
 
@@ -73,10 +79,10 @@ DEFAULT_NORM_EVERY = 5
 # configs/digits_vit_micro.yaml (a test keeps the two equal), held here so that
 # an installed polyattn does not need the repository's configs/ directory.
 BASE_CONFIG: dict[str, Any] = {
-    "model": {"name": "vit_micro", "activation": "softmax", "overrides": {"patch_size": 2}},
-    "data": {"name": "digits", "val_fraction": 0.2, "seed": 0, "augment": "none"},
+    "model": {"name": "vit_micro", "activation": "softmax", "overrides": {"patch_size": 1, "pos_embed_std": 1.0}},
+    "data": {"name": "digits", "val_fraction": 0.2, "test_fraction": 0.2, "seed": 0, "augment": "none"},
     "train": {
-        "epochs": 20,
+        "epochs": 15,
         "batch_size": 64,
         "lr": 3.0e-3,
         "min_lr": 1.0e-5,
@@ -87,6 +93,8 @@ BASE_CONFIG: dict[str, Any] = {
         "seed": 0,
         "log_every": 10,
         "num_threads": 1,
+        "amp": "bf16",
+        "select": "best_val",
     },
     "diagnostics": {"every": 0},
 }
@@ -306,7 +314,10 @@ def plan_runs(
 def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
     run = planned.run
     diverged = bool(summary.get("diverged"))
-    metric = "test_acc" if summary.get("test_acc") is not None else "final_val_acc"
+    if summary.get("test_acc") is not None:
+        metric = "test_acc"
+    else:
+        metric = "selected_val_acc" if summary.get("select") == "best_val" else "final_val_acc"
     return {
         "name": run.name,
         "activation": planned.cfg["model"]["activation"],
@@ -317,6 +328,8 @@ def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
         # A diverged run has no final model: its last validation number is not its result.
         "top1": None if diverged else summary.get(metric),
         "metric": metric,
+        "select": summary.get("select", "last"),
+        "selected_epoch": summary.get("selected_epoch"),
         "best_val_acc": summary.get("best_val_acc"),
         "final_val_acc": summary.get("final_val_acc"),
         "test_acc": summary.get("test_acc"),
@@ -330,11 +343,66 @@ def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
     }
 
 
-def run_grid(planned: Sequence[PlannedRun], progress: bool = True, desc: str = "runs") -> list[dict]:
-    """Train (or reuse) every planned run in order; one record per run (see ``_record``).
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
-    An overall bar counts runs; the trainer's own epoch bars run inside it.
+
+def default_jobs(planned: Sequence[PlannedRun]) -> int:
+    """How many runs train at once when the caller does not say: as many as the cores hold at the
+    runs' ``train.num_threads`` (0 = one run takes them all), never more than there are runs to train."""
+    todo = [p for p in planned if p.state != "done"]
+    if not todo:
+        return 1
+    threads = max(p.cfg["train"]["num_threads"] for p in todo)
+    if threads == 0 or any(p.cfg["train"]["device"] not in ("cpu", "auto") for p in todo):
+        return 1
+    if any(p.cfg["train"]["device"] == "auto" for p in todo):
+        import torch
+
+        if torch.cuda.is_available():
+            return 1  # one GPU: runs take turns on it
+    return max(1, min(len(todo), usable_cores() // threads))
+
+
+def check_jobs(jobs: int | str | None) -> int | None:
+    """``jobs`` as a positive int, or None for :func:`default_jobs`; CompareError for anything else."""
+    if jobs is None or jobs == "auto":
+        return None
+    try:
+        value = int(jobs)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(jobs, bool) or value < 1 or str(value) != str(jobs).strip():
+        raise CompareError(f"--jobs must be a positive integer or auto (one run per core), got {jobs!r}")
+    return value
+
+
+def _result_line(rec: dict, done: int, total: int) -> str:
+    result = f"diverged at step {rec['diverged_step']}" if rec["diverged"] else fmt_pct(rec["top1"])
+    return f"[{done}/{total}] {rec['name']}: {result} ({rec['status']})"
+
+
+def _reuse(p: PlannedRun) -> dict:
+    return _record(p, json.loads((p.run_dir / "summary.json").read_text(encoding="utf-8")), "reused")
+
+
+def run_grid(
+    planned: Sequence[PlannedRun], progress: bool = True, desc: str = "runs", jobs: int | None = 1
+) -> list[dict]:
+    """Train (or reuse) every planned run; one record per run (see ``_record``), in the planned order.
+
+    ``jobs``: how many runs train at once, each in its own process (None: :func:`default_jobs`).
+    Each run's numbers do not depend on it: a run is seeded by its config alone and uses
+    ``train.num_threads`` threads either way. With one job an overall bar counts runs and the
+    trainer's own epoch bars run inside it; with several, one bar counts the epochs of all runs.
     """
+    jobs = default_jobs(planned) if jobs is None else jobs
+    if jobs > 1 and sum(p.state != "done" for p in planned) > 1:
+        return _run_parallel(planned, progress, desc, jobs)
     records = []
     bar = tqdm(
         total=len(planned),
@@ -350,20 +418,119 @@ def run_grid(planned: Sequence[PlannedRun], progress: bool = True, desc: str = "
         for p in planned:
             bar.set_postfix_str(p.run.name, refresh=True)
             if p.state == "done":
-                summary = json.loads((p.run_dir / "summary.json").read_text(encoding="utf-8"))
-                status = "reused"
+                rec = _reuse(p)
             else:
                 summary = train(p.cfg, p.run_dir, resume=p.state == "resume", progress=progress)
-                status = "resumed" if p.state == "resume" else "trained"
-            rec = _record(p, summary, status)
+                rec = _record(p, summary, "resumed" if p.state == "resume" else "trained")
             records.append(rec)
             if progress:
-                result = f"diverged at step {rec['diverged_step']}" if rec["diverged"] else fmt_pct(rec["top1"])
-                tqdm.write(f"[{len(records)}/{len(planned)}] {p.run.name}: {result} ({status})", file=sys.stderr)
+                tqdm.write(_result_line(rec, len(records), len(planned)), file=sys.stderr)
             bar.update(1)
     finally:
         bar.close()
     return records
+
+
+_EVENTS: Any = None  # in a worker process: the queue its epochs are reported on
+
+
+def _init_worker(events: Any) -> None:
+    global _EVENTS
+    _EVENTS = events
+    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it (by stopping
+    # the workers), so that no worker dies mid-write on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _train_worker(cfg: dict, run_dir: str, resume: bool, name: str) -> dict:
+    """One run in a worker process; every finished epoch is reported to the parent."""
+
+    def report(row: dict) -> None:
+        if row.get("kind") == "epoch":
+            _EVENTS.put((name, row["epoch"]))
+
+    return train(cfg, run_dir, resume=resume, progress=False, callbacks=[report])
+
+
+def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs: int) -> list[dict]:
+    """run_grid with ``jobs`` worker processes. A Ctrl-C stops the workers at once: every run keeps its
+    last epoch's checkpoint (written atomically), which ``--resume`` continues, and finished runs their
+    summary."""
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    total = len(planned)
+    records: dict[int, dict] = {i: _reuse(p) for i, p in enumerate(planned) if p.state == "done"}
+    todo = [i for i, p in enumerate(planned) if p.state != "done"]
+    # Spawned workers import torch afresh: a forked child of a process whose OpenMP pool ran can hang.
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()  # handed to the workers when they start: a queue cannot travel with a task
+    epochs_total = {planned[i].run.name: planned[i].cfg["train"]["epochs"] for i in todo}
+    epochs_done = dict.fromkeys(epochs_total, 0)
+    bar = tqdm(
+        total=sum(epochs_total.values()),
+        desc=f"{desc} ({jobs} at a time)",
+        unit="epoch",
+        leave=True,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not progress,
+    )
+    if progress:
+        for n, i in enumerate(sorted(records), 1):
+            tqdm.write(_result_line(records[i], n, total), file=sys.stderr)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(events,))
+    try:
+        futures = {
+            pool.submit(
+                _train_worker,
+                planned[i].cfg,
+                str(planned[i].run_dir),
+                planned[i].state == "resume",
+                planned[i].run.name,
+            ): i
+            for i in todo
+        }
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _drain(events, epochs_done, bar, queue.Empty)
+            for fut in sorted(finished, key=futures.__getitem__):
+                i = futures[fut]
+                p = planned[i]
+                rec = _record(p, fut.result(), "resumed" if p.state == "resume" else "trained")
+                records[i] = rec
+                # A run that stops early (divergence, max_steps) leaves its remaining epochs uncounted.
+                bar.update(epochs_total[p.run.name] - epochs_done[p.run.name])
+                epochs_done[p.run.name] = epochs_total[p.run.name]
+                if progress:
+                    tqdm.write(_result_line(rec, len(records), total), file=sys.stderr)
+            running = [n for n, e in epochs_done.items() if 0 < e < epochs_total[n]]
+            bar.set_postfix_str(", ".join(running), refresh=False)
+    except BaseException:
+        # Ctrl-C or a failed run: stop every worker now rather than wait for the runs in flight.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown(wait=True)
+    events.close()
+    return [records[i] for i in range(total)]
+
+
+def _drain(events: Any, epochs_done: dict[str, int], bar: Any, empty: type[Exception]) -> None:
+    """Move the epoch counts the workers reported onto the bar."""
+    while True:
+        try:
+            name, epoch = events.get_nowait()
+        except empty:
+            return
+        if name in epochs_done and epoch > epochs_done[name]:
+            bar.update(epoch - epochs_done[name])
+            epochs_done[name] = epoch
 
 
 # --------------------------------------------------------------------------- #
@@ -460,15 +627,19 @@ def compare(
     progress: bool = True,
     norm_every: int = DEFAULT_NORM_EVERY,
     figures: bool = True,
+    jobs: int | str | None = None,
 ) -> dict:
     """Train one model per (activation, seed), then write ``results.json``, ``report.md`` and figures.
 
     ``config``: base config file (default :data:`BASE_CONFIG`: vit_micro on
-    digits, patch 2, 20 epochs); ``dataset``/``model``/``epochs`` override
+    digits, patch 1 = 65 tokens, 15 epochs, best-validation epoch scored on the
+    test split); ``dataset``/``model``/``epochs`` override
     data.name, model.name and train.epochs; ``overrides`` are ``key=value``
     strings applied last. ``norm_every``: diagnostics.every for runs whose
     config records no norms. ``resume``: reuse finished runs in ``out_dir``
-    and continue interrupted ones. Returns the results (also in
+    and continue interrupted ones. ``jobs``: runs trained at once, one process
+    each (None or "auto": one per core at the config's ``train.num_threads``).
+    Returns the results (also in
     ``results.json``), with ``table_text`` for the terminal.
 
     Bad activation specs, seeds or config keys raise (CompareError /
@@ -477,6 +648,7 @@ def compare(
     t0 = time.perf_counter()
     specs = parse_activations(activations)
     seed_list = parse_seeds(seeds)
+    n_jobs = check_jobs(jobs)
     if isinstance(norm_every, bool) or not isinstance(norm_every, int) or norm_every < 0:
         raise CompareError(f"norm_every must be an integer >= 0 (0 = no norm curves), got {norm_every!r}")
     path, layers = base_overrides(config, dataset, model, epochs, overrides, norm_every or None)
@@ -486,7 +658,8 @@ def compare(
     with RunDirLock(out, "polyattn compare"):
         planned = plan_runs(grid, path, layers, out, resume)
 
-        records = run_grid(planned, progress=progress, desc="compare")
+        n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
+        records = run_grid(planned, progress=progress, desc="compare", jobs=n_jobs)
         base = planned[0].cfg
         results: dict[str, Any] = {
             "kind": "compare",
@@ -500,8 +673,9 @@ def compare(
                 "config": str(config) if config is not None else BASE_CONFIG_NAME,
                 "overrides": list(overrides),
                 "norm_every": base["diagnostics"]["every"],
+                "jobs": n_jobs,
             },
-            "metric": _metric_words(records),
+            "metric": metric_words(records),
             "base_config": {k: v for k, v in base.items() if k != "description"},
             "table": summarize(records, specs),
             "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
@@ -518,13 +692,23 @@ def compare(
         return results
 
 
-def _metric_words(records: Sequence[dict]) -> str:
-    kinds = {r["metric"] for r in records}
-    if kinds == {"test_acc"}:
-        return "top-1 accuracy on the test split after the last epoch"
-    if kinds == {"final_val_acc"}:
-        return "top-1 accuracy on the validation split after the last epoch"
-    return "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)"
+def metric_words(records: Sequence[dict]) -> str:
+    metrics, selects = {r["metric"] for r in records}, {r.get("select", "last") for r in records}
+    when = (
+        {
+            "best_val": "at the epoch with the best validation accuracy",
+            "last": "after the last epoch",
+        }.get(next(iter(selects)), "")
+        if len(selects) == 1
+        else "at each run's selected epoch"
+    )
+    if metrics == {"test_acc"}:
+        return f"top-1 accuracy on the test split {when}"
+    if metrics == {"selected_val_acc"}:
+        return f"top-1 accuracy on the validation split {when} (no test split: chosen and scored on one split)"
+    if metrics == {"final_val_acc"}:
+        return f"top-1 accuracy on the validation split {when}"
+    return f"top-1 accuracy {when} (test split where the dataset has one, else validation)"
 
 
 def json_safe(obj: Any) -> Any:

@@ -1,7 +1,7 @@
 """The paper's Figure 1 at CPU scale: accuracy against the scale 1/k of x^3 for several sequence lengths.
 
     from polyattn.experiments.sweep import sweep
-    results = sweep("runs/sweep")    # digits 8x8, patch 4/2/1 = 4/16/64 patches, k = 1, 2, ..., 64
+    results = sweep("runs/sweep")    # digits at 16x16, patch 8/4/2/1 = 4/16/64/256 patches, k = 1, 2, ..., 64
     print(results["table_text"])
 
 Each (patch size, k, seed) is one run of ``x^P/k`` (P = 3 by default; k = 1
@@ -30,8 +30,11 @@ from .compare import (
     CompareError,
     GridRun,
     base_overrides,
+    check_jobs,
+    default_jobs,
     json_safe,
     mean_std,
+    metric_words,
     parse_seeds,
     plan_runs,
     relative_path,
@@ -43,6 +46,7 @@ __all__ = [
     "DEFAULT_PATCH_SIZES",
     "DEFAULT_SCALES",
     "DEFAULT_SWEEP_EPOCHS",
+    "DEFAULT_SWEEP_IMAGE_SIZE",
     "format_sweep_table",
     "scale_spec",
     "summarize_sweep",
@@ -50,10 +54,13 @@ __all__ = [
 ]
 
 DEFAULT_SCALES: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_PATCH_SIZES: tuple[int, ...] = (4, 2, 1)  # on 8x8 digits: 4, 16 and 64 patches
-# Forty epochs: with one pixel per token (patch 1, 64 tokens) ten epochs train no
-# activation at all (softmax ends at 34% on digits), forty train all of them.
-DEFAULT_SWEEP_EPOCHS = 40
+# Digits resized to 16x16: patch 8, 4, 2, 1 give 4, 16, 64 and 256 patches, the
+# paper's Figure 1 lengths (8, 16, 64, 256 tokens) but for 8, which a square patch
+# of a square image cannot give.
+DEFAULT_SWEEP_IMAGE_SIZE = 16
+DEFAULT_PATCH_SIZES: tuple[int, ...] = (8, 4, 2, 1)
+# The comparison's base config trains every activation at 65 tokens in 15 epochs.
+DEFAULT_SWEEP_EPOCHS: int | None = None
 
 
 def scale_spec(power: int, k: float) -> str:
@@ -117,6 +124,7 @@ def sweep(
     power: int = 3,
     seeds: int | str | Sequence[int] = 1,
     epochs: int | None = DEFAULT_SWEEP_EPOCHS,
+    image_size: int | None = DEFAULT_SWEEP_IMAGE_SIZE,
     dataset: str | None = None,
     model: str | None = None,
     config: str | os.PathLike | None = None,
@@ -124,11 +132,13 @@ def sweep(
     baseline: bool = True,
     resume: bool = False,
     progress: bool = True,
+    jobs: int | str | None = None,
 ) -> dict:
     """Train ``x^power/k`` for every k in ``scales`` and patch size in ``patch_sizes`` (and softmax per patch size).
 
     The base config is as in :func:`.compare.compare` (default: vit_micro on
-    digits); ``model.overrides.patch_size`` is set per run. Writes
+    digits); ``image_size`` sets ``data.image_size`` (None: the config's own);
+    ``model.overrides.patch_size`` is set per run. Writes
     ``results.json``, ``report.md`` and ``sweep.png`` into ``out_dir`` and
     returns the results. All argument errors come before any training.
     """
@@ -137,6 +147,12 @@ def sweep(
         raise CompareError(f"--power must be an integer >= 1, got {power!r}")
     ks = _check_scales(scales)
     seed_list = parse_seeds(seeds)
+    n_jobs = check_jobs(jobs)
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise CompareError(f"--image-size must be a positive integer, got {image_size!r}")
+        # Before the user's --set, so that an explicit data.image_size there wins.
+        overrides = [f"data.image_size={image_size}", *overrides]
     path, layers = base_overrides(config, dataset, model, epochs, overrides)
     image = _image_size(path, layers)
     patches = _check_patch_sizes(patch_sizes, image)
@@ -146,12 +162,14 @@ def sweep(
     # One comparison at a time in out: a second one would plan against runs the first is writing.
     with RunDirLock(out, "polyattn sweep"):
         planned = plan_runs(grid, path, layers, out, resume)
-        records = run_grid(planned, progress=progress, desc="sweep")
+        n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
+        records = run_grid(planned, progress=progress, desc="sweep", jobs=n_jobs)
         settings = {
             "power": power,
             "scales": ks,
             "patch_sizes": patches,
             "image_size": list(image),
+            "jobs": n_jobs,
             "seeds": seed_list,
             "baseline": baseline,
             "config": str(config) if config is not None else "built-in digits + vit_micro",
@@ -197,7 +215,7 @@ def _results(out: Path, records: list[dict], base: dict, settings: dict) -> dict
             "model": base["model"]["name"],
             "epochs": base["train"]["epochs"],
         },
-        "metric": "top-1 accuracy after the last epoch (test split where the dataset has one, else validation)",
+        "metric": metric_words(records),
         "base_config": {k: v for k, v in base.items() if k not in ("description",)},
         "table": table,
         "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],

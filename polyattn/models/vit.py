@@ -176,6 +176,12 @@ class ViT(nn.Module):
     which works on any model) switches all blocks in place.
     Loading a state dict whose positional embedding was trained on another
     image size interpolates it to this model's patch grid.
+
+    ``pos_embed_std`` is the initial scale of the positional embedding (ViT's
+    0.02 by default). With one-pixel patches the patch projection starts at
+    about unit scale (PyTorch's default init with a fan-in of 1), so 0.02 leaves
+    positions all but invisible and training crawls; 1.0 puts them on the same
+    scale (the digits comparison uses it, see docs/compare.md).
     """
 
     def __init__(
@@ -193,6 +199,7 @@ class ViT(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        pos_embed_std: float = 0.02,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -206,6 +213,7 @@ class ViT(nn.Module):
         # PolyAttention checks heads too, but in its own terms; these name the ViT's arguments.
         _checks.heads("dim", dim, num_heads)
         _checks.positive_number("mlp_ratio", mlp_ratio)
+        _checks.positive_number("pos_embed_std", pos_embed_std)
         if int(dim * mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio ({mlp_ratio}) times dim ({dim}) must give an MLP width of at least 1")
         for name, value in (
@@ -228,10 +236,10 @@ class ViT(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        self._init_weights()
+        self._init_weights(pos_embed_std)
 
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+    def _init_weights(self, pos_embed_std: float) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=pos_embed_std)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -1070,6 +1070,7 @@ class _Run:
             (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
         if self.env.is_main:
             atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
+        if self.progress:  # narration, not a warning: quiet runs (and parallel grid workers) skip it
             self.log(
                 f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
