@@ -1,4 +1,8 @@
-"""``polyattn data {listops,pathfinder} --out DIR ...``: generate LRA data in the official layouts."""
+"""``polyattn data {listops,pathfinder,coco-shapes} --out DIR ...``: generate data in the official layouts.
+
+ListOps and Pathfinder in the layouts of the LRA release; coco-shapes, a small synthetic instance
+segmentation set in the COCO 2017 layout (needs pycocotools).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
         q.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
         q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cs = sub.add_parser(
+        "coco-shapes",
+        help="synthetic squares/circles/triangles with polygon masks in the COCO 2017 layout",
+        description="Generate DIR/annotations/instances_{train,val}2017.json + DIR/{train,val}2017/*.png.",
+    )
+    cs.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    cs.add_argument("--train", type=int, default=200, help="training images (default 200)")
+    cs.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    cs.add_argument("--size", type=int, metavar="PX", help="square images of this side (default: sides 64 to 128)")
+    cs.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,13 +76,19 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
             where = ", ".join(str(p) for p in paths.values())
-        else:
+        elif args.dataset == "pathfinder":
             from ..data.lra.pathfinder import DIFFICULTIES, PathfinderSpec, write_pathfinder
 
             contour = args.contour_length or DIFFICULTIES[args.difficulty][1]
             spec = PathfinderSpec(size=args.size, contour_length=contour, num_distractors=args.distractors)
             where = str(write_pathfinder(args.out, args.num, spec, args.seed, args.workers, not args.no_progress))
-    except ValueError as e:
+        else:
+            from ..data.coco import generate_coco_shapes
+
+            size = args.size if args.size is not None else (64, 128)
+            info = generate_coco_shapes(args.out, args.train, args.val, size, args.seed)
+            where = f"{info['root']} ({info['train']['num_images']} train + {info['val']['num_images']} val images)"
+    except (ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {where} in {time.perf_counter() - t0:.1f} s")
