@@ -627,7 +627,7 @@ def compare(
     progress: bool = True,
     norm_every: int = DEFAULT_NORM_EVERY,
     figures: bool = True,
-    jobs: int | str | None = None,
+    jobs: int | str | None = 1,
 ) -> dict:
     """Train one model per (activation, seed), then write ``results.json``, ``report.md`` and figures.
 
@@ -638,7 +638,9 @@ def compare(
     strings applied last. ``norm_every``: diagnostics.every for runs whose
     config records no norms. ``resume``: reuse finished runs in ``out_dir``
     and continue interrupted ones. ``jobs``: runs trained at once, one process
-    each (None or "auto": one per core at the config's ``train.num_threads``).
+    each ("auto" or None: one per core at the config's ``train.num_threads``,
+    as the command line does). Several jobs spawn worker processes, which
+    import the calling script again: call it under ``if __name__ == "__main__":``.
     Returns the results (also in
     ``results.json``), with ``table_text`` for the terminal.
 

@@ -132,13 +132,14 @@ def sweep(
     baseline: bool = True,
     resume: bool = False,
     progress: bool = True,
-    jobs: int | str | None = None,
+    jobs: int | str | None = 1,
 ) -> dict:
     """Train ``x^power/k`` for every k in ``scales`` and patch size in ``patch_sizes`` (and softmax per patch size).
 
     The base config is as in :func:`.compare.compare` (default: vit_micro on
     digits); ``image_size`` sets ``data.image_size`` (None: the config's own);
-    ``model.overrides.patch_size`` is set per run. Writes
+    ``model.overrides.patch_size`` is set per run; ``jobs`` as in
+    :func:`.compare.compare`. Writes
     ``results.json``, ``report.md`` and ``sweep.png`` into ``out_dir`` and
     returns the results. All argument errors come before any training.
     """
