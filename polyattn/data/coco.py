@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise self._unknown_segmentation(ann)
         else:
             raise self._unknown_segmentation(ann)
-        mask = mask_api.decode(rle)
+        with warnings.catch_warnings():
+            # pycocotools 2.0.x's decode trips numpy 2's __array__(copy=...) deprecation on every call.
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            mask = mask_api.decode(rle)
         if mask.shape != (h, w):
             raise self._format_error(
                 f"COCO annotation {ann['id']}: RLE of size {list(mask.shape)}, its image is {h}x{w}",
