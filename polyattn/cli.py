@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "activations": ("polyattn.commands.activations", "list the activation spec forms, or check one spec"),
     "bench": ("polyattn.commands.bench", "time/memory of SDPA softmax vs each backend; --model: training"),
     "compare": ("polyattn.commands.compare", "train one model per activation and seed: table, report.md, plots"),
+    "detect": ("polyattn.commands.detect", "Mask R-CNN with a polynomial-attention XCiT backbone on COCO (Table 3)"),
     "data": ("polyattn.commands.data", "generate data in official file layouts: LRA ListOps, Pathfinder, COCO shapes"),
     "lra": ("polyattn.commands.lra", "train the LRA encoder on a Long Range Arena task (Table 4)"),
     "pinn": ("polyattn.commands.pinn", "physics-informed transformer (PINNsFormer) or MLP PINN on a PDE"),

@@ -193,10 +193,12 @@ def build_mask_rcnn(
     backbone: str = "xcit_small_12_p16_224",
     out_indices: Sequence[int] = DEFAULT_OUT_INDICES,
     fpn_channels: int = 256,
-    min_size: int = 800,
+    min_size: int | tuple[int, ...] = 800,
     max_size: int = 1333,
     *,
     native_softmax: bool = True,
+    anchor_sizes: Sequence[int] = tuple(s[0] for s in ANCHOR_SIZES),
+    detector_kwargs: dict[str, Any] | None = None,
     **backbone_kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN (torchvision's) on an XCiT + FPN backbone whose XCA attention computes with ``activation``.
@@ -215,8 +217,13 @@ def build_mask_rcnn(
     ``softmax`` and ``native_softmax=True`` (default) timm's own XCA forward
     runs, exactly the unpatched model; ``native_softmax=False`` computes
     softmax through :func:`polyattn.attention` (same outputs to float
-    rounding; polyattn's observers then see it).
+    rounding; polyattn's observers then see it). ``anchor_sizes``: one per
+    level (small images want small anchors); ``detector_kwargs`` go to
+    torchvision's ``MaskRCNN`` (``box_batch_size_per_image``,
+    ``rpn_post_nms_top_n_train``, ...: fewer RoIs for CPU-sized runs).
     """
+    if len(anchor_sizes) != len(ANCHOR_SIZES):
+        raise ValueError(f"anchor_sizes needs one size per FPN level ({len(ANCHOR_SIZES)}), got {list(anchor_sizes)}")
     act = get_activation(activation)
     body = XCiTBackbone(backbone, out_indices, **backbone_kwargs)
     patch(body, act, native_softmax=native_softmax)
@@ -225,8 +232,11 @@ def build_mask_rcnn(
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
-        rpn_anchor_generator=AnchorGenerator(ANCHOR_SIZES, (ANCHOR_ASPECT_RATIOS,) * len(ANCHOR_SIZES)),
+        rpn_anchor_generator=AnchorGenerator(
+            tuple((int(a),) for a in anchor_sizes), (ANCHOR_ASPECT_RATIOS,) * len(ANCHOR_SIZES)
+        ),
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2),
+        **(detector_kwargs or {}),
     )
     return model
