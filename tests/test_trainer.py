@@ -123,7 +123,12 @@ def test_switching_dataset_drops_keys_the_new_one_lacks(tmp_path):
     assert whole["data"]["root"] is None and whole["data"]["num_val"] == 3
 
 
-def test_registered_sections_and_roundtrip(tmp_path):
+def test_registered_sections_and_roundtrip(tmp_path, monkeypatch):
+    # The registration stays inside this test: every later config (and the fresh worker processes of a
+    # parallel grid, which never see it) would otherwise carry a _test_extra section.
+    import polyattn.training.config as config_module
+
+    monkeypatch.setattr(config_module, "_EXTRA", {})
     register_config_section("_test_extra", {"alpha": 0.5, "mode": "a", "path": None})
     cfg = load_config(None, ["_test_extra.alpha=2", "_test_extra.path=/x"])
     assert cfg["_test_extra"] == {"alpha": 2.0, "mode": "a", "path": "/x"}
