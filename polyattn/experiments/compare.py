@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import statistics
 import sys
@@ -457,7 +458,6 @@ def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs
     last epoch's checkpoint (written atomically), which ``--resume`` continues, and finished runs their
     summary."""
     import multiprocessing as mp
-    import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     total = len(planned)
@@ -495,7 +495,7 @@ def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(events, epochs_done, bar, queue.Empty)
+            _drain(events, epochs_done, bar)
             for fut in sorted(finished, key=futures.__getitem__):
                 i = futures[fut]
                 p = planned[i]
@@ -521,12 +521,12 @@ def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs
     return [records[i] for i in range(total)]
 
 
-def _drain(events: Any, epochs_done: dict[str, int], bar: Any, empty: type[Exception]) -> None:
+def _drain(events: Any, epochs_done: dict[str, int], bar: Any) -> None:
     """Move the epoch counts the workers reported onto the bar."""
     while True:
         try:
             name, epoch = events.get_nowait()
-        except empty:
+        except queue.Empty:
             return
         if name in epochs_done and epoch > epochs_done[name]:
             bar.update(epoch - epochs_done[name])
@@ -694,16 +694,12 @@ def compare(
         return results
 
 
+_WHEN = {"best_val": "at the epoch with the best validation accuracy", "last": "after the last epoch"}
+
+
 def metric_words(records: Sequence[dict]) -> str:
     metrics, selects = {r["metric"] for r in records}, {r.get("select", "last") for r in records}
-    when = (
-        {
-            "best_val": "at the epoch with the best validation accuracy",
-            "last": "after the last epoch",
-        }.get(next(iter(selects)), "")
-        if len(selects) == 1
-        else "at each run's selected epoch"
-    )
+    when = _WHEN.get(next(iter(selects)), "") if len(selects) == 1 else "at each run's selected epoch"
     if metrics == {"test_acc"}:
         return f"top-1 accuracy on the test split {when}"
     if metrics == {"selected_val_acc"}:

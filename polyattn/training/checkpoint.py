@@ -8,14 +8,26 @@ changes, raise :class:`~polyattn.utils.rundir.RunDirError` naming the file or th
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError
 
-__all__ = ["CHECKPOINT", "config_changes", "divergence_advice", "read_checkpoint", "refuse_changes"]
+__all__ = [
+    "CHECKPOINT",
+    "config_changes",
+    "divergence_advice",
+    "read_checkpoint",
+    "refuse_changes",
+    "rng_state",
+    "set_rng_state",
+]
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
@@ -34,6 +46,23 @@ def read_checkpoint(run_dir: Path, needed: Sequence[str], command: str = "polyat
         f"cannot resume {run_dir}: delete {path.parent} to start this run again from step 0 "
         f"({command} without --resume), or train into a new --out",
     )
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random stream a training step draws from (python, numpy, torch, and CUDA's on a GPU)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved, so that a resumed run draws what the uninterrupted one would."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "Key",
     "apply_overrides",
     "at_least",
+    "canonical_activation",
     "default_config",
     "dump_config",
     "get_key",
@@ -413,12 +414,19 @@ def resolve_config(cfg: dict | None = None) -> dict:
     return out
 
 
-def _check_semantics(cfg: dict) -> None:
-    model = cfg["model"]
+def canonical_activation(model: dict) -> None:
+    """Set ``model["activation"]`` to its canonical spec, or raise ConfigError naming model.activation.
+
+    Every kind of config (trainer, PINN, detection) checks its activation this one way."""
     try:
         model["activation"] = get_activation(model["activation"]).spec
     except ValueError as e:
         raise ConfigError(f"model.activation: {e}") from None
+
+
+def _check_semantics(cfg: dict) -> None:
+    model = cfg["model"]
+    canonical_activation(model)
     if not is_known_model(model["name"]):
         raise ConfigError(
             f"model.name: unknown model {model['name']!r}; known models: {', '.join(list_models())} "

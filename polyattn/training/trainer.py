@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +48,15 @@ from ..models.registry import create_model
 from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
 from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError, RunDirLock
-from .checkpoint import CHECKPOINT, config_changes, divergence_advice, read_checkpoint, refuse_changes
+from .checkpoint import (
+    CHECKPOINT,
+    config_changes,
+    divergence_advice,
+    read_checkpoint,
+    refuse_changes,
+    rng_state,
+    set_rng_state,
+)
 from .config import ConfigError, dump_config, resolve_config
 from .distributed import (
     DistEnv,
@@ -416,21 +423,6 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, dtype: torch.dt
 
 
 # --- run directory -------------------------------------------------------------
-def _rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-") or "run"
 
@@ -684,7 +676,7 @@ class _Run:
             self.best_state = self._restore_best(ckpt)
         states = ckpt["rng"]
         if len(states) == self.env.world_size:
-            _set_rng_state(states[self.env.rank], self.env.device)
+            set_rng_state(states[self.env.rank], self.env.device)
         else:
             self.log(
                 f"resuming with {self.env.world_size} processes from a checkpoint of {len(states)}: "
@@ -764,7 +756,7 @@ class _Run:
         )
 
     def save_checkpoint(self) -> None:
-        states = gather_objects(_rng_state(self.env.device), self.env)  # collective: every rank calls it
+        states = gather_objects(rng_state(self.env.device), self.env)  # collective: every rank calls it
         if not self.env.is_main:
             return
         atomic_save(

@@ -12,8 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ...core.activations import get_activation
-from ...training.config import ConfigError, ConfigSchema, Key, at_least, greater_than
+from ...training.config import ConfigError, ConfigSchema, Key, at_least, canonical_activation, greater_than
 
 __all__ = ["DETECT_CONFIG", "PRESETS", "resolve_detect_config"]
 
@@ -94,10 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _validate(cfg: dict) -> None:
     m = cfg["model"]
-    try:
-        m["activation"] = get_activation(m["activation"]).spec
-    except ValueError as e:
-        raise ConfigError(f"model.activation: {e}") from None
+    canonical_activation(m)
     idx = m["out_indices"]
     if len(idx) != 4 or not all(isinstance(i, int) and i >= 0 for i in idx) or sorted(set(idx)) != list(idx):
         raise ConfigError(f"model.out_indices must be 4 increasing block indices such as [3, 5, 7, 11], got {idx}")

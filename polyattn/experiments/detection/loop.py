@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ...data.coco import CocoDetection, RandomHorizontalFlip, generate_coco_shapes
-from ...training.checkpoint import CHECKPOINT, config_changes, divergence_advice, read_checkpoint, refuse_changes
+from ...training.checkpoint import (
+    CHECKPOINT,
+    config_changes,
+    divergence_advice,
+    read_checkpoint,
+    refuse_changes,
+    rng_state,
+    set_rng_state,
+)
 from ...training.config import ConfigError
 from ...utils import RunDirError, RunDirLock, atomic_save, atomic_write_json, atomic_write_text, seed_everything
 from ...utils.machine import machine_line
@@ -98,16 +104,6 @@ def _lr_factor(cfg: dict, steps_per_epoch: int):
     return factor
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     train_ds, val_ds = _datasets(cfg, out)
@@ -127,14 +123,14 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], torch.device("cpu"))
     elif (out / CHECKPOINT).exists():
         raise RunDirError(
             f"{out} already holds a detection run ({CHECKPOINT}); continue it with --resume or use another --out"
         )
     atomic_write_text(DETECT_CONFIG.dump(cfg), out / "config.yaml")
     diverged = None
-    while epoch < cfg["train"]["epochs"] and diverged is None:
+    while epoch < cfg["train"]["epochs"]:
         row, diverged = _train_epoch(cfg, model, opt, sched, train_ds, epoch, step, progress)
         if diverged is not None:
             break
@@ -145,7 +141,7 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
         history.append(row)
         atomic_save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "step": step, "rng": _rng_state(), "history": history, "config": cfg},
+             "epoch": epoch, "step": step, "rng": rng_state(torch.device("cpu")), "history": history, "config": cfg},
             out / CHECKPOINT,
         )  # fmt: skip
         atomic_write_json(history, out / "history.json")

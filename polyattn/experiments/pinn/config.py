@@ -12,8 +12,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ...core.activations import get_activation
-from ...training.config import ConfigError, ConfigSchema, Key, at_least, greater_than, parse_override
+from ...training.config import (
+    ConfigError,
+    ConfigSchema,
+    Key,
+    at_least,
+    canonical_activation,
+    greater_than,
+    parse_override,
+)
 from ..pdes import PDES, get_pde
 
 __all__ = ["PINN_CONFIG", "PRESETS", "parse_set", "resolve_pinn_config", "validate_pinn_config"]
@@ -89,10 +96,7 @@ def validate_pinn_config(cfg: dict) -> None:
     except ValueError as e:
         raise ConfigError(f"pde.params: {e}") from None
     m = cfg["model"]
-    try:
-        m["activation"] = get_activation(m["activation"]).spec
-    except ValueError as e:
-        raise ConfigError(f"model.activation: {e}") from None
+    canonical_activation(m)
     if m["d_model"] % m["num_heads"]:
         raise ConfigError(f"model.d_model ({m['d_model']}) must be divisible by model.num_heads ({m['num_heads']})")
 
