@@ -108,7 +108,8 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     train_ds, val_ds = _datasets(cfg, out)
     seed_everything(cfg["train"]["seed"])
-    model = build_detector(cfg, train_ds.num_classes)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_detector(cfg, train_ds.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
     bs = cfg["train"]["batch_size"]
@@ -123,7 +124,7 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        set_rng_state(ckpt["rng"], torch.device("cpu"))
+        set_rng_state(ckpt["rng"], device)
     elif (out / CHECKPOINT).exists():
         raise RunDirError(
             f"{out} already holds a detection run ({CHECKPOINT}); continue it with --resume or use another --out"
@@ -131,21 +132,21 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
     atomic_write_text(DETECT_CONFIG.dump(cfg), out / "config.yaml")
     diverged = None
     while epoch < cfg["train"]["epochs"]:
-        row, diverged = _train_epoch(cfg, model, opt, sched, train_ds, epoch, step, progress)
+        row, diverged = _train_epoch(cfg, model, opt, sched, train_ds, epoch, step, progress, device)
         if diverged is not None:
             break
         epoch, step = epoch + 1, row["step"]
         every = cfg["train"]["eval_every"]
         if every and epoch % every == 0 and epoch < cfg["train"]["epochs"]:
-            row["val"] = {k: v["AP"] for k, v in _score(model, val_ds)[0].items()}
+            row["val"] = {k: v["AP"] for k, v in _score(model, val_ds, device)[0].items()}
         history.append(row)
         atomic_save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "step": step, "rng": rng_state(torch.device("cpu")), "history": history, "config": cfg},
+             "epoch": epoch, "step": step, "rng": rng_state(device), "history": history, "config": cfg},
             out / CHECKPOINT,
         )  # fmt: skip
         atomic_write_json(history, out / "history.json")
-    stats, outputs = _score(model, val_ds)
+    stats, outputs = _score(model, val_ds, device)
     metrics = {
         "activation": cfg["model"]["activation"],
         "backbone": cfg["model"]["backbone"],
@@ -157,7 +158,7 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
         "train_images": len(train_ds),
         "val_images": len(val_ds),
         "time_s": time.perf_counter() - t0,
-        "machine": machine_line("cpu" if not torch.cuda.is_available() else "cuda"),
+        "machine": machine_line(device.type),
     }
     atomic_write_json(metrics, out / "metrics.json")
     from .report import detect_markdown, plot_predictions
@@ -167,7 +168,13 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
     return metrics
 
 
-def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: int, progress: bool):
+def _to(device: torch.device, images, targets) -> tuple[list, list]:
+    """A batch on the model's device (image_id stays a plain int)."""
+    moved = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return [im.to(device) for im in images], moved
+
+
+def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: int, progress: bool, device):
     """One epoch; returns (history row, None) or (None, divergence message)."""
     from tqdm.auto import tqdm
 
@@ -179,8 +186,8 @@ def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: in
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in bar:
-        images, targets = zip(*(ds[i] for i in batch), strict=True)
-        losses = model(list(images), list(targets))
+        images, targets = _to(device, *zip(*(ds[i] for i in batch), strict=True))
+        losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             return None, (
@@ -204,15 +211,15 @@ def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: in
 
 
 @torch.no_grad()
-def _score(model, ds: CocoDetection, batch_size: int = 8) -> tuple[dict, list[dict]]:
+def _score(model, ds: CocoDetection, device: torch.device, batch_size: int = 8) -> tuple[dict, list[dict]]:
     """(pycocotools' stats for bbox and segm on ``ds``, the raw outputs of its first images)."""
     model.eval()
     results: list[dict[str, Any]] = []
     first: list[dict] = []
     for i in range(0, len(ds), batch_size):
         images, targets = zip(*(ds[j] for j in range(i, min(i + batch_size, len(ds)))), strict=True)
-        outputs = model(list(images))
+        outputs = [{k: v.cpu() for k, v in o.items()} for o in model([im.to(device) for im in images])]
         results += to_coco_results(outputs, [t["image_id"] for t in targets], ds.label_to_cat_id)
         if not first:
-            first = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+            first = outputs
     return evaluate_coco(ds.ann_file, results), first
