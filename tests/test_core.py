@@ -33,6 +33,7 @@ ALL_SPECS = [
     "sigmoid/sqrt(N)",
     "gelu/4",
     "x^4/N",
+    "sigmoid-log(N)",
 ]
 
 
@@ -80,6 +81,8 @@ def loop_reference(q, k, v, spec, allowed, bias=None, scale=None):
             e = {j: math.exp(s[j] - m) for j in keys}
             z = sum(e.values())
             w = {j: e[j] / z for j in keys}
+        elif spec == "sigmoid-log(N)":  # sigmoid attention: b = -log n, n the row's keys
+            w = {j: _phi("sigmoid", 1, s[j] - math.log(len(keys))) for j in keys}
         else:
             name, power, div = _parse(spec)
             n = len(keys)
@@ -132,6 +135,7 @@ def test_spec_round_trip(spec):
         ("ReLU / n", "relu/N"),
         ("x^2/0.5", "x^2/0.5"),
         ("Softmax", "softmax"),
+        ("Sigmoid - log(n)", "sigmoid-log(N)"),
     ],
 )
 def test_spec_normalisation(raw, canonical):
@@ -151,6 +155,9 @@ def test_spec_normalisation(raw, canonical):
         ("x^3/-2", "positive"),
         ("x^3/abc", "not a number"),
         ("x^3/inf", "finite"),
+        ("relu-log(N)", "defined for sigmoid only"),
+        ("sigmoid-log(N)/2", "it takes no divisor"),
+        ("sigmoid-log(7)", "write the shift as 'sigmoid-log(N)'"),
     ],
 )
 def test_bad_spec_errors_show_forms(bad, fragment):
@@ -167,7 +174,7 @@ def test_bad_spec_type():
 
 def test_list_activations_names_every_form():
     text = "\n".join(polyattn.list_activations())
-    for form in ["softmax", "x^P", "relu", "elu", "gelu", "tanh", "exp", "sigmoid", "/C", "/sqrt(N)", "/N"]:
+    for form in ["softmax", "x^P", "relu", "elu", "gelu", "tanh", "exp", "sigmoid", "/C", "/sqrt(N)", "/N", "-log(N)"]:
         assert form in text
 
 

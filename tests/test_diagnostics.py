@@ -15,6 +15,7 @@ from polyattn.core.masking import combine_masks
 
 SPECS = [
     "softmax",
+    "sigmoid-log(N)",
     "x",
     "x^2",
     "x^3",

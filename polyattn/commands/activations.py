@@ -27,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         kind = "row-normalised" if act.is_softmax else "elementwise"
         div = {None: "none", "const": f"constant {act.constant:g}"}.get(act.divisor, f"dynamic {act.divisor}")
-        print(f"{spec!r} -> {act.spec}  ({kind}, divisor: {div})")
+        shift = f", shift: -{act.shift} per row" if act.shift else ""
+        print(f"{spec!r} -> {act.spec}  ({kind}, divisor: {div}{shift})")
     return status

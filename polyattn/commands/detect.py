@@ -1,9 +1,13 @@
-"""``polyattn detect``: Mask R-CNN with a polynomial-attention XCiT backbone on COCO (the paper's Table 3)."""
+"""``polyattn detect``: Mask R-CNN with a polynomial-attention XCiT backbone on COCO (the paper's Table 3).
+
+On several GPUs: ``torchrun --nproc_per_node=8 -m polyattn detect ...`` (one DDP replica per process).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import add_point_arguments, add_set_argument, print_points
@@ -55,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: {args.out}/checkpoints/last.pt keeps the last finished epoch; continue with "
               f"the same command plus --resume", file=sys.stderr)  # fmt: skip
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 1 if metrics["diverged"] else 0
     b, m = metrics.get("bbox", {}), metrics.get("segm", {})
     print(f"box AP {100 * b.get('AP', 0):.1f}  mask AP {100 * m.get('AP', 0):.1f}  ({metrics['epochs']} epochs)")
     if metrics["diverged"]:

@@ -9,6 +9,7 @@ Python API, in config files and on the command line:
     <any of the above but softmax>/C          constant divisor, e.g. x^3/14
     <any of the above but softmax>/sqrt(N)    dynamic divisor
     <any of the above but softmax>/N          dynamic divisor
+    sigmoid-log(N)          sigmoid(S - log N): sigmoid attention's bias as part of the spec
 
 N is the number of keys the query row may attend once masks and causality are
 applied, so a padded batch is scaled per row and per example.
@@ -59,6 +60,7 @@ _FORMS = (
     ("<phi>/C", f"divide by a constant C in [{MIN_DIVISOR:g}, {MAX_DIVISOR:g}], e.g. x^3/14"),
     ("<phi>/sqrt(N)", "divide by sqrt of the number of keys the row may attend"),
     ("<phi>/N", "divide by the number of keys the row may attend, e.g. relu/N"),
+    ("sigmoid-log(N)", "sigmoid(S - log N), N the keys the row may attend (sigmoid attention)"),
 )
 
 
@@ -108,18 +110,22 @@ class Activation:
 
     ``kind`` is ``"softmax"``, ``"power"`` or one of the elementwise names;
     ``power`` is set for ``"power"``; ``divisor`` is ``None``, ``"const"``,
-    ``"sqrt(N)"`` or ``"N"``, with ``constant`` holding C for ``"const"``.
+    ``"sqrt(N)"`` or ``"N"``, with ``constant`` holding C for ``"const"``;
+    ``shift`` is ``None`` or ``"log(N)"`` (phi(S - log N), sigmoid only, no divisor).
     """
 
     kind: str
     power: int = 1
     divisor: str | None = None
     constant: float = 1.0
+    shift: str | None = None
 
     def __post_init__(self) -> None:
         # Activations built directly, not parsed, get the same limits as spec strings.
         if self.kind == "power" and not 1 <= self.power <= MAX_POWER:
             raise ValueError(f"Activation power must be in 1..{MAX_POWER}, got {self.power}")
+        if self.shift is not None and (self.shift != "log(N)" or self.kind != "sigmoid" or self.divisor is not None):
+            raise ValueError(f"Activation shift 'log(N)' is defined for sigmoid without a divisor, got {self!r}")
         if self.divisor == "const" and not MIN_DIVISOR <= self.constant <= MAX_DIVISOR:
             raise ValueError(
                 f"Activation constant divisor must be in [{MIN_DIVISOR:g}, {MAX_DIVISOR:g}], got {self.constant!r}"
@@ -134,6 +140,8 @@ class Activation:
         base = self.kind
         if self.kind == "power":
             base = "x" if self.power == 1 else f"x^{self.power}"
+        if self.shift is not None:
+            return f"{base}-{self.shift}"
         if self.divisor is None:
             return base
         if self.divisor == "const":
@@ -143,7 +151,8 @@ class Activation:
     @property
     def slug(self) -> str:
         """The spec as a file or directory name: ``x^3/sqrt(N)`` -> ``x3_divsqrtN``, ``x/0.5`` -> ``x_div0p5``."""
-        return self.spec.replace("^", "").replace("/", "_div").replace("(", "").replace(")", "").replace(".", "p")
+        text = self.spec.replace("^", "").replace("/", "_div").replace("-", "_minus")
+        return text.replace("(", "").replace(")", "").replace(".", "p")
 
     def __str__(self) -> str:
         return self.spec
@@ -163,8 +172,20 @@ class Activation:
 
     @property
     def is_dynamic(self) -> bool:
-        """True when the divisor depends on the number of attendable keys."""
-        return self.divisor in ("sqrt(N)", "N")
+        """True when the divisor or shift depends on the number of attendable keys."""
+        return self.divisor in ("sqrt(N)", "N") or self.shift is not None
+
+    def unshifted(self) -> Activation:
+        """phi without its -log(N) shift: what a backend computes once the shift is a per-row bias."""
+        return Activation(self.kind, self.power, self.divisor, self.constant)
+
+    def shift_value(self, n: torch.Tensor | float) -> torch.Tensor | float:
+        """What is subtracted from S before phi, for rows that may attend n keys (0 without a shift)."""
+        if self.shift is None:
+            return 0.0
+        if isinstance(n, torch.Tensor):
+            return n.clamp_min(1).log()
+        return math.log(max(float(n), 1.0))
 
     # --- maths --------------------------------------------------------------
     def divisor_value(self, n: torch.Tensor | float) -> torch.Tensor | float:
@@ -209,7 +230,16 @@ class Activation:
         """
         if n is None:
             n = s.shape[-1]
-        out = self.base(s)
+        out = self.base(s - self.shift_value(n) if self.shift is not None else s)
+        if self.divisor is not None:
+            out = out / self.divisor_value(n)
+        return out
+
+    def derivative(self, s: torch.Tensor, n: torch.Tensor | float | None = None) -> torch.Tensor:
+        """d phi(S) / d S elementwise, shift and divisor included (n as in ``__call__``)."""
+        if n is None:
+            n = s.shape[-1]
+        out = self.base_derivative(s - self.shift_value(n) if self.shift is not None else s)
         if self.divisor is not None:
             out = out / self.divisor_value(n)
         return out
@@ -252,6 +282,8 @@ def get_activation(spec: ActivationLike) -> Activation:
             f"activation must be a spec string such as 'x^3/sqrt(N)' or an Activation, got {type(spec).__name__}"
         )
     text = re.sub(r"\s+", "", spec).lower()
+    if "-log" in text:
+        return _shifted(text, spec)
     m = _DIV_RE.match(text)
     if not text or m is None:
         raise ValueError(f"bad activation spec {spec!r}.\n" + _forms_help())
@@ -292,3 +324,19 @@ def get_activation(spec: ActivationLike) -> Activation:
     if div == "n":
         return Activation(kind, power, "N")
     return Activation(kind, power, "const", _parse_number(div, spec))
+
+
+def _shifted(text: str, spec: str) -> Activation:
+    """``sigmoid-log(N)``: the one shifted form (sigmoid attention's b = -log N)."""
+    if text == "sigmoid-log(n)":
+        return Activation("sigmoid", shift="log(N)")
+    base, _, rest = text.partition("-log")
+    if base != "sigmoid":
+        raise ValueError(
+            f"bad activation spec {spec!r}: the -log(N) shift is defined for sigmoid only ('sigmoid-log(N)'); "
+            f"for {base!r} use a divisor such as /N.\n" + _forms_help()
+        )
+    raise ValueError(
+        f"bad activation spec {spec!r}: write the shift as 'sigmoid-log(N)' (N = keys the row may attend; "
+        "it takes no divisor).\n" + _forms_help()
+    )

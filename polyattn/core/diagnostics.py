@@ -97,17 +97,12 @@ def _softmax_jacobian_fro(a: torch.Tensor) -> torch.Tensor:
 def _elementwise_jacobian_fro(scores: torch.Tensor, act: Activation, mask: torch.Tensor | None) -> torch.Tensor:
     """||diag(phi'(S) / c)||_F on allowed entries: the Jacobian of an elementwise phi is diagonal."""
     if mask is None:
-        deriv = act.base_derivative(scores)
-        n: torch.Tensor | int = scores.shape[-1]
-    else:
-        # Masked scores are replaced by 0 before phi' (as attention_weights does
-        # before phi) so exp of a huge masked score cannot overflow.
-        safe = torch.where(mask, scores, torch.zeros_like(scores))
-        deriv = torch.where(mask, act.base_derivative(safe), torch.zeros_like(safe))
-        n = valid_key_counts(mask, scores.shape).to(scores.dtype)
-    if act.divisor is not None:
-        deriv = deriv / act.divisor_value(n)
-    return _frobenius(deriv)
+        return _frobenius(act.derivative(scores, scores.shape[-1]))
+    # Masked scores are replaced by 0 before phi' (as attention_weights does
+    # before phi) so exp of a huge masked score cannot overflow.
+    safe = torch.where(mask, scores, torch.zeros_like(scores))
+    n = valid_key_counts(mask, scores.shape).to(scores.dtype)
+    return _frobenius(torch.where(mask, act.derivative(safe, n), torch.zeros_like(safe)))
 
 
 def attention_norms(

@@ -8,6 +8,7 @@ import torch
 
 from .activations import ActivationLike, get_activation
 from .backends import resolve_backend
+from .masking import row_key_counts
 
 __all__ = ["attention", "autocast_off", "compute_dtype"]
 
@@ -154,7 +155,14 @@ def attention(
       the call raises ``BackendUnsupported`` (a ValueError) saying why.
     """
     act = get_activation(activation)
-    _check_inputs(q, k, v, attn_mask, bias, scale, dropout_p)
+    s_shape = _check_inputs(q, k, v, attn_mask, bias, scale, dropout_p)
+    if act.shift is not None:
+        # sigmoid(S - log N) is sigmoid(S + b) with b = -log N per row: every backend that takes a bias
+        # computes it, and the gradient of the caller's bias (if any) flows through the sum unchanged.
+        n = torch.as_tensor(row_key_counts(attn_mask, causal, s_shape, q.device), device=q.device)
+        shift = act.shift_value(n.to(compute_dtype(q.dtype)).reshape(*n.shape[:-2], -1, 1))
+        bias = -shift if bias is None else bias - shift
+        act = act.unshifted()
     fn = resolve_backend(backend, q, k, v, act, attn_mask, bias, causal, dropout_p)
 
     out_dtype = q.dtype

@@ -386,9 +386,7 @@ def _q_jacobian_fro_parts(
         per_row = a2 @ k_sq - 2 * ((a2 @ xk) * m).sum(dim=-1) + a2.sum(dim=-1) * m.square().sum(dim=-1)
         total = (x_sq * per_row.clamp_min(0)).sum()
     else:
-        deriv = act.base_derivative(s)
-        if act.divisor is not None:
-            deriv = deriv / act.divisor_value(s.shape[-1])
+        deriv = act.derivative(s, s.shape[-1])
         total = x_sq @ deriv.square() @ k_sq
     return (total / d).sqrt()
 

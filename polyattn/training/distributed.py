@@ -8,11 +8,14 @@ single process (world size 1) without a process group.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 __all__ = [
     "DistEnv",
@@ -21,6 +24,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "gather_objects",
+    "on_main",
 ]
 
 
@@ -99,3 +103,21 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(work: Callable[[], T], env: DistEnv) -> T | None:
+    """``work()`` on rank 0 (None elsewhere), after which every rank raises rank 0's error if it had one.
+
+    For what one process must do alone (lock the run directory, write generated data): the other
+    ranks wait here, and an error stops every rank instead of leaving them waiting in a collective.
+    """
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except Exception as e:  # handed to every rank below, then raised
+            error = e
+    error = broadcast_object(error, env)
+    if error is not None:
+        raise error
+    return result

@@ -65,6 +65,7 @@ from .distributed import (
     cleanup_distributed,
     gather_objects,
     init_distributed,
+    on_main,
 )
 
 __all__ = [
@@ -479,25 +480,22 @@ def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path,
         out_dir = default_run_dir(cfg) if env.is_main else None
         out_dir = broadcast_object(out_dir, env)
     run_dir = Path(out_dir)
-    lock, error = None, None
-    if env.is_main:
-        try:
-            if resume and not run_dir.is_dir():
-                raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
-            lock = RunDirLock(run_dir, "polyattn train").acquire()
-            if not resume and (run_dir / CHECKPOINT).exists():
-                lock.release()
-                raise RunExistsError(
-                    f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
-                    "or choose another --out"
-                )
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-        except (RunDirError, OSError) as e:
-            error = e
+
+    def lock_dir() -> RunDirLock:
+        if resume and not run_dir.is_dir():
+            raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
+        lock = RunDirLock(run_dir, "polyattn train").acquire()
+        if not resume and (run_dir / CHECKPOINT).exists():
+            lock.release()
+            raise RunExistsError(
+                f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
+                "or choose another --out"
+            )
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        return lock
+
     # Every rank raises rank 0's error, so that none waits in a collective for a run that never starts.
-    error = broadcast_object(error, env)
-    if error is not None:
-        raise error
+    lock = on_main(lock_dir, env)
     return run_dir, lock
 
 

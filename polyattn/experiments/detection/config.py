@@ -63,6 +63,8 @@ _SECTIONS: dict[str, dict[str, Key]] = {
         "grad_clip": _non_negative(0.0),
         "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
         "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        # auto: the GPU of this process's local rank when there is one (torchrun: one GPU per process)
+        "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
         "eval_every": Key(0, "int", check=at_least(0), requirement=">= 0 (0: only after the last epoch)"),
     },
 }

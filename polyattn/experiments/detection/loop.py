@@ -8,11 +8,16 @@ batch order depends only on (seed, epoch); the RNG state, which draws the flips 
 in the checkpoint). A non-finite loss stops training with a message; the checkpoint keeps the
 last finite epoch. Without ``data.root`` the run trains on shapes generated in the COCO layout
 (``polyattn data coco-shapes``) inside the run directory.
+
+Under ``torchrun --nproc_per_node=K -m polyattn detect ...`` every process trains one
+DistributedDataParallel replica on the GPU of its local rank (gloo on CPU): ``train.batch_size``
+is the global batch, each step's images are dealt out across the processes, scoring is sharded
+and gathered, and only rank 0 writes the run directory. The checkpoint keeps every rank's RNG
+state, so a resume with as many processes continues exactly.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -31,6 +36,15 @@ from ...training.checkpoint import (
     set_rng_state,
 )
 from ...training.config import ConfigError
+from ...training.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    on_main,
+)
 from ...utils import RunDirError, RunDirLock, atomic_save, atomic_write_json, atomic_write_text, seed_everything
 from ...utils.machine import machine_line
 from .config import DETECT_CONFIG
@@ -41,7 +55,7 @@ __all__ = ["build_detector", "run_detect"]
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "history", "config")
 # What a resume may change: how long it trains, how often it scores, its threads, where the data lives.
-_FREE_ON_RESUME = ("train.epochs", "train.eval_every", "train.num_threads", "data.root", "preset")
+_FREE_ON_RESUME = ("train.epochs", "train.eval_every", "train.num_threads", "train.device", "data.root", "preset")
 
 
 def build_detector(cfg: dict, num_classes: int) -> torch.nn.Module:
@@ -63,19 +77,27 @@ def build_detector(cfg: dict, num_classes: int) -> torch.nn.Module:
 
 
 def run_detect(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
-    """Train and score one Mask R-CNN; returns the metrics also written to ``out_dir/metrics.json``."""
+    """Train and score one Mask R-CNN; returns the metrics also written to ``out_dir/metrics.json``.
+
+    Under torchrun every process calls this and gets the metrics; only rank 0 writes files and shows bars.
+    """
     cfg = DETECT_CONFIG.resolve(cfg)
+    env = init_distributed(cfg["train"]["device"])
     before = torch.get_num_threads()
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
+    lock = None
     try:
-        with RunDirLock(out_dir, "polyattn detect"):
-            return _run(cfg, Path(out_dir), resume, progress)
+        lock = on_main(lambda: RunDirLock(out_dir, "polyattn detect").acquire(), env)
+        return _run(cfg, Path(out_dir), resume, progress and env.is_main, env)
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(before)
+        cleanup_distributed(env)
 
 
-def _datasets(cfg: dict, out: Path) -> tuple[CocoDetection, CocoDetection]:
+def _datasets(cfg: dict, out: Path, env: DistEnv) -> tuple[CocoDetection, CocoDetection]:
     d = cfg["data"]
     root = d["root"]
     if root is None and cfg["preset"] == "paper":
@@ -87,8 +109,12 @@ def _datasets(cfg: dict, out: Path) -> tuple[CocoDetection, CocoDetection]:
         )
     if root is None:
         root = out / "data"
-        if not (root / "annotations").is_dir():
-            generate_coco_shapes(root, d["gen_train"], d["gen_val"], d["gen_size"], seed=0)
+
+        def generate() -> None:
+            if not (root / "annotations").is_dir():
+                generate_coco_shapes(root, d["gen_train"], d["gen_val"], d["gen_size"], seed=0)
+
+        on_main(generate, env)  # rank 0 writes, the others wait for it
     train_tf = RandomHorizontalFlip(d["flip"]) if d["flip"] > 0 else None
     return CocoDetection(root, d["train_split"], train_tf), CocoDetection(root, d["val_split"])
 
@@ -104,49 +130,78 @@ def _lr_factor(cfg: dict, steps_per_epoch: int):
     return factor
 
 
-def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
+def batches_of(order: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This process's share of each global batch of ``order``: images ``rank``, ``rank + world_size``, ...
+
+    Every process draws the same ``order``, so the global batches are those of a single process. A last
+    batch with fewer images than processes is dropped, since a process without images cannot step.
+    """
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [b[rank::world_size] for b in batches if len(b) >= world_size]
+
+
+def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> dict:
     t0 = time.perf_counter()
-    train_ds, val_ds = _datasets(cfg, out)
-    seed_everything(cfg["train"]["seed"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = cfg["train"]
+    if t["batch_size"] % env.world_size:
+        raise ConfigError(
+            f"train.batch_size ({t['batch_size']}) is the global batch and must be divisible by the number of "
+            f"processes ({env.world_size}); change one of them"
+        )
+    train_ds, val_ds = _datasets(cfg, out, env)
+    seed_everything(t["seed"])  # the same initial weights on every process
+    device = env.device
     model = build_detector(cfg, train_ds.num_classes).to(device)
+    net = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if env.rank:
+        seed_everything(t["seed"] + 7919 * env.rank)  # each process its own flips and RoI samples
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
-    bs = cfg["train"]["batch_size"]
-    steps_per_epoch = math.ceil(len(train_ds) / bs)
+    opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    steps_per_epoch = len(batches_of(list(range(len(train_ds))), t["batch_size"], 0, env.world_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
     epoch, step, history = 0, 0, []
     if resume:
         ckpt = read_checkpoint(out, _CHECKPOINT_KEYS, "polyattn detect")
         _, refused = config_changes(ckpt["config"], cfg, lambda key: key not in _FREE_ON_RESUME)
         refuse_changes(out, refused)
+        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(states) != env.world_size:
+            raise ConfigError(
+                f"{out} was trained by {len(states)} process(es) and this resume has {env.world_size}: its "
+                f"per-process random streams would not continue; resume with {len(states)} process(es)"
+            )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        set_rng_state(ckpt["rng"], device)
+        set_rng_state(states[env.rank], device)
     elif (out / CHECKPOINT).exists():
         raise RunDirError(
             f"{out} already holds a detection run ({CHECKPOINT}); continue it with --resume or use another --out"
         )
-    atomic_write_text(DETECT_CONFIG.dump(cfg), out / "config.yaml")
+    if env.is_main:
+        atomic_write_text(DETECT_CONFIG.dump(cfg), out / "config.yaml")
     diverged = None
-    while epoch < cfg["train"]["epochs"]:
-        row, diverged = _train_epoch(cfg, model, opt, sched, train_ds, epoch, step, progress, device)
+    while epoch < t["epochs"]:
+        row, diverged = _train_epoch(cfg, net, opt, sched, train_ds, epoch, step, progress, env)
         if diverged is not None:
             break
         epoch, step = epoch + 1, row["step"]
-        every = cfg["train"]["eval_every"]
-        if every and epoch % every == 0 and epoch < cfg["train"]["epochs"]:
-            row["val"] = {k: v["AP"] for k, v in _score(model, val_ds, device)[0].items()}
+        if t["eval_every"] and epoch % t["eval_every"] == 0 and epoch < t["epochs"]:
+            row["val"] = {k: v["AP"] for k, v in _score(model, val_ds, env)[0].items()}
         history.append(row)
-        atomic_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "step": step, "rng": rng_state(device), "history": history, "config": cfg},
-            out / CHECKPOINT,
-        )  # fmt: skip
-        atomic_write_json(history, out / "history.json")
-    stats, outputs = _score(model, val_ds, device)
+        states = gather_objects(rng_state(device), env)  # a collective: every rank calls it
+        if env.is_main:
+            atomic_save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch, "step": step, "rng": states, "history": history, "config": cfg},
+                out / CHECKPOINT,
+            )  # fmt: skip
+            atomic_write_json(history, out / "history.json")
+    stats, outputs = _score(model, val_ds, env)
     metrics = {
         "activation": cfg["model"]["activation"],
         "backbone": cfg["model"]["backbone"],
@@ -157,14 +212,16 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool) -> dict:
         "diverged_message": diverged,
         "train_images": len(train_ds),
         "val_images": len(val_ds),
+        "world_size": env.world_size,
         "time_s": time.perf_counter() - t0,
         "machine": machine_line(device.type),
     }
-    atomic_write_json(metrics, out / "metrics.json")
-    from .report import detect_markdown, plot_predictions
+    if env.is_main:
+        atomic_write_json(metrics, out / "metrics.json")
+        from .report import detect_markdown, plot_predictions
 
-    plot_predictions(val_ds, outputs, out / "predictions.png")
-    atomic_write_text(detect_markdown(metrics, history, out), out / "report.md")
+        plot_predictions(val_ds, outputs, out / "predictions.png")
+        atomic_write_text(detect_markdown(metrics, history, out), out / "report.md")
     return metrics
 
 
@@ -174,25 +231,27 @@ def _to(device: torch.device, images, targets) -> tuple[list, list]:
     return [im.to(device) for im in images], moved
 
 
-def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: int, progress: bool, device):
+def _train_epoch(cfg, net, opt, sched, ds: CocoDetection, epoch: int, step: int, progress: bool, env: DistEnv):
     """One epoch; returns (history row, None) or (None, divergence message)."""
     from tqdm.auto import tqdm
 
     t = cfg["train"]
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(t["seed"] * 100_003 + epoch)).tolist()
-    batches = [order[i : i + t["batch_size"]] for i in range(0, len(order), t["batch_size"])]
-    model.train()
+    batches = batches_of(order, t["batch_size"], env.rank, env.world_size)
+    net.train()
     sums: dict[str, float] = {}
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t['epochs']}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in bar:
-        images, targets = _to(device, *zip(*(ds[i] for i in batch), strict=True))
-        losses = model(images, targets)
+        images, targets = _to(env.device, *zip(*(ds[i] for i in batch), strict=True))
+        losses = net(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        # The mean over processes, known to all of them: they stop together or step together.
+        shared = all_reduce_sum(torch.stack([v.detach() for v in losses.values()]).float(), env) / env.world_size
+        if not torch.isfinite(shared).all():
             return None, (
-                f"diverged at step {step + 1} (epoch {epoch + 1}): loss is {loss.item()}; the checkpoint keeps "
-                f"epoch {epoch}. Try {divergence_advice(cfg['model']['activation'])}a lower train.lr "
+                f"diverged at step {step + 1} (epoch {epoch + 1}): loss is {shared.sum().item()}; the checkpoint "
+                f"keeps epoch {epoch}. Try {divergence_advice(cfg['model']['activation'])}a lower train.lr "
                 f"(it is {t['lr']:g}), or train.grad_clip > 0 (it is {t['grad_clip']:g})."
             )
         opt.zero_grad(set_to_none=True)
@@ -202,24 +261,32 @@ def _train_epoch(cfg, model, opt, sched, ds: CocoDetection, epoch: int, step: in
         opt.step()
         sched.step()
         step += 1
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        for k, v in zip(losses, shared.tolist(), strict=True):
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{shared.sum().item():.3f}", refresh=False)
     n = max(len(batches), 1)
     row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - start}
     return {**row, **{k: v / n for k, v in sums.items()}}, None
 
 
 @torch.no_grad()
-def _score(model, ds: CocoDetection, device: torch.device, batch_size: int = 8) -> tuple[dict, list[dict]]:
-    """(pycocotools' stats for bbox and segm on ``ds``, the raw outputs of its first images)."""
+def _score(model, ds: CocoDetection, env: DistEnv, batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """(pycocotools' stats for bbox and segm on ``ds``, the raw outputs of its first images).
+
+    Each process scores a contiguous share of the images; rank 0 evaluates the gathered results and
+    hands the stats to all. The outputs (for the figure) are rank 0's first batch, the first images.
+    """
     model.eval()
+    n = len(ds)
+    mine = range(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
     results: list[dict[str, Any]] = []
     first: list[dict] = []
-    for i in range(0, len(ds), batch_size):
-        images, targets = zip(*(ds[j] for j in range(i, min(i + batch_size, len(ds)))), strict=True)
-        outputs = [{k: v.cpu() for k, v in o.items()} for o in model([im.to(device) for im in images])]
+    for i in range(mine.start, mine.stop, batch_size):
+        images, targets = zip(*(ds[j] for j in range(i, min(i + batch_size, mine.stop))), strict=True)
+        outputs = [{k: v.cpu() for k, v in o.items()} for o in model([im.to(env.device) for im in images])]
         results += to_coco_results(outputs, [t["image_id"] for t in targets], ds.label_to_cat_id)
         if not first:
             first = outputs
-    return evaluate_coco(ds.ann_file, results), first
+    everything = [r for part in gather_objects(results, env) for r in part]
+    stats = evaluate_coco(ds.ann_file, everything) if env.is_main else None
+    return broadcast_object(stats, env), first
