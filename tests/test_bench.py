@@ -30,3 +30,24 @@ def test_model_bench_times_each_activation_and_precision(tmp_path, capsys):
 
     assert main([*argv, "--amp", "fp8"]) == 2
     assert "amp: unknown setting(s) ['fp8']" in capsys.readouterr().err
+
+
+def test_decode_bench_compares_kv_cache_and_state(tmp_path, capsys):
+    out = tmp_path / "dec"
+    argv = ["bench", "--decode", "--contexts", "64,256", "--heads", "2", "--head-dim", "8", "--steps", "2"]
+    assert main([*argv, "--activations", "x^2/sqrt(N)", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "state" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["context"], r["activation"], r["method"]) for r in rows] == [
+        (n, a, m)
+        for n in (64, 256)
+        for a, m in (("softmax", "kv-cache"), ("x^2/sqrt(N)", "kv-cache"), ("x^2/sqrt(N)", "state"))
+    ]
+    for r in rows:
+        # the cache holds 2 (L + 1) d floats per head; the state C(d + 1, 2) x d floats and a count per head
+        expected = 2 * 2 * (r["context"] + 1) * 8 * 4 if r["method"] == "kv-cache" else 2 * (36 * 8 + 1) * 4
+        assert r["bytes"] == expected and r["tokens_per_s"] > 0
+    assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv, "--activations", "softmax", "--out", str(out)]) == 2
+    assert "compares x^p activations" in capsys.readouterr().err

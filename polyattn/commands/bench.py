@@ -1,4 +1,5 @@
-"""``polyattn bench``: time and memory of SDPA softmax vs every polyattn backend; ``--model`` for training."""
+"""``polyattn bench``: time and memory of SDPA softmax vs every polyattn backend; ``--model`` for training,
+``--decode`` for generating one token (KV cache against :class:`polyattn.LinearState`)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--amp", type=str_list, default=None, help="precisions to time, some of off,bf16 (default off = fp32)"
     )
 
+    g = p.add_argument_group("decoding: one next-token step, KV cache vs LinearState (--decode)")
+    g.add_argument("--decode", action="store_true", help="time decoding at --contexts (uses --activations, --heads)")
+    g.add_argument("--contexts", type=positive_int_list, default=None, help="context lengths (default 1024,...,65536)")
+    g.add_argument("--head-dim", dest="d", type=int, default=None, help="head dimension d (default 64)")
 
+
+_DECODE_FIELDS = ("contexts", "activations", "heads", "d", "batch", "steps", "device", "dtype", "num_threads")
 _GRID_FIELDS = (
     "ns",
     "ds",
@@ -86,6 +93,13 @@ def _load_yaml(path_text: str | None) -> dict[str, Any]:
 def build_config(args: argparse.Namespace):
     """Defaults < --quick < --config file < explicit options."""
     data = _load_yaml(args.config)
+    if args.decode and args.model:
+        raise ValueError("--decode and --model are two different benches: give one of them")
+    if args.decode:
+        from ..experiments.bench_decode import DecodeBenchConfig
+
+        data.update({k: getattr(args, k) for k in _DECODE_FIELDS if getattr(args, k) is not None})
+        return DecodeBenchConfig.from_dict(data)
     if args.model:
         from ..experiments.bench_model import ModelBenchConfig
 
@@ -109,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    if args.decode:
+        from ..experiments.bench_decode import format_decode_table, run_decode_bench
+
+        out = args.out or "runs/bench_decode"
+        results = run_decode_bench(cfg, out, progress=progress)
+        print(format_decode_table(results))
+        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode.png")
+        return 0
     if args.model:
         from ..experiments.bench_model import format_model_table, run_model_bench
 

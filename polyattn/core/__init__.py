@@ -5,6 +5,7 @@ Nothing in this subpackage imports from the rest of polyattn.
 
 from .activations import Activation, get_activation, list_activations
 from .backends import explain_backend, select_backend
+from .decode import LinearState
 from .diagnostics import AttentionMapRecorder, NormRecorder, attention_norms
 from .functional import attention
 from .layers import PolyAttention
@@ -15,6 +16,7 @@ __all__ = [
     "Activation",
     "AttentionMapRecorder",
     "AttentionModule",
+    "LinearState",
     "NormRecorder",
     "PolyAttention",
     "attention",
