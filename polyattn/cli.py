@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("polyattn.commands.data", "generate data in official file layouts: LRA ListOps, Pathfinder, COCO shapes"),
     "lra": ("polyattn.commands.lra", "train the LRA encoder on a Long Range Arena task (Table 4)"),
     "pinn": ("polyattn.commands.pinn", "physics-informed transformer (PINNsFormer) or MLP PINN on a PDE"),
+    "recall": ("polyattn.commands.recall", "causal attention on multi-query associative recall (MQAR) per length"),
     "sweep": ("polyattn.commands.sweep", "accuracy against the scale 1/k of x^3 per sequence length (Figure 1)"),
     "theory": ("polyattn.commands.theory", "check the paper's norm theorems (4.1-4.5) numerically"),
     "train": ("polyattn.commands.train", "train a model from a config file (DDP under torchrun)"),

@@ -7,7 +7,7 @@ the Long Range Arena tasks (``lra_*``) are in :mod:`polyattn.data.lra`.
 """
 
 # Importing the loader modules registers their datasets; the registry has no other way to find them.
-from . import cifar, digits, images, lra, synthetic  # noqa: F401
+from . import cifar, digits, images, lra, mqar, synthetic  # noqa: F401
 from .errors import DatasetError, DatasetFormatError, DatasetNotFoundError
 from .registry import (
     COMMON_DATA_KEYS,

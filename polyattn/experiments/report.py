@@ -209,8 +209,10 @@ def _val_batch(cfg: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     val = build_dataset(cfg["data"], cfg["train"]["seed"]).val
     items = [val[i] for i in range(min(n, len(val)))]
-    if not items or not isinstance(items[0][0], torch.Tensor):
+    if not items or not isinstance(items[0][0], torch.Tensor) or not items[0][0].is_floating_point():
         raise TypeError("attention figures need image tensors as model inputs")
+    if torch.as_tensor(items[0][1]).dim() != 0:
+        raise TypeError("attention figures need one class label per example, not per-token targets")
     return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 

@@ -171,8 +171,8 @@ def use(model: nn.Module, activation: ActivationLike) -> nn.Module:
     if left:
         raise RuntimeError(
             f"could not switch {', '.join(left)} to {name!r}: their attention does not go through transformers' "
-            "AttentionInterface, so polyattn cannot replace it. Use a model class whose attention does, or "
-            "set the implementation per sub-model with model.set_attn_implementation({...})"
+            "AttentionInterface, so polyattn cannot replace it. Use a model class whose attention does (most "
+            "transformers 5 models), or switch only the sub-models that can with model.set_attn_implementation({...})"
         )
     return model
 

@@ -396,7 +396,15 @@ def _forward(model: nn.Module, x: Any) -> torch.Tensor:
 
 
 def _batch_size(y: torch.Tensor) -> int:
-    return int(y.shape[0])
+    """Scored targets in a batch: one per example for class labels, the answers (label != -100) for tokens."""
+    return int((y != -100).sum())
+
+
+def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level logits (B, T, C) and targets (B, T) as (B*T, C) and (B*T,); cross_entropy skips -100."""
+    if logits.dim() == 3 and y.dim() == 2:
+        return logits.flatten(0, 1), y.flatten()
+    return logits, y
 
 
 @torch.no_grad()
@@ -409,7 +417,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, dtype: torch.dt
         x, y = _to_device(x, env.device), y.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = _forward(model, x)
-        logits = logits.float()
+        logits, y = _flat(logits.float(), y)
         sums += torch.stack(
             [
                 F.cross_entropy(logits, y, reduction="sum").double(),
@@ -609,8 +617,12 @@ class _Run:
         )
         self.dtype = amp_dtype(tc["amp"], env.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        if (tc["mixup"] > 0 or tc["cutmix"] > 0) and not isinstance(self.bundle.train[0][0], torch.Tensor):
-            raise ConfigError("train.mixup / train.cutmix need image tensors; this dataset yields dicts")
+        x0, y0 = self.bundle.train[0] if tc["mixup"] > 0 or tc["cutmix"] > 0 else (torch.zeros(1), 0)
+        if not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and torch.as_tensor(y0).dim() == 0):
+            raise ConfigError(
+                "train.mixup / train.cutmix need float image tensors with one class label each; this dataset "
+                "yields other examples (tokens, dicts or per-token labels): set them to 0"
+            )
         self.mixer = None
         if (tc["mixup"] > 0 or tc["cutmix"] > 0) and tc["mixup_impl"] == "timm":
             self.mixer = timm_mixup(tc["mixup"], tc["cutmix"], tc["label_smoothing"], self.bundle.num_classes)
@@ -860,7 +872,7 @@ class _Run:
             x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
         with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = _forward(self.net, x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        loss = F.cross_entropy(*_flat(logits.float(), target), label_smoothing=smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -876,7 +888,7 @@ class _Run:
         stats = torch.stack(
             [
                 loss.detach().double() * n,
-                (logits.detach().argmax(-1) == y).sum().double(),
+                (logits.detach().argmax(-1) == y).sum().double(),  # -100 (unscored) never equals a class
                 torch.tensor(float(n), dtype=torch.float64, device=self.env.device),
                 (~torch.isfinite(loss.detach())).double(),
                 # fp16's scaler skips steps with inf gradients by design; elsewhere they mean divergence.

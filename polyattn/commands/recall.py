@@ -1,0 +1,70 @@
+"""``polyattn recall``: multi-query associative recall (MQAR) per activation and sequence length, causal.
+
+The work is :func:`polyattn.experiments.recall.recall`; this module parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import add_jobs_argument, add_set_argument, positive_int_list, run_experiment
+
+DEFAULT_OUT = "runs/recall"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--activations",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^2/sqrt(N),x/sqrt(N),"
+        "relu/N,sigmoid-log(N)); quote specs with parentheses in a shell",
+    )
+    p.add_argument("--seeds", default="3", help="a count (3: seeds 0,1,2) or a comma list (0,5,7) (default 3)")
+    p.add_argument("--seq-lens", type=positive_int_list, default=None, help="sequence lengths (default 32,64)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 8)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
+        help="base config (default: the CPU preset = configs/recall/mqar_cpu.yaml; configs/recall/zoology.yaml "
+        "for the full-size setting)",
+    )
+    add_set_argument(p, "data.num_kv_pairs=8 train.lr=1e-3")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out, continue interrupted ones")
+    p.add_argument(
+        "--norm-every", type=int, default=10, help="record attention norms every K steps (default 10; 0: none)"
+    )
+    add_jobs_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.recall import DEFAULT_RECALL_ACTIVATIONS, DEFAULT_SEQ_LENS, recall
+
+    results = run_experiment(
+        lambda: recall(
+            args.out,
+            activations=args.activations or DEFAULT_RECALL_ACTIVATIONS,
+            seeds=args.seeds,
+            seq_lens=DEFAULT_SEQ_LENS if args.seq_lens is None else args.seq_lens,
+            epochs=args.epochs,
+            config=args.config,
+            overrides=args.overrides,
+            resume=args.resume,
+            progress=not args.no_progress,
+            norm_every=args.norm_every,
+            jobs=args.jobs,
+        ),
+        args.out,
+    )
+    if isinstance(results, int):
+        return results
+    out = Path(args.out)
+    print(f"\n{results['table_text']}")
+    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {out / results['figure']} and T<L>/ per length")
+    print(f"({results['time_s'] / 60:.1f} min)")
+    return 0

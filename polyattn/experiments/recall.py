@@ -1,0 +1,255 @@
+"""Multi-query associative recall (MQAR): causal attention activations against sequence length.
+
+    from polyattn.experiments.recall import recall
+    results = recall("runs/recall")   # causal_lm on generated MQAR; 6 activations x 3 seeds x lengths
+    print(results["table_text"])
+
+For each sequence length L, one :func:`polyattn.experiments.compare.compare` runs into
+``OUT/T<L>/`` (its own table with mean ± std, 95% intervals and paired tests against softmax,
+norm curves, report.md, every run directory) on the base config with ``data.seq_len=L``. ``OUT``
+then holds the overview: ``results.json``, ``report.md`` and ``recall.png`` (accuracy against L).
+The base config is written to ``OUT/base_config.yaml`` (unless ``config`` names a file), so
+every length's report names a command that reruns it.
+
+Accuracy is over the answers only (the value after each queried key), as in Zoology.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..utils import RunDirLock, atomic_write_json, atomic_write_text
+from ..utils.machine import machine_info, machine_line
+from .compare import CompareError, compare, json_safe, parse_activations, parse_seeds, relative_path
+from .plots import pyplot, save_figure
+
+__all__ = ["DEFAULT_RECALL_ACTIVATIONS", "DEFAULT_SEQ_LENS", "RECALL_CONFIG", "format_recall_table", "recall"]
+
+# The issue's comparison: softmax, the polynomial family at the theory's scale, and two peers
+# (ReLU attention divided by N, sigmoid attention with its -log N bias).
+DEFAULT_RECALL_ACTIVATIONS: tuple[str, ...] = (
+    "softmax",
+    "x^3/sqrt(N)",
+    "x^2/sqrt(N)",
+    "x/sqrt(N)",
+    "relu/N",
+    "sigmoid-log(N)",
+)
+DEFAULT_SEQ_LENS: tuple[int, ...] = (32, 64)
+
+# The CPU preset (same settings as configs/recall/mqar_cpu.yaml; a test keeps them equal): 36 runs at
+# lengths 32 and 64 in under 10 minutes on 2 cores (docs/causal.md); configs/recall/zoology.yaml is the
+# full-size setting for a GPU.
+RECALL_CONFIG: dict[str, Any] = {
+    "description": "MQAR (multi-query associative recall), CPU preset: 2-layer 1-head causal_lm, 4 key-value pairs",
+    "model": {
+        "name": "causal_lm",
+        "activation": "softmax",
+        "overrides": {"dim": 64, "depth": 2, "num_heads": 1, "mlp_dim": 128},
+    },
+    "data": {"name": "mqar", "vocab_size": 64, "num_kv_pairs": 4, "num_train": 6000, "num_val": 500, "seed": 0},
+    "train": {
+        "epochs": 8,
+        "batch_size": 32,
+        # A constant lr after warmup: softmax finds the recall circuit after ~1,000 steps at T = 64 and
+        # a decaying lr delays that past the end of a CPU-sized run.
+        "lr": 1.0e-3,
+        "min_lr": 1.0e-3,
+        "weight_decay": 0.1,
+        "warmup_epochs": 0.5,
+        "grad_clip": 1.0,
+        "seed": 0,
+        "log_every": 25,
+        "num_threads": 1,
+        "amp": "bf16",
+        "select": "last",
+    },
+    "diagnostics": {"every": 0},
+}
+
+
+def _check_lengths(seq_lens: Iterable[int]) -> list[int]:
+    out: list[int] = []
+    for n in seq_lens:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 8:
+            raise CompareError(f"--seq-lens: sequence lengths must be integers >= 8, got {n!r}")
+        if n in out:
+            raise CompareError(f"--seq-lens: {n} is listed twice")
+        out.append(n)
+    if not out:
+        raise CompareError("--seq-lens: at least one length is needed, e.g. --seq-lens 64,128")
+    return out
+
+
+def recall(
+    out_dir: str | os.PathLike = "runs/recall",
+    activations: Iterable[str] | str = DEFAULT_RECALL_ACTIVATIONS,
+    seeds: int | str | Sequence[int] = 3,
+    seq_lens: Iterable[int] = DEFAULT_SEQ_LENS,
+    epochs: int | None = None,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+    norm_every: int = 10,
+    jobs: int | str | None = 1,
+) -> dict:
+    """Train every (length, activation, seed) on MQAR; returns the overview also written to ``out_dir``.
+
+    ``config``: a base config file (default :data:`RECALL_CONFIG`); ``epochs``, ``overrides``,
+    ``resume``, ``norm_every`` and ``jobs`` as in :func:`.compare.compare`. Bad arguments raise
+    before any training.
+    """
+    t0 = time.perf_counter()
+    specs = parse_activations(activations)
+    seed_list = parse_seeds(seeds)
+    lengths = _check_lengths(seq_lens)
+    for text in overrides:
+        if text.partition("=")[0].strip() == "data.seq_len":
+            raise CompareError(f"--set {text}: data.seq_len is set per length by recall; use --seq-lens")
+    out = Path(out_dir)
+    with RunDirLock(out, "polyattn recall"):
+        base = config
+        if base is None:
+            base = out / "base_config.yaml"
+            atomic_write_text(yaml.safe_dump(RECALL_CONFIG, sort_keys=False), base)
+        per_length = {}
+        for n in lengths:
+            per_length[n] = compare(
+                out / f"T{n}",
+                activations=specs,
+                seeds=seed_list,
+                epochs=epochs,
+                config=base,
+                overrides=[f"data.seq_len={n}", *overrides],
+                resume=resume,
+                progress=progress,
+                norm_every=norm_every,
+                jobs=jobs,
+            )
+        results = _overview(out, per_length, specs, seed_list, str(base), list(overrides))
+        results["time_s"] = time.perf_counter() - t0
+        atomic_write_text(recall_markdown(results), out / "report.md")
+        atomic_write_json(json_safe(results), out / "results.json")
+        return results
+
+
+def _overview(out: Path, per_length: dict[int, dict], specs: list[str], seeds: list[int], base: str,
+              overrides: list[str]) -> dict:  # fmt: skip
+    first = next(iter(per_length.values()))
+    table = [
+        {
+            "activation": act,
+            "cells": {
+                str(n): next(row for row in res["table"] if row["activation"] == act) for n, res in per_length.items()
+            },
+        }
+        for act in specs
+    ]
+    results: dict[str, Any] = {
+        "kind": "recall",
+        "out_dir": str(out),
+        "settings": {
+            "activations": specs,
+            "seeds": seeds,
+            "seq_lens": list(per_length),
+            "config": base,
+            "overrides": overrides,
+            "epochs": first["settings"]["epochs"],
+            "model": first["settings"]["model"],
+            # what defines the task (not where files live or how they load)
+            "data": {
+                k: v for k, v in first["base_config"]["data"].items() if k not in ("seq_len", "root", "num_workers")
+            },  # fmt: skip
+        },
+        "metric": first["metric"],
+        "table": table,
+        "lengths": {str(n): relative_path(out / f"T{n}", out) for n in per_length},
+        "machine": machine_info(),
+        "machine_line": machine_line("cpu"),
+    }
+    results["table_text"] = format_recall_table(table, list(per_length))
+    results["figure"] = plot_recall(results, out / "recall.png").name
+    return results
+
+
+def _cell(c: dict) -> str:
+    if c["mean"] is None:
+        return "div" if c["diverged"] else "-"
+    spread = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
+    return f"{100 * c['mean']:.1f}{spread}" + ("*" if c["diverged"] else "")
+
+
+def format_recall_table(table: Sequence[dict], lengths: Sequence[int]) -> str:
+    """Fixed-width text: one row per activation, one column per sequence length (answer accuracy %)."""
+    header = ["activation", *(f"T={n}" for n in lengths)]
+    lines = [header] + [[r["activation"], *(_cell(r["cells"][str(n)]) for n in lengths)] for r in table]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+            for line in lines]  # fmt: skip
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text.append(
+        "MQAR answer accuracy %, mean ± std over seeds ('div': every seed diverged, '*': some did); "
+        "per-length tables with intervals and paired tests in T<L>/report.md"
+    )
+    return "\n".join(text)
+
+
+def plot_recall(results: dict, out_png: str | os.PathLike) -> Path:
+    """Answer accuracy against sequence length, one line per activation (mean ± std over seeds)."""
+    plt = pyplot()
+    lengths = results["settings"]["seq_lens"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, row in enumerate(results["table"]):
+        pts = [(n, row["cells"][str(n)]) for n in lengths if row["cells"][str(n)]["mean"] is not None]
+        if not pts:
+            continue
+        xs = [n for n, _ in pts]
+        ys = [100 * c["mean"] for _, c in pts]
+        err = [100 * (c["std"] or 0.0) for _, c in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=row["activation"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("MQAR answer accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    s = results["settings"]
+    ax.set_title(f"{s['model']}, {s['data'].get('num_kv_pairs')} key-value pairs, {len(s['seeds'])} seed(s)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def recall_markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [
+        "# Multi-query associative recall (MQAR)",
+        "",
+        f"{len(s['activations'])} activations x {len(s['seeds'])} seed(s) x lengths "
+        f"{', '.join(map(str, s['seq_lens']))}; model {s['model']}, {s['epochs']} epochs; data "
+        + ", ".join(f"{k}={v}" for k, v in s["data"].items())
+        + f"; base config {s['config']}"
+        + (f" with --set {' '.join(s['overrides'])}" if s["overrides"] else "")
+        + ".",
+        f"Machine: {results['machine_line']}. Time: {results.get('time_s', 0) / 60:.1f} min.",
+        "",
+        "```",
+        results["table_text"],
+        "```",
+        "",
+        f"![accuracy against sequence length]({results['figure']})",
+        "",
+        "Per length (table with 95% intervals and paired tests against softmax, norm curves, every run):",
+        "",
+        *(f"- T={n}: [{path}/report.md]({path}/report.md)" for n, path in results["lengths"].items()),
+        "",
+    ]
+    return "\n".join(lines)
