@@ -117,6 +117,10 @@ def test_recall_bad_arguments_are_named(tmp_path):
         recall(tmp_path, seq_lens=[4])
     with pytest.raises(ValueError, match="bad activation spec"):
         recall(tmp_path, activations=["x^3/foo"])
+    # a length too short for the pairs fails before the first length trains
+    with pytest.raises(DatasetError, match="cannot place 4 key-value pairs in seq_len=8"):
+        recall(tmp_path / "short", seq_lens=[32, 8])
+    assert not (tmp_path / "short" / "T32").exists()
 
 
 def test_builtin_recall_config_equals_the_repository_config():

@@ -22,6 +22,23 @@ def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def add_grid_arguments(p: argparse.ArgumentParser, default_activations: str) -> None:
+    """``--activations SPEC ...`` and ``--seeds``: the two axes of every comparison grid."""
+    p.add_argument(
+        "--activations",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help=f"activation specs, comma- or space-separated (default: {default_activations}); "
+        "quote specs with parentheses in a shell",
+    )
+    p.add_argument(
+        "--seeds",
+        default="3",
+        help="a count (3: seeds 0,1,2) or a comma list of train.seed values (0,5,7; one seed: 5,) (default 3)",
+    )
+
+
 def add_jobs_argument(p: argparse.ArgumentParser) -> None:
     """``--jobs N|auto``: how many runs of a grid train at once, one process each."""
     p.add_argument(

@@ -8,25 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_jobs_argument, add_set_argument, run_experiment
+from . import add_grid_arguments, add_jobs_argument, add_set_argument, run_experiment
 
 DEFAULT_OUT = "runs/compare"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--activations",
-        nargs="+",
-        default=None,
-        metavar="SPEC",
-        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^3/16,x^3,x/sqrt(N),x/16,x); "
-        "quote specs with parentheses in a shell",
-    )
-    p.add_argument(
-        "--seeds",
-        default="3",
-        help="a count (3: seeds 0,1,2) or a comma list of train.seed values (0,5,7; one seed: 5,) (default 3)",
-    )
+    add_grid_arguments(p, "softmax,x^3/sqrt(N),x^3/16,x^3,x/sqrt(N),x/16,x")
     p.add_argument("--dataset", default=None, help="data.name (default: digits, from the base config)")
     p.add_argument("--model", default=None, help="model.name (default: vit_micro, from the base config)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 15)")

@@ -8,21 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_jobs_argument, add_set_argument, positive_int_list, run_experiment
+from . import add_grid_arguments, add_jobs_argument, add_set_argument, positive_int_list, run_experiment
 
 DEFAULT_OUT = "runs/recall"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--activations",
-        nargs="+",
-        default=None,
-        metavar="SPEC",
-        help="activation specs, comma- or space-separated (default: softmax,x^3/sqrt(N),x^2/sqrt(N),x/sqrt(N),"
-        "relu/N,sigmoid-log(N)); quote specs with parentheses in a shell",
-    )
-    p.add_argument("--seeds", default="3", help="a count (3: seeds 0,1,2) or a comma list (0,5,7) (default 3)")
+    add_grid_arguments(p, "softmax,x^3/sqrt(N),x^2/sqrt(N),x/sqrt(N),relu/N,sigmoid-log(N)")
     p.add_argument("--seq-lens", type=positive_int_list, default=None, help="sequence lengths (default 32,64)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the base config's, 8)")
     p.add_argument(

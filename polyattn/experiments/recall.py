@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ..data.registry import build_dataset
+from ..training.config import load_config
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.machine import machine_info, machine_line
 from .compare import CompareError, compare, json_safe, parse_activations, parse_seeds, relative_path
@@ -119,6 +121,9 @@ def recall(
         if base is None:
             base = out / "base_config.yaml"
             atomic_write_text(yaml.safe_dump(RECALL_CONFIG, sort_keys=False), base)
+        for n in lengths:  # every length's config and data (e.g. too many pairs for T) before any training
+            cfg = load_config(str(base), [f"data.seq_len={n}", *overrides])
+            build_dataset(cfg["data"], cfg["train"]["seed"])
         per_length = {}
         for n in lengths:
             per_length[n] = compare(
