@@ -628,6 +628,7 @@ def compare(
     norm_every: int = DEFAULT_NORM_EVERY,
     figures: bool = True,
     jobs: int | str | None = 1,
+    desc: str = "compare",
 ) -> dict:
     """Train one model per (activation, seed), then write ``results.json``, ``report.md`` and figures.
 
@@ -641,6 +642,7 @@ def compare(
     each ("auto" or None: one per core at the config's ``train.num_threads``,
     as the command line does). Several jobs spawn worker processes, which
     import the calling script again: call it under ``if __name__ == "__main__":``.
+    ``desc`` labels the progress bar.
     Returns the results (also in
     ``results.json``), with ``table_text`` for the terminal.
 
@@ -661,7 +663,7 @@ def compare(
         planned = plan_runs(grid, path, layers, out, resume)
 
         n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
-        records = run_grid(planned, progress=progress, desc="compare", jobs=n_jobs)
+        records = run_grid(planned, progress=progress, desc=desc, jobs=n_jobs)
         base = planned[0].cfg
         results: dict[str, Any] = {
             "kind": "compare",

@@ -137,6 +137,7 @@ def recall(
                 progress=progress,
                 norm_every=norm_every,
                 jobs=jobs,
+                desc=f"recall T={n}",
             )
         results = _overview(out, per_length, specs, seed_list, str(base), list(overrides))
         results["time_s"] = time.perf_counter() - t0
