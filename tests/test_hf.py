@@ -347,6 +347,27 @@ def test_gqa_broadcasts_without_repeating_kv_and_regroups_per_head_masks():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
+def test_gqa_decoding_reads_the_cache_without_copies(monkeypatch):
+    # Fewer queries than keys (a KV cache): the group's query heads become rows of their k/v head, so
+    # polyattn.attention gets the cache as it is: no (B, H, S, d) copy, in the HF layer or in a backend.
+    fn = hf.make_attention_forward(POLY)
+    q, k, v = _qkv(q_len=2, kv_len=9)
+    g = torch.Generator().manual_seed(8)
+    keep = torch.rand(2, 4, 2, 9, generator=g) > 0.3  # per query head, as a custom 4D mask may be
+    seen = []
+    real = hf.attention
+    monkeypatch.setattr(hf, "attention", lambda *a, **kw: seen.append((a[0].shape, a[1].shape)) or real(*a, **kw))
+    out = fn(_Module(), q, k, v, keep)[0]
+    assert seen == [(torch.Size([2, 2, 4, 8]), torch.Size([2, 2, 9, 8]))]  # (B, Hkv, G * q, d), (B, Hkv, S, d)
+    k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    ref = polyattn.attention(q, k4, v4, POLY, attn_mask=keep).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    # no mask: bottom-right causal, the rows of every group head aligned alike
+    causal = torch.ones(2, 9, dtype=torch.bool).tril(diagonal=7)
+    ref = polyattn.attention(q, k4, v4, POLY, attn_mask=causal).transpose(1, 2)
+    torch.testing.assert_close(fn(_Module(), q, k, v, None)[0], ref, atol=1e-6, rtol=0)
+
+
 def test_no_mask_with_a_cache_is_bottom_right_causal():
     fn = hf.make_attention_forward(POLY)
     q, k, v = _qkv(heads=2, kv_heads=2, q_len=3, kv_len=7)

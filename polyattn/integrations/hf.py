@@ -22,8 +22,9 @@ What the attention function handles: bool and additive float 4D masks (entries a
 below -1e4 mean masked, anything else finite is an additive bias, as in
 :func:`polyattn.integrations.patch.additive_mask_to_bool`); ``attention_mask=None``
 with a causal module (bottom-right aligned when the query is shorter than the
-keys, i.e. decoding with a KV cache); grouped-query attention by broadcasting
-(no ``repeat_kv`` copy); ``scaling``; ``dropout`` in training mode only;
+keys, i.e. decoding with a KV cache); grouped-query attention without ``repeat_kv`` (broadcast
+heads; when decoding, each group's query heads read as rows of its key/value head, so the cache is
+never copied); ``scaling``; ``dropout`` in training mode only;
 ``position_bias`` (T5-style relative bias) as an additive bias; ``sliding_window``.
 It refuses ``softcap`` and attention sinks (``s_aux``), which polyattn does not compute.
 """
@@ -275,7 +276,13 @@ def _forward(
             mask = _bottom_right_causal(q_len, kv_len, window, query.device)
 
     groups = heads // kv_heads
-    if groups > 1:
+    if groups > 1 and not causal and q_len < kv_len:
+        # Decoding with a KV cache: the G query heads of a group become G x q_len query rows of their k/v head,
+        # so the backends read the (long) cache as it is, with no per-query-head copy; every row keeps its own
+        # mask row, so N per row is unchanged.
+        query = query.reshape(b, kv_heads, groups * q_len, query.shape[-1])
+        mask, bias = _folded(mask, kv_heads, groups, q_len), _folded(bias, kv_heads, groups, q_len)
+    elif groups > 1:
         # (B, H, T, d) -> (B, Hkv, G, T, d) against k/v (B, Hkv, 1, S, d): the G query heads of a group share
         # one k/v head by broadcasting, without repeat_kv's copy.
         query = query.reshape(b, kv_heads, groups, q_len, query.shape[-1])
@@ -339,6 +346,15 @@ def _bottom_right_causal(q_len: int, kv_len: int, window: int | None, device: to
     if window is not None:
         keep &= cols > rows - window
     return keep
+
+
+def _folded(t: torch.Tensor | None, kv_heads: int, groups: int, q_len: int) -> torch.Tensor | None:
+    """A (B, 1 or H, Q, K) or (Q, K) mask or bias laid out for (B, Hkv, G * Q, K) scores (group heads as rows)."""
+    if t is None:
+        return None
+    g = _grouped(t if t.dim() == 4 else t[None, None], kv_heads, groups)  # (B, Hkv or 1, G or 1, Q, K)
+    g = g.expand(*g.shape[:2], groups, q_len, g.shape[-1])
+    return g.reshape(g.shape[0], g.shape[1], groups * q_len, g.shape[-1])
 
 
 def _grouped(t: torch.Tensor | None, kv_heads: int, groups: int) -> torch.Tensor | None:
