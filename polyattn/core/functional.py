@@ -8,7 +8,7 @@ import torch
 
 from .activations import ActivationLike, get_activation
 from .backends import resolve_backend
-from .masking import row_key_counts
+from .backends.common import BlockSource, row_counts
 
 __all__ = ["attention", "autocast_off", "compute_dtype"]
 
@@ -120,6 +120,20 @@ def _check_broadcast(name: str, t: torch.Tensor, s_shape: tuple[int, ...]) -> No
         raise ValueError(f"{name} of shape {_shape(t)} does not broadcast to the score shape {s_shape} (..., Nq, Nk)")
 
 
+def _row_counts(
+    attn_mask: torch.Tensor | None, causal: bool, s_shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Keys each query row may attend, broadcastable to (..., Nq, 1): the backends' own count, which
+    never builds the (Nq, Nk) causal mask."""
+    batch = s_shape[:-2]
+    mask = None if attn_mask is None else BlockSource(attn_mask, batch)
+    counts = row_counts(mask, causal, s_shape[-2], s_shape[-1], device)
+    if counts is None:  # every row sees all Nk keys
+        return torch.full((1, 1), s_shape[-1], device=device)
+    lead = batch if counts.shape[0] > 1 else (1,) * len(batch)
+    return counts.reshape(*lead, counts.shape[1], 1)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -159,8 +173,7 @@ def attention(
     if act.shift is not None:
         # sigmoid(S - log N) is sigmoid(S + b) with b = -log N per row: every backend that takes a bias
         # computes it, and the gradient of the caller's bias (if any) flows through the sum unchanged.
-        n = torch.as_tensor(row_key_counts(attn_mask, causal, s_shape, q.device), device=q.device)
-        shift = act.shift_value(n.to(compute_dtype(q.dtype)).reshape(*n.shape[:-2], -1, 1))
+        shift = act.shift_value(_row_counts(attn_mask, causal, s_shape, q.device).to(compute_dtype(q.dtype)))
         bias = -shift if bias is None else bias - shift
         act = act.unshifted()
     fn = resolve_backend(backend, q, k, v, act, attn_mask, bias, causal, dropout_p)

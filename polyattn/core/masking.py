@@ -38,16 +38,3 @@ def valid_key_counts(mask: torch.Tensor | None, shape: torch.Size | tuple[int, .
     if mask is None:
         return shape[-1]
     return mask.expand(*shape).sum(dim=-1, keepdim=True)
-
-
-def row_key_counts(
-    attn_mask: torch.Tensor | None, causal: bool, s_shape: tuple[int, ...], device: torch.device | str | None = None
-) -> torch.Tensor | int:
-    """Keys each query row may attend under attn_mask and causality: (..., Nq, 1) or the int Nk.
-
-    Causal alone is counted without building the (Nq, Nk) mask, so long causal sequences stay cheap.
-    """
-    nq, nk = s_shape[-2], s_shape[-1]
-    if attn_mask is None and causal:
-        return torch.arange(1, nq + 1, device=device).clamp_max(nk).unsqueeze(-1)
-    return valid_key_counts(combine_masks(attn_mask, causal, nq, nk, device), s_shape)

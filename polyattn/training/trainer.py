@@ -617,12 +617,13 @@ class _Run:
         )
         self.dtype = amp_dtype(tc["amp"], env.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        x0, y0 = self.bundle.train[0] if tc["mixup"] > 0 or tc["cutmix"] > 0 else (torch.zeros(1), 0)
-        if not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and torch.as_tensor(y0).dim() == 0):
-            raise ConfigError(
-                "train.mixup / train.cutmix need float image tensors with one class label each; this dataset "
-                "yields other examples (tokens, dicts or per-token labels): set them to 0"
-            )
+        if tc["mixup"] > 0 or tc["cutmix"] > 0:
+            x0, y0 = self.bundle.train[0]
+            if not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and torch.as_tensor(y0).dim() == 0):
+                raise ConfigError(
+                    "train.mixup / train.cutmix need float image tensors with one class label each; this dataset "
+                    "yields other examples (tokens, dicts or per-token labels): set them to 0"
+                )
         self.mixer = None
         if (tc["mixup"] > 0 or tc["cutmix"] > 0) and tc["mixup_impl"] == "timm":
             self.mixer = timm_mixup(tc["mixup"], tc["cutmix"], tc["label_smoothing"], self.bundle.num_classes)
