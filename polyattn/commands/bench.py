@@ -45,7 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=None, help="patch side (default 4: 257 tokens at 64x64)")
     g.add_argument("--in-chans", type=int, default=None, help="image channels (default 3)")
     g.add_argument(
-        "--amp", type=str_list, default=None, help="precisions to time, some of off,bf16 (default off = fp32)"
+        "--amp",
+        type=str_list,
+        default=None,
+        help="precisions to time, some of auto,off,bf16,fp16 "
+        "(default auto: bf16 where the device computes it natively, else fp32 = off)",
     )
 
     g = p.add_argument_group("decoding: one next-token step, KV cache vs LinearState (--decode)")

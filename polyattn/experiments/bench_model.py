@@ -6,10 +6,11 @@ attention layer is switched to one backend, and images per second over the
 timed steps are reported against softmax under ``auto`` (which runs SDPA).
 The default shape is the paper's Tiny-ImageNet ViT setting: 64x64 images,
 patch 4, 256 patches + the class token = 257 tokens, 200 classes.
-``amp`` lists the precisions to time: ``off`` (fp32) and ``bf16`` (autocast:
-bf16 matrix products in the linear layers, the attention itself in fp32, as
-the trainer's ``train.amp``). Each step is the trainer's: forward, loss,
-backward, gradient clipping, AdamW.
+``amp`` lists the precisions to time, as the trainer's ``train.amp`` names
+them: ``auto`` (the default: bf16 where the device computes it natively, else
+fp32), ``off`` (fp32), ``bf16`` (autocast: bf16 matrix products in the linear
+layers, the attention itself in fp32), ``fp16`` (GPU). Each step is the
+trainer's: forward, loss, backward, gradient clipping, AdamW.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..core.backends.auto import estimate
 from ..core.layers import PolyAttention
 from ..core.module import attention_modules
 from ..training.config import settings_from_dict
+from ..training.precision import AMP_CHOICES, amp_dtype, resolve_amp
 from ..utils.machine import machine_line
 from .bench import bench_results, write_bench_dir
 
@@ -46,7 +48,7 @@ class ModelBenchConfig:
     patch_size: int = 4
     in_chans: int = 3
     num_classes: int = 200
-    amp: list[str] = field(default_factory=lambda: ["off"])
+    amp: list[str] = field(default_factory=lambda: ["auto"])
     batch_size: int = 32
     steps: int = 5
     warmup_steps: int = 1
@@ -62,13 +64,10 @@ class ModelBenchConfig:
             raise ValueError(f"unknown backend(s) {bad}; choose from {['auto', *sorted(BACKENDS)]}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        bad = [a for a in cfg.amp if a not in _AMP]
+        bad = [a for a in cfg.amp if a not in AMP_CHOICES]
         if bad or not cfg.amp:
-            raise ValueError(f"amp: unknown setting(s) {bad}; list some of {list(_AMP)}")
+            raise ValueError(f"amp: unknown setting(s) {bad}; list some of {list(AMP_CHOICES)}")
         return cfg
-
-
-_AMP = {"off": None, "bf16": torch.bfloat16}
 
 
 def _set_backend(model: nn.Module, backend: str) -> int:
@@ -92,7 +91,7 @@ def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device, am
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
-    dtype = _AMP[amp]
+    dtype = amp_dtype(amp)
 
     def step() -> float:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -189,9 +188,11 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
     backends = list(cfg.backends)
     if device.type == "cuda" and "triton" not in backends:
         backends.append("triton")
+    # Each setting as the trainer would resolve it on this device; auto beside an explicit twin is timed once.
+    precisions = list(dict.fromkeys(resolve_amp(a, device) for a in cfg.amp))
     combos = [
         (a, b, amp)
-        for amp in cfg.amp
+        for amp in precisions
         for a in cfg.activations
         for b in backends
         if not (b == "triton" and a == "softmax" and b not in cfg.backends)

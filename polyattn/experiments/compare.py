@@ -37,10 +37,12 @@ from tqdm.auto import tqdm
 
 from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config, resolve_config
+from ..training.estimate import GridClock, fmt_duration, probe_run
+from ..training.precision import legacy_auto, resolve_run_precision, silence_emulation_warning
 from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
-from ..utils.machine import machine_info
+from ..utils.machine import cpu_class, machine_info
 from .report import compare_markdown, format_table, write_compare_figures
 
 __all__ = [
@@ -94,7 +96,7 @@ BASE_CONFIG: dict[str, Any] = {
         "seed": 0,
         "log_every": 10,
         "num_threads": 1,
-        "amp": "bf16",
+        "amp": "auto",
         "select": "best_val",
     },
     "diagnostics": {"every": 0},
@@ -251,7 +253,7 @@ def _saved_config(path: Path) -> dict:
     with the behaviour that key's default names, so a missing key is not a change."""
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     try:
-        return _normalised(resolve_config(saved))
+        return _normalised(legacy_auto(resolve_config(saved)))
     except ConfigError:  # a key since removed or renamed: compare as written, naming what differs
         return saved
 
@@ -282,7 +284,8 @@ def plan_runs(
             *run.overrides,
         ]
         try:
-            cfg = load_config(config, run_overrides, point=run.point)
+            # auto precision resolved here, once for the grid: each run records what it computes in.
+            cfg = resolve_run_precision(load_config(config, run_overrides, point=run.point))
         except ConfigError as e:
             raise ConfigError(f"run {run.name}: {e}") from None
         run_dir = root / run.name
@@ -296,9 +299,16 @@ def plan_runs(
             if saved.is_file():
                 diff = _changed(_saved_config(saved), _normalised(cfg))
                 if diff:
+                    hint = ""
+                    if any(d.startswith("train.amp:") for d in diff):
+                        hint = (
+                            "\n(train.amp=auto resolves by what this machine computes natively; --set train.amp="
+                            "<the value on disk> continues as the runs began)"
+                        )
                     raise CompareError(
                         f"{run_dir} was made with another config, so --resume cannot reuse it:\n  "
                         + "\n  ".join(diff)
+                        + hint
                         + f"\nrerun with the same settings, or choose another --out than {out_dir}"
                     )
             state = "done" if finished else "resume"
@@ -402,8 +412,9 @@ def run_grid(
     trainer's own epoch bars run inside it; with several, one bar counts the epochs of all runs.
     """
     jobs = default_jobs(planned) if jobs is None else jobs
+    clock = _announce(planned, jobs) if progress else None
     if jobs > 1 and sum(p.state != "done" for p in planned) > 1:
-        return _run_parallel(planned, progress, desc, jobs)
+        return _run_parallel(planned, progress, desc, jobs, clock)
     records = []
     bar = tqdm(
         total=len(planned),
@@ -421,7 +432,8 @@ def run_grid(
             if p.state == "done":
                 rec = _reuse(p)
             else:
-                summary = train(p.cfg, p.run_dir, resume=p.state == "resume", progress=progress)
+                callbacks = [] if clock is None else [_EpochTimer(p.run.name, clock.epoch, tqdm.write)]
+                summary = train(p.cfg, p.run_dir, resume=p.state == "resume", progress=progress, callbacks=callbacks)
                 rec = _record(p, summary, "resumed" if p.state == "resume" else "trained")
             records.append(rec)
             if progress:
@@ -432,12 +444,67 @@ def run_grid(
     return records
 
 
+def _announce(planned: Sequence[PlannedRun], jobs: int) -> GridClock | None:
+    """Print how long the grid should take here (a few timed training steps per kind of run) and
+    return the clock that refines it after the first epoch; None when nothing is left to train."""
+    todo = [p for p in planned if p.state != "done"]
+    if not todo:
+        return None
+    import resource
+
+    # A worker imports what this process has imported: its CPU time so far stands for a worker's start-up.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    startup = min(usage.ru_utime + usage.ru_stime, 30.0)
+    probes: dict[str, Any] = {}
+    runs: dict[str, tuple[int, float]] = {}
+    for p in todo:
+        # Runs that differ only in activation and seed share one probe (the first's activation).
+        shape = {**p.cfg, "model": {**p.cfg["model"], "activation": None}, "train": {**p.cfg["train"], "seed": None}}
+        key = json.dumps(shape, sort_keys=True, default=str)
+        if key not in probes:
+            try:
+                probes[key] = probe_run(p.cfg)
+            except Exception as e:  # an estimate must never stop a grid: the run itself reports real errors
+                tqdm.write(f"(no duration estimate: {type(e).__name__}: {e})", file=sys.stderr)
+                return None
+        est = probes[key]
+        runs[p.run.name] = (p.cfg["train"]["epochs"], est.seconds)
+    clock = GridClock(runs, jobs, startup if jobs > 1 else 0.0)
+    first = next(iter(probes.values()))
+    amp = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[todo[0].cfg["train"]["amp"]]
+    tqdm.write(
+        f"estimated duration on this machine ({cpu_class()}; {amp}): about {fmt_duration(clock.initial())} for "
+        f"{len(todo)} run(s), {jobs} at a time (a training step measured at {1e3 * first.step_s:.0f} ms); "
+        "refined after the first epoch",
+        file=sys.stderr,
+    )
+    return clock
+
+
+class _EpochTimer:
+    """A trainer callback that passes each epoch's wall time (evaluation and checkpoint included) to ``sink``."""
+
+    def __init__(self, name: str, sink: Any, write: Any = None) -> None:
+        self.name, self.sink, self.write = name, sink, write
+        self.last = time.perf_counter()
+
+    def __call__(self, row: dict) -> None:
+        if row.get("kind") != "epoch":
+            return
+        now = time.perf_counter()
+        line = self.sink(self.name, row["epoch"], now - self.last)
+        self.last = now
+        if line and self.write is not None:
+            self.write(line, file=sys.stderr)
+
+
 _EVENTS: Any = None  # in a worker process: the queue its epochs are reported on
 
 
 def _init_worker(events: Any) -> None:
     global _EVENTS
     _EVENTS = events
+    silence_emulation_warning()  # the parent warned once, when it planned the runs
     # Ctrl-C reaches every process of the terminal's group; the parent alone handles it (by stopping
     # the workers), so that no worker dies mid-write on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -446,14 +513,13 @@ def _init_worker(events: Any) -> None:
 def _train_worker(cfg: dict, run_dir: str, resume: bool, name: str) -> dict:
     """One run in a worker process; every finished epoch is reported to the parent."""
 
-    def report(row: dict) -> None:
-        if row.get("kind") == "epoch":
-            _EVENTS.put((name, row["epoch"]))
-
-    return train(cfg, run_dir, resume=resume, progress=False, callbacks=[report])
+    timer = _EpochTimer(name, lambda n, epoch, seconds: _EVENTS.put((n, epoch, seconds)))
+    return train(cfg, run_dir, resume=resume, progress=False, callbacks=[timer])
 
 
-def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs: int) -> list[dict]:
+def _run_parallel(
+    planned: Sequence[PlannedRun], progress: bool, desc: str, jobs: int, clock: GridClock | None = None
+) -> list[dict]:
     """run_grid with ``jobs`` worker processes. A Ctrl-C stops the workers at once: every run keeps its
     last epoch's checkpoint (written atomically), which ``--resume`` continues, and finished runs their
     summary."""
@@ -495,7 +561,7 @@ def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(events, epochs_done, bar)
+            _drain(events, epochs_done, bar, clock)
             for fut in sorted(finished, key=futures.__getitem__):
                 i = futures[fut]
                 p = planned[i]
@@ -521,16 +587,19 @@ def _run_parallel(planned: Sequence[PlannedRun], progress: bool, desc: str, jobs
     return [records[i] for i in range(total)]
 
 
-def _drain(events: Any, epochs_done: dict[str, int], bar: Any) -> None:
-    """Move the epoch counts the workers reported onto the bar."""
+def _drain(events: Any, epochs_done: dict[str, int], bar: Any, clock: GridClock | None = None) -> None:
+    """Move the epoch counts the workers reported onto the bar (and their times onto the clock)."""
     while True:
         try:
-            name, epoch = events.get_nowait()
+            name, epoch, seconds = events.get_nowait()
         except queue.Empty:
             return
         if name in epochs_done and epoch > epochs_done[name]:
             bar.update(epoch - epochs_done[name])
             epochs_done[name] = epoch
+        line = None if clock is None else clock.epoch(name, epoch, seconds)
+        if line:
+            tqdm.write(line, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- #
@@ -678,6 +747,8 @@ def compare(
                 "overrides": list(overrides),
                 "norm_every": base["diagnostics"]["every"],
                 "jobs": n_jobs,
+                "amp": base["train"]["amp"],
+                "amp_setting": load_config(path, layers)["train"]["amp"],
             },
             "metric": metric_words(records),
             "base_config": {k: v for k, v in base.items() if k != "description"},

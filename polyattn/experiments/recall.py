@@ -69,7 +69,7 @@ RECALL_CONFIG: dict[str, Any] = {
         "seed": 0,
         "log_every": 25,
         "num_threads": 1,
-        "amp": "bf16",
+        "amp": "auto",
         "select": "last",
     },
     "diagnostics": {"every": 0},
@@ -169,6 +169,8 @@ def _overview(out: Path, per_length: dict[int, dict], specs: list[str], seeds: l
             "overrides": overrides,
             "epochs": first["settings"]["epochs"],
             "model": first["settings"]["model"],
+            "amp": first["settings"].get("amp"),
+            "amp_setting": first["settings"].get("amp_setting"),
             # what defines the task (not where files live or how they load)
             "data": {
                 k: v for k, v in first["base_config"]["data"].items() if k not in ("seq_len", "root", "num_workers")
@@ -245,7 +247,8 @@ def recall_markdown(results: dict) -> str:
         + f"; base config {s['config']}"
         + (f" with --set {' '.join(s['overrides'])}" if s["overrides"] else "")
         + ".",
-        f"Machine: {results['machine_line']}. Time: {results.get('time_s', 0) / 60:.1f} min.",
+        f"Machine: {results['machine_line']}. Time: {results.get('time_s', 0) / 60:.1f} min."
+        + (f" Precision: train.amp={s['amp_setting']} -> {s['amp']}." if s.get("amp") else ""),
         "",
         "```",
         results["table_text"],

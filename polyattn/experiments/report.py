@@ -485,7 +485,20 @@ def _overrides_note(settings: Mapping) -> str:
 
 def _machine_note(machine: Mapping) -> str:
     gpu = f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU"
-    return f". Machine: {machine.get('cpu_count', '?')} CPU core(s){gpu}"
+    cpu = f" ({machine['cpu_class']})" if machine.get("cpu_class") else ""
+    return f". Machine: {machine.get('cpu_count', '?')} CPU core(s){cpu}{gpu}"
+
+
+_PRECISION_WORDS = {"off": "fp32", "bf16": "bf16 autocast (attention in fp32)", "fp16": "fp16 autocast"}
+
+
+def _precision_note(settings: Mapping) -> str:
+    """ " Precision: fp32 (train.amp=auto)." for reports of grids that record it ("" for older results)."""
+    amp = settings.get("amp")
+    if amp is None:
+        return ""
+    asked = settings.get("amp_setting")
+    return f" Precision: {_PRECISION_WORDS.get(amp, amp)}" + (f" (train.amp={asked})" if asked else "") + "."
 
 
 def _source_args(settings: Mapping) -> list[str]:
@@ -528,6 +541,7 @@ def _compare_intro(results: Mapping) -> list[str]:
         + (f", {tokens} tokens per image (class token included)" if tokens else "")
         + _machine_note(results.get("machine", {}))
         + f", torch {results.get('machine', {}).get('torch', '?')}."
+        + _precision_note(s)
         + _times(results),
         "",
     ]
@@ -740,7 +754,9 @@ def _sweep_intro(results: Mapping) -> list[str]:
         f"images; {len(s['seeds'])} seed(s), {s['epochs']} epochs per run; base config: {s['config']}"
         + _overrides_note(s)
         + _machine_note(results.get("machine", {}))
-        + (f". Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else "."),
+        + "."
+        + _precision_note(s)
+        + (f" Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else ""),
         "",
         "The paper (Figure 1, ViT-Tiny on Tiny-ImageNet, 8 to 256 tokens) reports that the scale needed for good "
         "accuracy shrinks (k grows) with the sequence length, as the theory's 1/sqrt(N) predicts. Here the "

@@ -215,6 +215,7 @@ def _results(out: Path, records: list[dict], base: dict, settings: dict) -> dict
             "dataset": base["data"]["name"],
             "model": base["model"]["name"],
             "epochs": base["train"]["epochs"],
+            "amp": base["train"]["amp"],
         },
         "metric": metric_words(records),
         "base_config": {k: v for k, v in base.items() if k not in ("description",)},

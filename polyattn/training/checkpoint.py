@@ -94,6 +94,11 @@ def refuse_changes(run_dir: Path, refused: dict[str, list]) -> None:
     if not refused:
         return
     listed = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    if "train.amp" in refused:
+        listed += (
+            f"\n  (train.amp=auto resolves by what this machine computes natively; to continue as the run "
+            f"began, pass --set train.amp={refused['train.amp'][0]})"
+        )
     raise RunDirError(
         f"cannot resume {run_dir}: the config differs from the one its checkpoint was trained with in keys "
         f"a resume cannot change:\n  {listed}\n"

@@ -67,6 +67,7 @@ from .distributed import (
     init_distributed,
     on_main,
 )
+from .precision import amp_dtype, legacy_auto, precision_line, resolve_amp
 
 __all__ = [
     "train",
@@ -126,11 +127,14 @@ def _with_new_defaults(cfg: dict) -> dict:
 
     A new key's default is the behaviour runs had before it existed (train.select=last,
     train.schedule=cosine, data.test_fraction=0, ...), so a key the checkpoint lacks is no change.
+    Checkpoints written before runs recorded their resolved precision hold train.amp=auto, which
+    then meant bf16 on a GPU that supports it and fp32 everywhere else.
     """
     try:
-        return resolve_config(copy.deepcopy(cfg))
+        out = resolve_config(copy.deepcopy(cfg))
     except ConfigError:  # a key since removed or renamed: compare as written, so the diff names it
         return copy.deepcopy(cfg)
+    return legacy_auto(out)
 
 
 def _fixed_on_resume(key: str) -> bool:
@@ -266,16 +270,6 @@ def make_scheduler(
         return lr_at(step, lr, min_lr, warmup_steps, total_steps) / lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "off":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if setting == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a GPU; use amp=off or amp=bf16 on CPU")
-    return torch.bfloat16 if setting == "bf16" else torch.float16
 
 
 # --- mixup / cutmix ---------------------------------------------------------------
@@ -541,9 +535,13 @@ def train(
     """
     cfg = resolve_config(cfg)
     env = init_distributed(cfg["train"]["device"])
+    # The run records the precision it computes in (auto resolved for this device), so that its
+    # config.yaml says what ran and a resume on the same machine compares like with like.
+    requested = cfg["train"]["amp"]
+    cfg["train"]["amp"] = resolve_amp(requested, env.device)
     threads = torch.get_num_threads()
     try:
-        return _Run(cfg, env, out_dir, resume, progress, callbacks).run()
+        return _Run(cfg, env, out_dir, resume, progress, callbacks, requested).run()
     finally:
         torch.set_num_threads(threads)  # train.num_threads applies to this run only
         cleanup_distributed(env)
@@ -552,8 +550,9 @@ def train(
 class _Run:
     """One training run; split into steps so that ``run`` reads top to bottom."""
 
-    def __init__(self, cfg, env: DistEnv, out_dir, resume: bool, progress: bool, callbacks) -> None:
+    def __init__(self, cfg, env: DistEnv, out_dir, resume: bool, progress: bool, callbacks, amp_setting: str) -> None:
         self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
+        self.amp_setting = amp_setting
         self.tc = cfg["train"]
         self.progress = progress and env.is_main
         if self.tc["num_threads"]:
@@ -615,7 +614,7 @@ class _Run:
         self.scheduler = make_scheduler(
             self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps, tc["schedule"]
         )
-        self.dtype = amp_dtype(tc["amp"], env.device)
+        self.dtype = amp_dtype(tc["amp"])
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if tc["mixup"] > 0 or tc["cutmix"] > 0:
             x0, y0 = self.bundle.train[0]
@@ -1079,6 +1078,7 @@ class _Run:
                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
                 f"{self.env.world_size} process(es) on {self.env.device})"
             )
+            self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
         recorder = self._norm_recorder()
         try:
             while self.epoch < self.tc["epochs"] and self.step < self.total_steps:

@@ -23,7 +23,7 @@ normalisation and saves one log-sum-exp per row.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -561,6 +561,8 @@ class _ChunkedFunction(torch.autograd.Function):
             out, lse = _fwd_softmax(q, k, v, plan)
             ctx.save_for_backward(q, k, v, out, lse)
         else:
+            if plan.keep_scores and not any(ctx.needs_input_grad[:4]):
+                plan = replace(plan, keep_scores=False)  # evaluation: no backward will read them
             out, kept = _fwd_elementwise(q, k, v, plan)
             ctx.save_for_backward(q, k, v, kept)
         ctx.plan = plan
