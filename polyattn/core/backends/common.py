@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,12 +33,13 @@ import torch
 
 from ..activations import Activation, ActivationLike, get_activation
 
-try:  # private, but the one test that covers every fake-tensor subclass
-    from torch._subclasses.fake_tensor import is_fake as _is_fake
-except ImportError:  # pragma: no cover - depends on the torch version
 
-    def _is_fake(t: torch.Tensor) -> bool:
-        return False
+def _is_fake(t: torch.Tensor) -> bool:
+    # Importing torch's fake-tensor module takes about a second (it loads dynamo and sympy), and no
+    # tensor can be fake before something else has imported it: look it up only when it is loaded.
+    module = sys.modules.get("torch._subclasses.fake_tensor")
+    is_fake = getattr(module, "is_fake", None)  # private, but the one test that covers every subclass
+    return bool(is_fake(t)) if is_fake is not None else False
 
 
 __all__ = [
@@ -99,7 +101,14 @@ def values_known(*tensors: torch.Tensor | None) -> bool:
     return not any(t is not None and (t.is_meta or _is_fake(t)) for t in tensors)
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn: Callable) -> Callable:
+    """torch.compiler.assume_constant_result without its cost: calling that imports dynamo (about a
+    second, with sympy) in every process that imports polyattn, compiled or not; it only sets this mark."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@assume_constant_result
 def num_threads() -> int:
     """``torch.get_num_threads()``, which dynamo cannot put in a graph.
 

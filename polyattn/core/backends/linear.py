@@ -41,6 +41,7 @@ from .common import (
     CallInfo,
     Estimate,
     MachineRates,
+    assume_constant_result,
     backend_run,
     causal_block,
     keys_only_limits,
@@ -97,7 +98,7 @@ def _feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _constant_feature_tables(d, p)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _constant_feature_tables(d: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Under torch.compile the tables become graph constants instead of dynamo
     # tracing the Python loop over all F multisets (47,905 for d = 64, p = 3).
