@@ -129,7 +129,7 @@ def test_past_key_values_is_accepted_as_the_old_name_of_cache():
     model = model_for("gpt2", "x/sqrt(N)")
     ids, mask = left_padded()
     cache = polyattn.hf.StateCache(model)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(FutureWarning, match="past_key_values"):
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3)
     assert torch.equal(out, generate(model, ids, mask, max_new_tokens=3).sequences)
     assert cache.get_seq_length() == 9 + 2 and cache.nbytes > 0
@@ -154,15 +154,15 @@ def test_use_with_cache_state_makes_it_the_default_of_generate_and_kv_undoes_it(
     model = model_for("llama", "x^2/sqrt(N)")
     ids, mask = left_padded()
     kv = generate(model, ids, mask, max_new_tokens=5, do_sample=False)
-    assert type(kv.past_key_values) is transformers.DynamicCache
+    assert type(kv.cache) is transformers.DynamicCache
     polyattn.hf.use(model, "x^2/sqrt(N)", cache="state")
     st = generate(model, ids, mask, max_new_tokens=5, do_sample=False)
-    assert isinstance(st.past_key_values, polyattn.hf.StateCache) and torch.equal(st.sequences, kv.sequences)
+    assert isinstance(st.cache, polyattn.hf.StateCache) and torch.equal(st.sequences, kv.sequences)
     mine = transformers.DynamicCache()  # the caller's own cache wins
-    assert generate(model, ids, mask, cache=mine, max_new_tokens=2).past_key_values is mine
+    assert generate(model, ids, mask, cache=mine, max_new_tokens=2).cache is mine
     polyattn.hf.use(model, "x^2/sqrt(N)")  # cache="kv"
     assert "generate" not in model.__dict__
-    assert type(generate(model, ids, mask, max_new_tokens=2).past_key_values) is transformers.DynamicCache
+    assert type(generate(model, ids, mask, max_new_tokens=2).cache) is transformers.DynamicCache
 
 
 # --- refusals ----------------------------------------------------------------------------------------------
