@@ -27,6 +27,10 @@ heads; when decoding, each group's query heads read as rows of its key/value hea
 never copied); ``scaling``; ``dropout`` in training mode only;
 ``position_bias`` (T5-style relative bias) as an additive bias; ``sliding_window``.
 It refuses ``softcap`` and attention sinks (``s_aux``), which polyattn does not compute.
+
+For x^p activations, :class:`StateCache` (:mod:`polyattn.integrations.hf_cache`) replaces the KV
+cache by the fixed-size state of :class:`polyattn.LinearState`; ``use(model, spec, cache="state")``
+makes it ``generate``'s default.
 """
 
 from __future__ import annotations
