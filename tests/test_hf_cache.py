@@ -125,6 +125,21 @@ def test_sampling_and_beam_search_pick_the_kv_caches_tokens():
         assert torch.equal(st.sequences, kv.sequences), kwargs
 
 
+def test_a_second_generate_continues_from_the_same_cache_as_with_the_kv_cache():
+    """The last generated token and 3 new ones enter the state in one call of 4 queries (causal among them)."""
+    model = model_for("llama", "x^2/sqrt(N)")
+    ids, mask = left_padded()
+    turns = {}
+    for name in ("kv", "state"):
+        cache = transformers.DynamicCache() if name == "kv" else polyattn.hf.StateCache(model)
+        first = generate(model, ids, mask, cache=cache, max_new_tokens=4, do_sample=False).sequences
+        more = torch.cat([first, torch.randint(1, VOCAB, (2, 3), generator=torch.Generator().manual_seed(9))], 1)
+        mask2 = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        turns[name] = generate(model, more, mask2, cache=cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(turns["state"].sequences, turns["kv"].sequences)
+    torch.testing.assert_close(torch.stack(turns["state"].logits), torch.stack(turns["kv"].logits), rtol=0, atol=1e-6)
+
+
 def test_past_key_values_is_accepted_as_the_old_name_of_cache():
     model = model_for("gpt2", "x/sqrt(N)")
     ids, mask = left_padded()

@@ -249,9 +249,10 @@ class StateCache(Cache):
     ``model`` (a ``PreTrainedModel`` or its config) must compute its attention with a polyattn x^p
     activation (``polyattn.hf.use(model, "x^2/sqrt(N)")``); softmax and other activations are refused,
     as are sliding-window layers and encoder-decoder models. Pass it to ``generate`` as ``cache=``
-    (``past_key_values=`` also works, with transformers' deprecation warning). One StateCache serves
-    one call: build a new one for each ``generate``. Beam search is supported (``reorder_cache``);
-    assisted decoding, which rolls back tokens (``crop``), is not.
+    (``past_key_values=`` also works, with transformers' deprecation warning). Like a KV cache, it
+    serves one batch of sequences and can be passed back to continue them (a later ``generate`` with
+    the longer ids). Beam search is supported (``reorder_cache``); assisted decoding, which rolls back
+    tokens (``crop``), is not.
     """
 
     def __init__(self, model: PreTrainedModel | PretrainedConfig) -> None:
