@@ -150,6 +150,20 @@ def test_past_key_values_is_accepted_as_the_old_name_of_cache():
     assert cache.get_seq_length() == 9 + 2 and cache.nbytes > 0
 
 
+def test_an_unpadded_prompt_enters_the_state_without_a_prompt_sized_mask(monkeypatch):
+    built = []
+    keep = hf_cache._keep
+    monkeypatch.setattr(
+        hf_cache, "_keep", lambda mask, *a: built.append(tuple(keep(mask, *a).shape[-2:])) or keep(mask, *a)
+    )
+    model = model_for("llama", "x^2/sqrt(N)")
+    ids = left_padded()[0][1:]
+    kv = generate(model, ids, None, max_new_tokens=3, do_sample=False)
+    st = generate(model, ids, None, cache=polyattn.hf.StateCache(model), max_new_tokens=3, do_sample=False)
+    assert torch.equal(st.sequences, kv.sequences)
+    assert set(built) == {(1, 1)}  # the two new tokens' own masks, per layer: nothing of the prompt's size
+
+
 # --- constant memory -------------------------------------------------------------------------------------
 def test_the_cache_bytes_do_not_grow_with_the_generated_tokens():
     model = model_for("llama", "x^2/sqrt(N)", torch.float32)

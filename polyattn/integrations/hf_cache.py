@@ -204,17 +204,20 @@ class StateLayer(CacheLayerMixin):
         kv_heads = key.shape[1]
         if heads % kv_heads:
             raise ValueError(f"query has {heads} heads and key {kv_heads}: the query heads must be a multiple")
-        keep = _keep(attention_mask, b, t_len, key.shape[-2], query.device)  # (B, 1 or H, T, T) bool
-        new_keys = _per_kv_head(keep.any(-2), kv_heads)  # a key no row may attend is padding
-
         if self.linear is None:
             # The prompt: the usual attention (any backend, the full mask), then its keys fold into the state.
+            # Without a mask every key is real: no (T, T) mask is built (4 GiB at 64k tokens).
             out = dense(query, key, value)
+            real = None
+            if attention_mask is not None:
+                real = _per_kv_head(_keep(attention_mask, b, t_len, t_len, query.device).any(-2), kv_heads)
             self.linear = LinearState(
                 act, (b, kv_heads), d, value.shape[-1], scale=scaling, dtype=query.dtype, device=query.device
             )
-            self.linear.absorb(key, value, key_mask=new_keys)
+            self.linear.absorb(key, value, key_mask=real)
             return out
+        keep = _keep(attention_mask, b, t_len, key.shape[-2], query.device)  # (B, 1 or H, T, T) bool
+        new_keys = _per_kv_head(keep.any(-2), kv_heads)  # a key no row may attend is padding
         state = self.linear
         if act != state.activation or (scaling is not None and float(scaling) != state.scale):
             raise ValueError(
