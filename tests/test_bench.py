@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from polyattn.cli import main
 
 
@@ -51,3 +53,28 @@ def test_decode_bench_compares_kv_cache_and_state(tmp_path, capsys):
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main([*argv, "--activations", "softmax", "--out", str(out)]) == 2
     assert "compares x^p activations" in capsys.readouterr().err
+
+
+def test_hf_decode_bench_generates_with_the_kv_cache_and_the_state_cache(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "dec_hf"
+    argv = ["bench", "--decode", "--hf", "--contexts", "24,48", "--layers", "1", "--heads", "2", "--kv-heads", "1"]
+    argv += ["--head-dim", "8", "--new-tokens", "3", "--activations", "x^2/sqrt(N)", "--threads", "1"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert "cache mem" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["context"], r["activation"], r["method"]) for r in rows] == [
+        (n, a, m)
+        for n in (24, 48)
+        for a, m in (("softmax", "kv-cache"), ("x^2/sqrt(N)", "kv-cache"), ("x^2/sqrt(N)", "state"))
+    ]
+    for r in rows:
+        # keys and values of the L + 2 tokens fed back, 1 layer x 1 k/v head x d = 8; or C(9, 2) x 8 floats + a count
+        expected = 2 * (r["context"] + 2) * 8 * 4 if r["method"] == "kv-cache" else (36 * 8 + 1) * 4
+        assert r["cache_bytes"] == expected and r["tokens_per_s"] > 0 and r["prefill_s"] > 0
+        assert r.get("same_tokens_as_kv_cache", True)
+    assert (out / "decode_hf.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--hf", "--out", str(out)]) == 2
+    assert "give --decode --hf" in capsys.readouterr().err
+    assert main([*argv, "--kv-heads", "3", "--out", str(out)]) == 2
+    assert "multiple of kv_heads" in capsys.readouterr().err

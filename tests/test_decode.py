@@ -71,3 +71,17 @@ def test_bad_inputs_are_named():
         LinearState.prefill(q, k, v, "x", key_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="one T and batch shape"):
         LinearState.prefill(q, k[..., :3, :], v, "x")
+
+
+def test_absorb_builds_the_state_prefill_builds(monkeypatch):
+    monkeypatch.setattr(decode, "_CHUNK", 7)
+    q, k, v = _qkv(t=20)
+    pad = torch.ones(2, 1, 20, dtype=torch.bool)
+    pad[0, :, :4] = False
+    built, _ = LinearState.prefill(q, k, v, "x^2/sqrt(N)", key_mask=pad)
+    absorbed = LinearState.empty("x^2/sqrt(N)", (2, 3), d=6, dv=5, dtype=torch.float64)
+    absorbed.absorb(k, v, key_mask=pad)
+    torch.testing.assert_close(absorbed.state, built.state, rtol=1e-12, atol=1e-12)
+    assert torch.equal(absorbed.count, built.count) and absorbed.count[:, 0].tolist() == [16.0, 20.0]
+    t = (x[..., :1, :] for x in _qkv(t=1, seed=2))
+    torch.testing.assert_close(absorbed.step(*t), built.step(*(x[..., :1, :] for x in _qkv(t=1, seed=2))))

@@ -128,3 +128,38 @@ def test_builtin_recall_config_equals_the_repository_config():
     from_file.pop("description", None)
     assert load_config(None, BASE) == from_file
     assert load_config(REPO / "configs" / "recall" / "zoology.yaml")["data"]["vocab_size"] == 8192
+
+
+@pytest.mark.parametrize("spec", ["x/sqrt(N)", "x^2/sqrt(N)", "x^3/14"])
+def test_token_by_token_decoding_through_the_state_and_a_kv_cache_equals_the_forward(spec):
+    from polyattn.experiments.recall_decode import decode_causal_lm
+
+    torch.manual_seed(0)
+    model = create_model("causal_lm", activation=spec, vocab_size=16, max_len=12, dim=16, num_heads=2).double()
+    tokens = torch.randint(0, 16, (3, 12))
+    with torch.no_grad():
+        ref = decode_causal_lm(model.eval(), tokens, "parallel")
+        for route in ("kv-cache", "state"):
+            torch.testing.assert_close(decode_causal_lm(model, tokens, route), ref, rtol=0, atol=1e-10)
+
+
+def test_check_decoding_compares_a_trained_runs_answers(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(load_config(None, [*BASE, *TINY, "train.amp=off", "model.activation=x^2/sqrt(N)"]), run, progress=False)
+    assert main(["recall", "--check-decoding", str(run), "--check-sequences", "8"]) == 0
+    assert "state vs KV cache: 0" in capsys.readouterr().out
+    result = json.loads((run / "decoding_check.json").read_text())
+    assert result["answers"] == 16 and result["differ_state_vs_kv_cache"] == 0
+    assert result["differ_kv_cache_vs_parallel"] == 0 and result["max_logit_diff_state_vs_kv_cache"] < 1e-4
+    assert len(set(result["accuracy"].values())) == 1  # one accuracy, whichever route decodes
+    soft = tmp_path / "soft"
+    train(load_config(None, [*BASE, *TINY, "train.amp=off"]), soft, progress=False)
+    assert main(["recall", "--check-decoding", str(soft), "--check-sequences", "4"]) == 0
+    assert "no state route: softmax" in capsys.readouterr().out
+    assert main(["recall", "--check-decoding", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    from polyattn.experiments.recall_decode import decode_causal_lm
+
+    softmax_lm = create_model("causal_lm", vocab_size=8, max_len=4)
+    with pytest.raises(ValueError, match="route 'state' needs an x\\^p activation.*kv-cache"):
+        decode_causal_lm(softmax_lm, torch.zeros(1, 4, dtype=torch.long), "state")

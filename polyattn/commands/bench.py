@@ -1,5 +1,6 @@
 """``polyattn bench``: time and memory of SDPA softmax vs every polyattn backend; ``--model`` for training,
-``--decode`` for generating one token (KV cache against :class:`polyattn.LinearState`)."""
+``--decode`` for generating one token (KV cache against :class:`polyattn.LinearState`), ``--decode --hf`` for
+transformers' ``generate`` (KV cache against :class:`polyattn.hf.StateCache`)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", action="store_true", help="time decoding at --contexts (uses --activations, --heads)")
     g.add_argument("--contexts", type=positive_int_list, default=None, help="context lengths (default 1024,...,65536)")
     g.add_argument("--head-dim", dest="d", type=int, default=None, help="head dimension d (default 64)")
+    g.add_argument(
+        "--hf",
+        action="store_true",
+        help="a small Llama-shaped transformers model through generate: softmax KV cache, x^p KV cache, x^p StateCache",
+    )
+    g.add_argument("--layers", type=int, default=None, help="--hf: decoder layers (default 2)")
+    g.add_argument("--kv-heads", type=int, default=None, help="--hf: key/value heads, GQA (default 2 of 4 heads)")
+    g.add_argument("--new-tokens", type=int, default=None, help="--hf: tokens generated per context (default 32)")
 
 
 _DECODE_FIELDS = ("contexts", "activations", "heads", "d", "batch", "steps", "device", "dtype", "num_threads")
+_HF_DECODE_FIELDS = (
+    "contexts",
+    "activations",
+    "layers",
+    "heads",
+    "kv_heads",
+    "d",
+    "batch",
+    "new_tokens",
+    "device",
+    "dtype",
+    "num_threads",
+)
 _GRID_FIELDS = (
     "ns",
     "ds",
@@ -99,6 +121,13 @@ def build_config(args: argparse.Namespace):
     data = _load_yaml(args.config)
     if args.decode and args.model:
         raise ValueError("--decode and --model are two different benches: give one of them")
+    if args.hf and not args.decode:
+        raise ValueError("--hf is a variant of --decode: give --decode --hf")
+    if args.decode and args.hf:
+        from ..experiments.bench_decode_hf import HFDecodeBenchConfig
+
+        data.update({k: getattr(args, k) for k in _HF_DECODE_FIELDS if getattr(args, k) is not None})
+        return HFDecodeBenchConfig.from_dict(data)
     if args.decode:
         from ..experiments.bench_decode import DecodeBenchConfig
 
@@ -127,6 +156,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    if args.decode and args.hf:
+        from ..experiments.bench_decode_hf import format_hf_decode_table, run_hf_decode_bench
+
+        out = args.out or "runs/bench_decode_hf"
+        results = run_hf_decode_bench(cfg, out, progress=progress)
+        print(format_hf_decode_table(results))
+        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode_hf.png")
+        return 0
     if args.decode:
         from ..experiments.bench_decode import format_decode_table, run_decode_bench
 

@@ -6,6 +6,7 @@ The work is :func:`polyattn.experiments.recall.recall`; this module parses flags
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import add_grid_arguments, add_jobs_argument, add_set_argument, positive_int_list, run_experiment
@@ -32,9 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_jobs_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("decoding check: a trained run's answers through the x^p state vs a KV cache")
+    g.add_argument(
+        "--check-decoding",
+        metavar="RUN_DIR",
+        default=None,
+        help="instead of training: decode validation sequences of this trained causal_lm MQAR run token by token "
+        "through a KV cache and through LinearState, compare the answers (writes RUN_DIR/decoding_check.json)",
+    )
+    g.add_argument(
+        "--check-sequences", type=int, default=200, help="validation sequences the check decodes (default 200)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check_decoding:
+        return _check_decoding(args.check_decoding, args.check_sequences)
     from ..experiments.recall import DEFAULT_RECALL_ACTIVATIONS, DEFAULT_SEQ_LENS, recall
 
     results = run_experiment(
@@ -59,4 +73,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{results['table_text']}")
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {out / results['figure']} and T<L>/ per length")
     print(f"({results['time_s'] / 60:.1f} min)")
+    return 0
+
+
+def _check_decoding(run_dir: str, num: int) -> int:
+    from ..experiments.recall_decode import check_recall_decoding, format_decoding_check
+    from ..utils import atomic_write_json
+
+    try:
+        result = check_recall_decoding(run_dir, num=num)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_decoding_check(result))
+    atomic_write_json(result, Path(run_dir) / "decoding_check.json")
+    print(f"\nwrote {Path(run_dir) / 'decoding_check.json'}")
     return 0

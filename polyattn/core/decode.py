@@ -157,6 +157,30 @@ class LinearState:
             self.count += m.sum(-1)
         return torch.cat(outs, dim=-2).to(out_dtype)
 
+    def absorb(self, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None) -> None:
+        """Add keys and values (..., T, d), (..., T, dv) to the state without computing any output.
+
+        For a prompt whose attention was already computed by :func:`polyattn.attention` (e.g. with the
+        usual backends, GQA and masks of a transformers model): afterwards the state equals the one
+        :meth:`prefill` would build. ``key_mask`` as in :meth:`prefill`.
+        """
+        _check_qkv(k, k, v)
+        self._check_fits(k, k, v)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        t_len = k.shape[-2]
+        keep = None if key_mask is None else _key_mask(key_mask, (*self.state.shape[:-2], t_len)).to(k.device)
+        p = self.activation.power
+        for i0 in range(0, t_len, _CHUNK):
+            i1 = min(t_len, i0 + _CHUNK)
+            vc = v[..., i0:i1, :]
+            if keep is None:
+                self.count += i1 - i0
+            else:
+                m = keep[..., i0:i1].to(self.dtype)
+                vc = vc * m.unsqueeze(-1)
+                self.count += m.sum(-1)
+            self.state += symmetric_features(k[..., i0:i1, :], p).transpose(-1, -2) @ vc
+
     # --- inspecting ----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:

@@ -27,6 +27,10 @@ heads; when decoding, each group's query heads read as rows of its key/value hea
 never copied); ``scaling``; ``dropout`` in training mode only;
 ``position_bias`` (T5-style relative bias) as an additive bias; ``sliding_window``.
 It refuses ``softcap`` and attention sinks (``s_aux``), which polyattn does not compute.
+
+For x^p activations, :class:`StateCache` (:mod:`polyattn.integrations.hf_cache`) replaces the KV
+cache by the fixed-size state of :class:`polyattn.LinearState`; ``use(model, spec, cache="state")``
+makes it ``generate``'s default.
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depend
 from ..core.activations import Activation, ActivationLike, get_activation
 from ..core.backends.common import values_known
 from ..core.functional import attention
+from .hf_cache import StateCache, check_default_cache, claim, set_default_cache
 from .patch import additive_mask_to_bool
 
 __all__ = [
     "DEFAULT_ACTIVATIONS",
     "PREFIX",
+    "StateCache",
     "attn_implementation_name",
     "bool_mask",
     "make_attention_forward",
@@ -146,10 +152,13 @@ def registered_names() -> list[str]:
     return sorted(_REGISTERED)
 
 
-def use(model: nn.Module, activation: ActivationLike) -> nn.Module:
+def use(model: nn.Module, activation: ActivationLike, *, cache: str = "kv") -> nn.Module:
     """Switch every attention layer of a transformers ``model`` to ``activation``; returns ``model``.
 
     Registers the activation if needed, then calls ``model.set_attn_implementation``.
+    ``cache``: what ``model.generate`` decodes with when not given a cache: ``"kv"``, transformers'
+    own KV cache, or ``"state"``, a new :class:`StateCache` per call (x^p activations only: the
+    memory stays constant in the context).
     Raises TypeError for a model that is not a transformers ``PreTrainedModel``, and
     RuntimeError naming the classes left on their old attention when transformers
     could not switch some (a model whose attention does not go through ``AttentionInterface``).
@@ -159,6 +168,7 @@ def use(model: nn.Module, activation: ActivationLike) -> nn.Module:
             f"polyattn.hf.use needs a transformers PreTrainedModel, got {type(model).__name__}; for timm or "
             "polyattn models use polyattn.patch(model, activation) instead"
         )
+    check_default_cache(cache, activation)
     name = register(activation)
     model.set_attn_implementation(name)
     # transformers only logs a warning when a model cannot switch: check, so that no layer silently stays softmax.
@@ -175,6 +185,7 @@ def use(model: nn.Module, activation: ActivationLike) -> nn.Module:
             "AttentionInterface, so polyattn cannot replace it. Use a model class whose attention does (most "
             "transformers 5 models), or switch only the sub-models that can with model.set_attn_implementation({...})"
         )
+    set_default_cache(model, cache)
     return model
 
 
@@ -243,6 +254,12 @@ def _forward(
             raise ValueError(
                 f"{name} must have shape (batch, heads, seq, head_dim) as transformers passes it, got {tuple(t.shape)}"
             )
+    state_layer = claim(key)
+    if state_layer is not None:  # decoding with a StateCache: the layer attends from its state (hf_cache.py)
+        return state_layer.attend(
+            act, module, query, attention_mask, dropout, scaling, kwargs,
+            dense=lambda q, k, v: _forward(act, module, q, k, v, attention_mask, dropout, scaling, is_causal, kwargs),
+        )  # fmt: skip
     b, heads, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if heads % kv_heads:

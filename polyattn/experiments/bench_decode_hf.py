@@ -1,0 +1,276 @@
+"""``polyattn bench --decode --hf``: generation through transformers' ``generate``, KV cache against StateCache.
+
+A small Llama-shaped model (random weights, built from a config: nothing is downloaded) reads a
+prompt of L tokens and generates ``new_tokens`` more with ``model.generate``, three ways:
+
+- ``softmax`` with transformers' KV cache (its own SDPA attention);
+- ``<spec>`` with the KV cache: polyattn's attention over the cached keys (``polyattn.hf.use``);
+- ``<spec>`` with :class:`polyattn.hf.StateCache`: the x^p state, whatever L.
+
+Decoding is timed step by step from the first generated token to the last (a stopping criterion
+stamps each token); tokens/s is that of the fastest step (``mean_tokens_per_s`` is kept too), and the
+prompt's prefill is reported apart (``prefill_s``: the prompt plus the first token). Memory is
+what the cache holds after generation, counted from its tensors, and on CUDA also the peak memory
+allocated during decoding (weights and activations included).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.activations import get_activation
+from ..training.config import settings_from_dict
+from ..utils.machine import machine_line
+from .bench import bench_results, write_bench_dir
+
+__all__ = ["HFDecodeBenchConfig", "format_hf_decode_table", "run_hf_decode_bench"]
+
+
+@dataclass
+class HFDecodeBenchConfig:
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    activations: list[str] = field(default_factory=lambda: ["x/sqrt(N)", "x^2/sqrt(N)"])
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    d: int = 32
+    mlp: int = 256
+    vocab: int = 256
+    batch: int = 1
+    new_tokens: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+    num_threads: int | None = None
+    seed: int = 0
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> HFDecodeBenchConfig:
+        cfg = settings_from_dict(HFDecodeBenchConfig, data, "hf decode bench config")
+        if not cfg.contexts or any(int(n) < 1 for n in cfg.contexts):
+            raise ValueError(f"contexts must be positive token counts, got {cfg.contexts}")
+        for spec in cfg.activations:
+            if not get_activation(spec).is_polynomial:
+                raise ValueError(
+                    f"--decode --hf compares x^p activations (which a StateCache can decode) with softmax, got "
+                    f"{spec!r}; e.g. x^2/sqrt(N)"
+                )
+        if min(cfg.layers, cfg.heads, cfg.kv_heads, cfg.d, cfg.mlp, cfg.vocab, cfg.batch) < 1:
+            raise ValueError("layers, heads, kv_heads, d, mlp, vocab and batch must be >= 1")
+        if cfg.heads % cfg.kv_heads:
+            raise ValueError(f"heads ({cfg.heads}) must be a multiple of kv_heads ({cfg.kv_heads})")
+        if cfg.new_tokens < 2:
+            raise ValueError(f"new_tokens must be >= 2 (the first one comes with the prefill), got {cfg.new_tokens}")
+        if cfg.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
+        return cfg
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(cfg: HFDecodeBenchConfig, device: torch.device, dtype: torch.dtype):
+    """The Llama-shaped model of the bench: random weights (std 0.2), RoPE, GQA, positions up to the longest L."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.heads * cfg.d,
+        intermediate_size=cfg.mlp,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.d,
+        max_position_embeddings=max(cfg.contexts) + cfg.new_tokens,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(cfg.seed)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # every run generates exactly new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes a transformers cache holds: a StateCache's states, or a KV cache's keys and values."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes)
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it stamps the time of each generated token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 1 and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the decoding phase's peak, after the prefill
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_timed(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any = None) -> dict[str, Any]:
+    """One ``generate`` of ``new_tokens`` after the prompt ``ids``: decoding tokens/s, prefill time, cache bytes."""
+    from transformers import StoppingCriteriaList
+
+    device = ids.device
+    clock = _StepClock(device)
+    extra = {} if cache is None else {"cache": cache}
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([clock]),
+            return_dict_in_generate=True,
+            **extra,
+        )
+    if len(clock.stamps) != new_tokens:
+        raise RuntimeError(f"generate stopped after {len(clock.stamps)} of {new_tokens} tokens")
+    steps = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
+    row = {
+        "prefill_s": clock.stamps[0] - t0,
+        "step_times_s": steps,
+        # The fastest step, as the other benches take the fastest run: on a shared machine the slow ones measure
+        # the neighbours; the mean over all steps is kept too.
+        "tokens_per_s": ids.shape[0] / min(steps),
+        "mean_tokens_per_s": ids.shape[0] * len(steps) / sum(steps),
+        "cache_bytes": cache_bytes(out.cache),
+        "sequences": out.sequences,
+    }
+    if device.type == "cuda":
+        row["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return row
+
+
+def _device(cfg: HFDecodeBenchConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_hf_decode_bench(
+    cfg: HFDecodeBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True
+) -> dict:
+    """Generate at every context with each (activation, cache); returns the rows also written to ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    import polyattn.hf
+
+    device, dtype = _device(cfg), _DTYPES[cfg.dtype]
+    old_threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    t_start = time.perf_counter()
+    model = build_model(cfg, device, dtype)
+    methods = [("softmax", "kv-cache")]
+    methods += [(get_activation(a).spec, kind) for a in cfg.activations for kind in ("kv-cache", "state")]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(cfg.contexts) * len(methods), desc="hf decode bench", disable=not progress, leave=False)
+    try:
+        # A short warm-up generate per method, so that no row pays for first-call setup.
+        warm = torch.randint(1, cfg.vocab, (cfg.batch, 16), generator=torch.Generator().manual_seed(cfg.seed))
+        for length in [None, *cfg.contexts]:
+            g = torch.Generator().manual_seed(cfg.seed + (length or 0))
+            ids = warm if length is None else torch.randint(1, cfg.vocab, (cfg.batch, int(length)), generator=g)
+            ids = ids.to(device)
+            tokens = {}
+            for spec, kind in methods:
+                if spec == "softmax":
+                    model.set_attn_implementation("sdpa")
+                else:
+                    polyattn.hf.use(model, spec)
+                cache = polyattn.hf.StateCache(model) if kind == "state" else None
+                row = generate_timed(model, ids, 3 if length is None else cfg.new_tokens, cache)
+                if length is None:
+                    continue
+                seq = row.pop("sequences")
+                if kind == "state":  # the state decodes the same tokens as polyattn over the KV cache
+                    row["same_tokens_as_kv_cache"] = bool(torch.equal(seq, tokens[spec]))
+                tokens[spec] = seq
+                rows.append({"context": int(length), "activation": spec, "method": kind, **row})
+                bar.update(1)
+        machine = machine_line(device.type)
+    finally:
+        bar.close()
+        torch.set_num_threads(old_threads)
+    base = {r["context"]: r for r in rows if r["activation"] == "softmax"}
+    for r in rows:
+        r["vs_softmax"] = r["tokens_per_s"] / base[r["context"]]["tokens_per_s"]
+    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
+    if out_dir is not None:
+        out = write_bench_dir(out_dir, cfg, results, format_hf_decode_table(results))
+        results["plots"] = [str(_plot(results, out / "decode_hf.png"))]
+    return results
+
+
+def format_hf_decode_table(results: dict) -> str:
+    cfg = results["config"]
+    cuda = any("peak_bytes" in r for r in results["rows"])
+    lines = [
+        f"polyattn bench --decode --hf on {results['machine']}",
+        f"Llama-shaped model through generate: {cfg['layers']} layers, {cfg['heads']} heads ({cfg['kv_heads']} k/v), "
+        f"d = {cfg['d']}, batch {cfg['batch']}, {cfg['dtype']}; {cfg['new_tokens']} new tokens after a prompt of "
+        "`context` tokens; tokens/s of the fastest of tokens 2..n",
+        "",
+        f"{'context':>8} {'activation':<14} {'cache':<9} {'tokens/s':>10} {'vs softmax':>11} {'cache mem':>10} "
+        + (f"{'peak (GPU)':>11} " if cuda else "")
+        + f"{'prefill':>9}",
+    ]
+    for r in results["rows"]:
+        peak = f"{_mib(r['peak_bytes']):>11} " if cuda else ""
+        mark = "" if r.get("same_tokens_as_kv_cache", True) else "  (tokens differ from the KV cache's)"
+        lines.append(
+            f"{r['context']:>8} {r['activation']:<14} {r['method']:<9} {r['tokens_per_s']:>10.1f} "
+            f"{r['vs_softmax']:>10.2f}x {_mib(r['cache_bytes']):>10} {peak}{r['prefill_s']:>7.2f} s{mark}"
+        )
+    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _plot(results: dict, path: os.PathLike) -> os.PathLike:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[str, list[dict]] = {}
+    for r in results["rows"]:
+        series.setdefault(f"{r['activation']} ({r['method']})", []).append(r)
+    for name, rs in series.items():
+        xs = [r["context"] for r in rs]
+        style = "--" if "kv-cache" in name else "-"
+        ax_t.plot(xs, [r["tokens_per_s"] for r in rs], style, marker="o", label=name)
+        ax_m.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], style, marker="o", label=name)
+    for ax, label in ((ax_t, "generate: tokens/s"), (ax_m, "cache memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(results["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
