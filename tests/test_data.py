@@ -342,3 +342,15 @@ def test_digits_test_split_and_image_size():
     assert x.shape == (1, 16, 16) and big.model_overrides["img_size"] == 16
     with pytest.raises(DatasetError, match="must be below 1"):
         build_dataset({**base, "val_fraction": 0.5, "test_fraction": 0.5, "image_size": 8}, 0)
+
+
+def test_digits_read_from_the_bundled_file_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from polyattn.data.digits import _bundled_csv, load_digits_tensors
+
+    assert _bundled_csv() is not None  # else the fallback below is all that runs
+    images, labels = load_digits_tensors()
+    d = load_digits()
+    assert torch.equal(images, torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0)
+    assert torch.equal(labels, torch.as_tensor(d.target, dtype=torch.long))
