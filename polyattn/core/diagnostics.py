@@ -81,18 +81,21 @@ def _frobenius(t: torch.Tensor) -> torch.Tensor:
 def _softmax_jacobian_fro(a: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of the Jacobian of row-wise softmax, from A alone.
 
-    Masked entries of ``a`` are 0 and so drop out of every sum; an empty row
+    Per row, with m the largest entry and r, q, t the sums of the other entries, their squares and
+    their cubes (so 1 - m = r and sum a^2 = m^2 + q, without the cancellation of 1 - m when the row
+    is nearly one-hot): ``||J||_F^2 = m^2 (r^2 + q) + q (1 + m^2 + q) - 2 t``, the closed form above
+    summed out. Masked entries of ``a`` are 0 and so drop out of every sum; an empty row
     (all zeros) contributes 0.
     """
-    idx = a.argmax(dim=-1, keepdim=True)
-    is_max = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
-    rest = torch.where(is_max, torch.zeros_like(a), a)  # the row without its largest entry
-    a2 = a.square()
-    s2 = a2.sum(dim=-1, keepdim=True)
-    one_minus_a = torch.where(is_max, rest.sum(dim=-1, keepdim=True), 1.0 - a)
-    s2_minus_a2 = torch.where(is_max, rest.square().sum(dim=-1, keepdim=True), s2 - a2)
-    per_entry = a2 * (one_minus_a.square() + s2_minus_a2)
-    return per_entry.sum(dim=(-2, -1)).clamp_min(0).sqrt()
+    m, idx = a.max(dim=-1, keepdim=True)
+    rest = a.scatter(-1, idx, 0.0)  # the row without its largest entry
+    r = rest.sum(dim=-1, keepdim=True)
+    rest2 = rest.square()
+    q = rest2.sum(dim=-1, keepdim=True)
+    t = (rest2 * rest).sum(dim=-1, keepdim=True)
+    m2 = m.square()
+    per_row = m2 * (r.square() + q) + q * (1.0 + m2 + q) - 2.0 * t
+    return per_row.sum(dim=(-2, -1)).clamp_min(0).sqrt()
 
 
 def _elementwise_jacobian_fro(scores: torch.Tensor, act: Activation, mask: torch.Tensor | None) -> torch.Tensor:
