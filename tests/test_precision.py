@@ -159,11 +159,13 @@ def test_grid_duration_estimates():
     assert est.step_s > 0 and est.record_s >= 0
     assert est.steps == 8 and est.recordings == 4 and est.eval_examples == 2 * 30
     assert est.seconds >= est.steps * est.step_s
-    clock = GridClock({"a": (2, 4.0), "b": (2, 8.0)}, jobs=1)
-    assert clock.initial() == 12.0
-    line = clock.epoch("a", 1, 3.0)  # a runs at 1.5x its estimate: so will b
-    assert line is not None and "after the first epoch (3.0 s)" in line
-    assert clock.epoch("a", 2, 3.0) is None  # refined once
+    clock = GridClock({"a": (3, 6.0), "b": (3, 12.0)}, jobs=1, startup_s=1.0)
+    assert clock.initial() == 19.0
+    assert clock.epoch("a", 1, 9.0) is None  # a first epoch holds the run's start: not a pace
+    line = clock.epoch("a", 2, 3.0)  # a runs at 1.5x its estimate: so will b
+    assert line is not None and "after a measured epoch (3.0 s)" in line
+    assert line.endswith("21 s left")  # a's last epoch (3 s) and b's three (18 s), one at a time
+    assert clock.epoch("a", 3, 3.0) is None  # refined once
 
 
 def test_compare_prints_its_estimate_and_the_refinement(tmp_path, capsys):
@@ -173,4 +175,4 @@ def test_compare_prints_its_estimate_and_the_refinement(tmp_path, capsys):
     assert main([*argv, "--jobs", "1", "--set", *TINY]) == 0
     err = capsys.readouterr().err
     assert "estimated duration on this machine (" in err and "a training step measured at" in err
-    assert "after the first epoch (" in err
+    assert "after a measured epoch (" in err

@@ -446,7 +446,7 @@ def run_grid(
 
 def _announce(planned: Sequence[PlannedRun], jobs: int) -> GridClock | None:
     """Print how long the grid should take here (a few timed training steps per kind of run) and
-    return the clock that refines it after the first epoch; None when nothing is left to train."""
+    return the clock that refines it once an epoch is measured; None when nothing is left to train."""
     todo = [p for p in planned if p.state != "done"]
     if not todo:
         return None
@@ -475,7 +475,7 @@ def _announce(planned: Sequence[PlannedRun], jobs: int) -> GridClock | None:
     tqdm.write(
         f"estimated duration on this machine ({cpu_class()}; {amp}): about {fmt_duration(clock.initial())} for "
         f"{len(todo)} run(s), {jobs} at a time (a training step measured at {1e3 * first.step_s:.0f} ms); "
-        "refined after the first epoch",
+        "refined once an epoch is measured",
         file=sys.stderr,
     )
     return clock

@@ -131,8 +131,10 @@ def fmt_duration(seconds: float) -> str:
 class GridClock:
     """The estimate of a running grid: the probe's until epochs are measured, then theirs.
 
-    ``epoch(name, seconds)`` takes the wall time a run spent on one epoch (training, evaluation,
-    norms, checkpoint); the first call returns the refined line to print, later calls return None.
+    ``epoch(name, epoch, seconds)`` takes the wall time a run spent on one epoch (training,
+    evaluation, norms, checkpoint). A run's first epoch also holds its start (a worker's imports,
+    the data, the model), so the pace is read from the epochs after it: the first such epoch
+    returns the refined line to print, later calls return None.
     """
 
     def __init__(self, runs: dict[str, tuple[int, float]], jobs: int, startup_s: float = 0.0) -> None:
@@ -142,7 +144,6 @@ class GridClock:
         self.startup_s = startup_s
         self.start = time.perf_counter()
         self.done: dict[str, int] = dict.fromkeys(runs, 0)
-        self.measured: list[float] = []
         self.refined = False
 
     def initial(self) -> float:
@@ -151,22 +152,21 @@ class GridClock:
     def epoch(self, name: str, epoch: int, seconds: float) -> str | None:
         if name not in self.done:
             return None
+        first = self.done[name] == 0
         self.done[name] = max(self.done[name], epoch)
-        self.measured.append(seconds)
-        if self.refined:
+        if self.refined or first:
             return None
         self.refined = True
-        per_epoch = sum(self.measured) / len(self.measured)
-        # Each run's remaining epochs at the measured pace, scaled by its own estimate relative to the measured run's.
-        scale_ref = self.runs[name][1] / max(self.runs[name][0], 1)
+        # Every run's remaining epochs at the measured pace, scaled by its estimate relative to this run's.
+        pace = seconds / (self.runs[name][1] / max(self.runs[name][0], 1))
         remaining = [
-            (epochs - self.done[n]) * per_epoch * (est / max(epochs, 1)) / scale_ref
+            (epochs - self.done[n]) * est / max(epochs, 1) * pace
             for n, (epochs, est) in self.runs.items()
             if epochs > self.done[n]
         ]
         elapsed = time.perf_counter() - self.start
         left = grid_seconds(remaining, self.jobs)
         return (
-            f"after the first epoch ({per_epoch:.1f} s): about {fmt_duration(elapsed + left)} in all, "
+            f"after a measured epoch ({seconds:.1f} s): about {fmt_duration(elapsed + left)} in all, "
             f"{fmt_duration(left)} left"
         )
