@@ -205,3 +205,35 @@ def test_bad_inputs_are_clear_errors():
     if torch.device("meta") != q.device:
         with pytest.raises(ValueError, match="move it with"):
             polyattn.attention_varlen(q, k, v, cu.to("meta"))
+
+
+def test_linear_state_prefill_varlen_continues_every_document():
+    lens = [6, 0, 1, 11]
+    cu = _cu(lens)
+    q, k, v = _packed(lens)
+    state, out = polyattn.LinearState.prefill_varlen(q, k, v, cu, "x^2/sqrt(N)")
+    assert tuple(state.state.shape[:2]) == (len(lens), H) and state.count[:, 0].tolist() == lens
+    want = polyattn.attention_varlen(q, k, v, cu, activation="x^2/sqrt(N)", causal=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    # One more token per document: each row of the state continues its own document only.
+    g = torch.Generator().manual_seed(9)
+    qt = torch.randn(len(lens), H, 1, D, generator=g, dtype=torch.float64)
+    kt = torch.randn(len(lens), HK, 1, D, generator=g, dtype=torch.float64)
+    vt = torch.randn(len(lens), HK, 1, DV, generator=g, dtype=torch.float64)
+    got = state.step(qt, kt.repeat_interleave(H // HK, 1), vt.repeat_interleave(H // HK, 1))
+    longer = [n + 1 for n in lens]
+    q2, k2, v2, starts = [], [], [], _cu(lens).tolist()
+    for i, n in enumerate(lens):
+        a = starts[i]
+        q2 += [q[a : a + n], qt[i].transpose(0, 1)]
+        k2 += [k[a : a + n], kt[i].transpose(0, 1)]
+        v2 += [v[a : a + n], vt[i].transpose(0, 1)]
+    full = polyattn.attention_varlen(
+        torch.cat(q2), torch.cat(k2), torch.cat(v2), _cu(longer), activation="x^2/sqrt(N)", causal=True
+    )
+    last = _cu(longer)[1:].long() - 1
+    torch.testing.assert_close(got[:, :, 0], full[last], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="x\\^p activation"):
+        polyattn.LinearState.prefill_varlen(q, k, v, cu, "softmax")
+    with pytest.raises(TypeError, match="int32"):
+        polyattn.LinearState.prefill_varlen(q, k, v, cu.long(), "x^2")
