@@ -8,11 +8,13 @@ document (causal included). The result equals :func:`polyattn.attention` run on 
 
 Backends:
 
-- ``reference``, ``sdpa``, ``linear``, ``triton``: the backend run on each document in turn (the
-  readable definition is the ``reference`` loop); ``linear`` thus keeps one state per document, its
-  causal prefix sums restarting at every boundary;
+- ``reference``, ``sdpa``, ``linear``: the backend run on each document in turn (the readable
+  definition is the ``reference`` loop); ``linear`` thus keeps one state per document, its causal
+  prefix sums restarting at every boundary;
 - ``chunked``: one tiled pass over the packed tensors whose tiles never cross a document
-  (:mod:`.backends.chunked_varlen`); memory O(total * block), no (total, total) mask.
+  (:mod:`.backends.chunked_varlen`); memory O(total * block), no (total, total) mask;
+- ``triton``: one fused kernel launch per pass whose programs read their document's offsets from
+  cu_seqlens, as flash-attn's varlen kernels (:mod:`.backends.triton_varlen`).
 
 ``backend="auto"`` prices each backend per document with the cost model of ``polyattn.attention``
 and takes the cheapest; :func:`explain_varlen` (or ``explain_backend(..., cu_seqlens_q=...)``) shows it.
@@ -30,6 +32,7 @@ from .backends import BACKENDS, TINY_ENTRIES, BackendChoice, BackendUnsupported
 from .backends.auto import estimate
 from .backends.chunked_varlen import chunked_varlen
 from .backends.common import CallInfo
+from .backends.triton_varlen import triton_varlen
 from .functional import attention, autocast_off, compute_dtype
 
 __all__ = ["attention_varlen", "explain_varlen", "packed_row_counts", "select_backend_varlen"]
@@ -181,10 +184,7 @@ def _unsupported(name: str, infos: list[tuple[int, CallInfo]], act: Activation) 
     probe = infos[0][1] if infos else None
     if probe is None:
         return None
-    why_not = backend.unsupported(probe)
-    if why_not is None and name == "triton" and probe.device.type != "cuda":
-        why_not = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
-    return why_not
+    return backend.unsupported(probe)
 
 
 def _choose(q: torch.Tensor, v: torch.Tensor, act: Activation, docs: Docs, causal: bool) -> BackendChoice:
@@ -192,11 +192,15 @@ def _choose(q: torch.Tensor, v: torch.Tensor, act: Activation, docs: Docs, causa
     candidates: list[tuple[str, float | None, str]] = []
     for name in BACKENDS:
         why_not = _unsupported(name, infos, act)
+        if why_not is None and name == "triton" and q.device.type != "cuda":
+            why_not = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
         if why_not is not None:
             candidates.append((name, None, why_not))
             continue
         seconds = sum(count * estimate(name, info).seconds for count, info in infos)
-        how = "one tiled pass, tiles inside documents" if name == "chunked" else "one call per document"
+        how = {"chunked": "one tiled pass, tiles inside documents", "triton": "one kernel, offsets read in it"}.get(
+            name, "one call per document"
+        )
         candidates.append((name, seconds, f"{len(docs)} documents, {how}"))
     entries = sum(count * info.bh * info.nq * info.nk for count, info in infos)
     supported = [(t, n) for n, t, _ in candidates if t is not None and t != math.inf]
@@ -320,6 +324,29 @@ def _chunked(
     return out.to(out_dtype)
 
 
+def _triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    act: Activation,
+    docs: Docs,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    out_dtype = q.dtype
+    cd = BACKENDS["triton"].compute_dtype(out_dtype, q.device)
+    q, k, v = q.to(cd), k.to(cd), v.to(cd)
+    counts = packed_row_counts(cu_q, cu_k, causal) if act.is_dynamic else None
+    scale_value = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    max_q = max(b - a for a, b, _, _ in docs)
+    max_k = max(d - c for _, _, c, d in docs)
+    with autocast_off(q.device.type):
+        out = triton_varlen(q, k, v, act, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale_value, row_counts=counts)
+    return out.to(out_dtype)
+
+
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -363,7 +390,9 @@ def attention_varlen(
                 f"backend {backend!r} cannot compute this packed call: {why_not}. Use backend='auto' (which picks "
                 "one that can) or backend='reference'."
             )
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     if backend == "chunked":
-        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
         return _chunked(q, k, v, act, docs, cu_seqlens_q, cu_k, causal, scale)
+    if backend == "triton":
+        return _triton(q, k, v, act, docs, cu_seqlens_q, cu_k, causal, scale)
     return _per_document(q, k, v, act, docs, causal, scale, backend)
