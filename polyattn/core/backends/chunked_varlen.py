@@ -125,11 +125,14 @@ def chunked_varlen(
     total_q, heads, d = q.shape
     total_k, kv_heads, dv = v.shape
     groups_q = heads // kv_heads
-    # (total, Hk, G, d) -> (Hk, G * total, d): a group's query heads become rows of its k/v head.
-    qf = q.reshape(total_q, kv_heads, groups_q, d).permute(1, 2, 0, 3).reshape(kv_heads, groups_q * total_q, d)
-    kf = k.transpose(0, 1).contiguous()
-    vf = v.transpose(0, 1).contiguous()
-    qf = qf.contiguous()
+    # (total, Hk, G, d) -> (Hk, G * total, d): a group's query heads become rows of its k/v head. k and v
+    # (and q without GQA) are read as strided views, rows H * d apart: the tiles' products take them as
+    # they are, and the gradients come back in the packed layout.
+    kf, vf = k.transpose(0, 1), v.transpose(0, 1)
+    if groups_q == 1:
+        qf = q.transpose(0, 1)
+    else:
+        qf = q.reshape(total_q, kv_heads, groups_q, d).permute(1, 2, 0, 3).reshape(kv_heads, groups_q * total_q, d)
     layout = Layout(kv_heads, groups_q * total_q, total_k, d, dv)
 
     def stacked(t: torch.Tensor) -> torch.Tensor:  # (total_q,) -> (1, G * total_q, 1)
@@ -147,4 +150,4 @@ def chunked_varlen(
         activation, docs, layout, groups_q, total_q, scale, causal, r, bias, q.device, q.element_size(), block_sizes
     )
     out = _ChunkedFunction.apply(qf, kf, vf, bias.flat if bias is not None else None, plan)
-    return out.reshape(kv_heads, groups_q, total_q, dv).permute(2, 0, 1, 3).reshape(total_q, heads, dv)
+    return out.reshape(kv_heads, groups_q, total_q, dv).permute(2, 0, 1, 3).reshape(total_q, heads, dv).contiguous()
