@@ -363,7 +363,8 @@ def attention_varlen(
     """Attention over packed documents, as ``flash_attn_varlen_func``; returns (total_q, H, dv).
 
     - q (total_q, H, d), k (total_k, Hk, d), v (total_k, Hk, dv); H a multiple of Hk (grouped-query
-      attention: query head h reads k/v head h // (H / Hk); k and v are never repeated per query head).
+      attention: query head h reads k/v head h // (H / Hk); chunked and triton read k and v as they
+      are, the per-document backends broadcast them as :func:`polyattn.attention` does).
     - ``cu_seqlens_q`` int32 (docs + 1,): document i is q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]];
       ``cu_seqlens_k`` likewise for k and v (None: the same as the queries). Empty documents are
       allowed; a query document with no keys outputs zeros.
