@@ -1,6 +1,7 @@
 """``polyattn bench``: time and memory of SDPA softmax vs every polyattn backend; ``--model`` for training,
 ``--decode`` for generating one token (KV cache against :class:`polyattn.LinearState`), ``--decode --hf`` for
-transformers' ``generate`` (KV cache against :class:`polyattn.hf.StateCache`)."""
+transformers' ``generate`` (KV cache against :class:`polyattn.hf.StateCache`), ``--varlen`` for packed documents
+(``polyattn.attention_varlen`` against padding and a block-diagonal mask)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-heads", type=int, default=None, help="--hf: key/value heads, GQA (default 2 of 4 heads)")
     g.add_argument("--new-tokens", type=int, default=None, help="--hf: tokens generated per context (default 32)")
 
+    g = p.add_argument_group("packed sequences: packed vs padded vs block-diagonal mask (--varlen)")
+    g.add_argument(
+        "--varlen",
+        action="store_true",
+        help="time attention_varlen against padding and a block mask (forward+backward)",
+    )
+    g.add_argument(
+        "--lengths",
+        type=positive_int_list,
+        default=None,
+        help="document lengths (default 1024,256,4096,512,2048,768,3072,1536)",
+    )
+    g.add_argument("--not-causal", action="store_true", help="bidirectional attention (default causal)")
 
+
+_VARLEN_FIELDS = ("lengths", "activations", "heads", "d", "repeats", "device", "dtype", "num_threads")
 _DECODE_FIELDS = ("contexts", "activations", "heads", "d", "batch", "steps", "device", "dtype", "num_threads")
 _HF_DECODE_FIELDS = (
     "contexts",
@@ -119,8 +135,8 @@ def _load_yaml(path_text: str | None) -> dict[str, Any]:
 def build_config(args: argparse.Namespace):
     """Defaults < --quick < --config file < explicit options."""
     data = _load_yaml(args.config)
-    if args.decode and args.model:
-        raise ValueError("--decode and --model are two different benches: give one of them")
+    if sum(map(bool, (args.decode, args.model, args.varlen))) > 1:
+        raise ValueError("--decode, --model and --varlen are different benches: give one of them")
     if args.hf and not args.decode:
         raise ValueError("--hf is a variant of --decode: give --decode --hf")
     if args.decode and args.hf:
@@ -128,6 +144,15 @@ def build_config(args: argparse.Namespace):
 
         data.update({k: getattr(args, k) for k in _HF_DECODE_FIELDS if getattr(args, k) is not None})
         return HFDecodeBenchConfig.from_dict(data)
+    if args.varlen:
+        from ..experiments.bench_varlen import VarlenBenchConfig
+
+        data.update({k: getattr(args, k) for k in _VARLEN_FIELDS if getattr(args, k) is not None})
+        if args.not_causal:
+            data["causal"] = False
+        if args.no_memory:
+            data["memory"] = False
+        return VarlenBenchConfig.from_dict(data)
     if args.decode:
         from ..experiments.bench_decode import DecodeBenchConfig
 
@@ -163,6 +188,14 @@ def run(args: argparse.Namespace) -> int:
         results = run_hf_decode_bench(cfg, out, progress=progress)
         print(format_hf_decode_table(results))
         print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode_hf.png")
+        return 0
+    if args.varlen:
+        from ..experiments.bench_varlen import format_varlen_table, run_varlen_bench
+
+        out = args.out or "runs/bench_varlen"
+        results = run_varlen_bench(cfg, out, progress=progress)
+        print(format_varlen_table(results))
+        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml")
         return 0
     if args.decode:
         from ..experiments.bench_decode import format_decode_table, run_decode_bench

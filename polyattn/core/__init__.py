@@ -11,6 +11,7 @@ from .functional import attention
 from .layers import PolyAttention
 from .masking import causal_mask, padding_to_attn_mask
 from .module import AttentionModule, attention_modules, get_activations, set_activation
+from .varlen import attention_varlen
 
 __all__ = [
     "Activation",
@@ -20,6 +21,7 @@ __all__ = [
     "NormRecorder",
     "PolyAttention",
     "attention",
+    "attention_varlen",
     "attention_modules",
     "attention_norms",
     "causal_mask",

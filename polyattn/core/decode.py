@@ -105,6 +105,47 @@ class LinearState:
                     device=q.device)  # fmt: skip
         return state, state.extend(q, k, v, key_mask=key_mask)
 
+    @classmethod
+    def prefill_varlen(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        activation: ActivationLike,
+        *,
+        scale: float | None = None,
+    ) -> tuple[LinearState, torch.Tensor]:
+        """One state per document of a packed prompt, and the prompt's causal output (total, H, dv).
+
+        q (total, H, d), k (total, Hk, d), v (total, Hk, dv) and int32 ``cu_seqlens`` (docs + 1,) as in
+        :func:`polyattn.attention_varlen` (H a multiple of Hk). The state's batch shape is (docs, H): row i
+        continues document i, so :meth:`step` then takes (docs, H, 1, d) with one new token per document.
+        An empty document gets an empty state (its first step attends to its own key only).
+        """
+        from .varlen import _check_tensors, _documents  # varlen imports the backends, decode only its tables
+
+        _check_tensors(q, k, v)
+        docs = _documents(q, k, cu_seqlens, None, None, None)
+        heads, groups = q.shape[1], q.shape[1] // k.shape[1]
+        state = cls(activation, (len(docs), heads), q.shape[2], v.shape[2], scale=scale, dtype=q.dtype,
+                    device=q.device)  # fmt: skip
+        outs = []
+        for i, (a, b, _, _) in enumerate(docs):
+            if b == a:
+                continue
+            # (n, H, d) -> (H, n, d). The state is kept per query head (step takes q, k, v with H heads), so
+            # each k/v head is repeated for its group's query heads here, one document at a time.
+            qd = q[a:b].transpose(0, 1)
+            kd, vd = (t[a:b].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k, v))
+            doc = cls(state.activation, (heads,), q.shape[2], v.shape[2], scale=state.scale, dtype=q.dtype,
+                      device=q.device)  # fmt: skip
+            outs.append(doc.extend(qd, kd, vd).transpose(0, 1))
+            state.state[i] = doc.state
+            state.count[i] = doc.count
+        out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, heads, v.shape[2])
+        return state, out
+
     # --- advancing -----------------------------------------------------------------------------
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: q, k (..., 1, d) or (..., d), v likewise; returns the same layout."""

@@ -31,6 +31,11 @@ It refuses ``softcap`` and attention sinks (``s_aux``), which polyattn does not 
 For x^p activations, :class:`StateCache` (:mod:`polyattn.integrations.hf_cache`) replaces the KV
 cache by the fixed-size state of :class:`polyattn.LinearState`; ``use(model, spec, cache="state")``
 makes it ``generate``'s default.
+
+Padding-free packed batches (``DataCollatorWithFlattening``: one row, ``position_ids`` restarting at 0
+per document, optionally the ``cu_seq_lens_*`` kwargs) run through :func:`polyattn.attention_varlen`,
+as ``flash_attention_2`` runs them through ``flash_attn_varlen_func``: each document attends to itself
+only and N is counted per document, so a packed step equals the padded one.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depend
 from ..core.activations import Activation, ActivationLike, get_activation
 from ..core.backends.common import values_known
 from ..core.functional import attention
+from ..core.varlen import attention_varlen
 from .hf_cache import StateCache, check_default_cache, claim, set_default_cache
 from .patch import additive_mask_to_bool
 
@@ -268,6 +274,10 @@ def _forward(
             "multiple of the key/value heads; check num_attention_heads and num_key_value_heads in the config"
         )
 
+    packed = _packed_offsets(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    if packed is not None:
+        return _forward_packed(act, query, key, value, packed, scaling)
+
     mask, bias = _split_mask(attention_mask, heads)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
@@ -320,6 +330,84 @@ def _forward(
     )
     out = out.reshape(out.shape[0], heads, q_len, value.shape[-1])
     return out.transpose(1, 2).contiguous(), None
+
+
+# --- padding-free packed batches ------------------------------------------------------------------------
+def _packed_offsets(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    is_causal: bool | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(cu_seqlens_q, cu_seqlens_k, causal) of a padding-free packed row, or None for every other call.
+
+    Packed is what transformers' ``DataCollatorWithFlattening`` makes: one row, no cache, and either the
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs or ``position_ids`` that restart (a new document wherever a
+    position is not the previous one plus 1, transformers' own rule). The mask transformers built then
+    only repeats the document boundaries; it is checked at each boundary (a mask that lets a document's
+    first token see the previous document is an ordinary causal mask over one sequence, not packing).
+    """
+    b, _, q_len, _ = query.shape
+    if b != 1 or key.shape[2] != q_len or q_len < 2 or kwargs.get("position_bias") is not None:
+        return None
+    training = module.training if isinstance(module, nn.Module) else True
+    if training and dropout > 0:
+        return None  # no packed backend drops out entries of A: the 4D mask path does
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if isinstance(cu_q, torch.Tensor):
+        if not values_known(cu_q):
+            return None
+        cu_q = cu_q.to(device=query.device, dtype=torch.int32)
+        cu_k = cu_q if not isinstance(cu_k, torch.Tensor) else cu_k.to(device=query.device, dtype=torch.int32)
+    else:
+        pos = kwargs.get("position_ids")
+        if not isinstance(pos, torch.Tensor) or pos.numel() != q_len or not values_known(pos):
+            return None
+        pos = pos.reshape(-1).to(query.device)
+        starts = torch.nonzero(torch.diff(pos, prepend=pos[:1] - 1) != 1).reshape(-1)
+        if starts.numel() < 2:
+            return None  # one document: the ordinary path
+        cu_q = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
+        if int(cu_q[0]) != 0:
+            cu_q = torch.cat([cu_q.new_zeros(1), cu_q])
+        cu_k = cu_q
+    if cu_q.numel() < 3:
+        return None
+    window = kwargs.get("sliding_window")
+    if window is not None and int(cu_q.diff().max()) > window:
+        return None  # a window inside documents: the 4D mask transformers built holds it
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        # In a packed mask a document's first token sees itself and nothing before it; a causal mask over
+        # the whole row (a padding mask was given) lets it see the earlier documents.
+        rows = cu_q[:-1].long()
+        rows = rows[rows < q_len]
+        m = attention_mask[0, 0, rows]
+        keep = m if m.dtype == torch.bool else m > -1e4
+        cols = torch.arange(q_len, device=keep.device)
+        before = cols[None, :] < rows[:, None]
+        if bool((keep & before).any()) or not bool(keep[torch.arange(rows.numel()), rows].all()):
+            return None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return cu_q, cu_k, bool(causal)
+
+
+def _forward_packed(
+    act: Activation,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed: tuple[torch.Tensor, torch.Tensor, bool],
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """One packed row through :func:`polyattn.attention_varlen`: each document alone, N counted per document."""
+    cu_q, cu_k, causal = packed
+    # (1, H, T, d) -> (T, H, d), flash-attn's packed layout; k and v keep their Hk heads (grouped-query attention).
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = attention_varlen(q, k, v, cu_q, cu_k, activation=act, causal=causal, scale=scaling)
+    return out.unsqueeze(0), None
 
 
 def _check_heads(name: str, t: torch.Tensor, heads: int) -> None:

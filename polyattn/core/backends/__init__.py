@@ -178,8 +178,13 @@ def explain_backend(
 ) -> str:
     """A table of every backend for this call: estimated fwd+bwd seconds, or why it cannot run; and the pick.
 
-    Takes the same keyword arguments as :func:`select_backend`.
+    Takes the same keyword arguments as :func:`select_backend`. With ``cu_seqlens_q=`` (and optionally
+    ``cu_seqlens_k=``, ``v=``, ``causal=``) it explains a packed :func:`polyattn.attention_varlen` call.
     """
+    if "cu_seqlens_q" in kwargs:
+        from ..varlen import explain_varlen  # the packed front end sits above the backends
+
+        return explain_varlen(q, k, activation, **kwargs)
     choice = select_backend(q, k, activation, **kwargs)
     info = call_info(q, k, activation, **kwargs)
     lines = [

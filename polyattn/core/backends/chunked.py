@@ -473,10 +473,10 @@ def _bwd_elementwise(q, k, v, do, kept, plan: Plan, need: tuple[bool, bool, bool
 def _fwd_softmax(q, k, v, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     lay = plan.layout
     out = torch.zeros(lay.bh, lay.nq, lay.dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lay.bh, lay.nq, 1, dtype=q.dtype, device=q.device)
+    # Query rows with no tile at all (every key masked, or an empty document) attend nothing: lse inf.
+    lse = torch.full((lay.bh, lay.nq, 1), float("inf"), dtype=q.dtype, device=q.device)
     neg_inf = float("-inf")
     rows = plan.rows()
-    covered = {(i0, i1) for i0, i1, _ in rows}
     for h0, h1 in plan.groups:
         g = h1 - h0
         buf = torch.empty(g * plan.bq * plan.bk, dtype=q.dtype, device=q.device)
@@ -503,11 +503,6 @@ def _fwd_softmax(q, k, v, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             empty = ell == 0
             oi.div_(ell.masked_fill(empty, 1.0))
             lse[h0:h1, i0:i1] = (m_safe + ell.log()).masked_fill(empty, float("inf"))
-        # Query rows with no tile at all (every key masked) attend nothing.
-        for i0 in range(0, lay.nq, plan.bq):
-            i1 = min(lay.nq, i0 + plan.bq)
-            if (i0, i1) not in covered:
-                lse[h0:h1, i0:i1] = float("inf")
     return out, lse
 
 

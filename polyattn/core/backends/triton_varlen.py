@@ -1,0 +1,263 @@
+"""The fused Triton kernel over packed documents (``attention_varlen(..., backend="triton")``).
+
+As flash-attn's varlen kernels: the grid is (blocks of the longest document, documents, heads), and
+each program reads its document's offsets from ``cu_seqlens_q``/``cu_seqlens_k`` and works on that
+document's rows only; a program past its document's end returns at once. q, k, v, dO and the
+gradients stay in the packed (total, heads, d) layout (rows H * d apart), so nothing is copied or
+padded. Grouped-query attention: query head h reads k/v head h // G; the dK/dV program of a k/v head
+streams the queries of its G query heads. The per-row factor (1/divisor with N counted per document)
+is one fp32 number per packed row. The tile maths (phi, phi', the dots and their precision) are those
+of :mod:`.triton_kernels`, whose helpers this module calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import Activation
+from .common import refuse_double_backward
+from .triton_kernels import _ACT_CODES, interpreter_active, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .triton_kernels import _dot, _dphi, _load, _phi
+
+__all__ = ["triton_varlen"]
+
+if triton is not None:
+
+    @triton.jit
+    def _store_rows(ptr, x, rows, cols, stride_r, n_rows, n_cols):
+        """Store the fp32 (rows, cols) tile x at ptr + row * stride_r + col, in ptr's dtype."""
+        tl.store(
+            ptr + rows[:, None] * stride_r + cols[None, :],
+            x.to(ptr.dtype.element_ty),
+            mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        )
+
+    @triton.jit
+    def _varlen_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        OUT,
+        OUT2,
+        CU_Q,
+        CU_K,
+        R,
+        scale,
+        r_scalar,
+        HEADS,
+        GROUPS,
+        D,
+        DV,
+        PASS: tl.constexpr,
+        ACT: tl.constexpr,
+        POWER: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_R: tl.constexpr,
+        LOWP: tl.constexpr,
+        NATIVE_LOWP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
+        # Grid: (query blocks, or key blocks for dK/dV; documents; query heads, or k/v heads for dK/dV).
+        pid = tl.program_id(0)
+        doc = tl.program_id(1)
+        head = tl.program_id(2).to(tl.int64)
+        q0 = tl.load(CU_Q + doc).to(tl.int64)
+        k0 = tl.load(CU_K + doc).to(tl.int64)
+        NQ = (tl.load(CU_Q + doc + 1) - q0).to(tl.int32)
+        NK = (tl.load(CU_K + doc + 1) - k0).to(tl.int32)
+        KV_HEADS = HEADS // GROUPS
+        sq, sdo = HEADS * D, HEADS * DV  # row strides of q (and dQ), of dO (and O)
+        sk, sv = KV_HEADS * D, KV_HEADS * DV
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        if PASS == 2:
+            if pid * BLOCK_N >= NK:
+                return
+            # One block of one document's keys of k/v head `head`; the G query heads' rows stream past.
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            Kh = K + k0 * sk + head * D
+            Vh = V + k0 * sv + head * DV
+            k = _load(Kh, offs_n, offs_d, sk, 1, NK, D)
+            v = _load(Vh, offs_n, offs_dv, sv, 1, NK, DV)
+            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+            lo = 0
+            if CAUSAL:
+                lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M
+            for g in range(0, GROUPS):
+                h = head * GROUPS + g
+                Qh = Q + q0 * sq + h * D
+                DOh = DO + q0 * sdo + h * DV
+                for start_m in range(lo, NQ, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    q = _load(Qh, offs_m, offs_d, sq, 1, NQ, D)
+                    if HAS_R:
+                        r = tl.load(R + q0 + offs_m, mask=offs_m < NQ, other=0.0)
+                    else:
+                        r = tl.full(offs_m.shape, r_scalar, tl.float32)
+                    dor = _load(DOh, offs_m, offs_dv, sdo, 1, NQ, DV).to(tl.float32) * r[:, None]
+                    ok = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
+                    if CAUSAL:
+                        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                    s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
+                    a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
+                    dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
+                    ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
+                    dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
+            _store_rows(OUT + k0 * sk + head * D, dk * scale, offs_n, offs_d, sk, NK, D)
+            _store_rows(OUT2 + k0 * sv + head * DV, dv, offs_n, offs_dv, sv, NK, DV)
+        else:
+            if pid * BLOCK_M >= NQ:
+                return
+            # One block of one document's query rows of head `head`; that document's keys stream past.
+            kvh = head // GROUPS
+            offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            Kh = K + k0 * sk + kvh * D
+            Vh = V + k0 * sv + kvh * DV
+            q = _load(Q + q0 * sq + head * D, offs_m, offs_d, sq, 1, NQ, D)
+            if HAS_R:
+                r = tl.load(R + q0 + offs_m, mask=offs_m < NQ, other=0.0)
+            else:
+                r = tl.full(offs_m.shape, r_scalar, tl.float32)
+            if PASS == 0:
+                acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+            else:
+                dor = _load(DO + q0 * sdo + head * DV, offs_m, offs_dv, sdo, 1, NQ, DV).to(tl.float32) * r[:, None]
+                acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            hi = NK
+            if CAUSAL:
+                hi = tl.minimum(NK, (pid + 1) * BLOCK_M)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                ok = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                k = _load(Kh, offs_n, offs_d, sk, 1, NK, D)
+                s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
+                if PASS == 0:
+                    a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
+                    acc += _dot(a, _load(Vh, offs_n, offs_dv, sv, 1, NK, DV), LOWP, NATIVE_LOWP)
+                else:
+                    vt = _load(Vh, offs_dv, offs_n, 1, sv, DV, NK)
+                    ds = tl.where(ok, _dot(dor, vt, LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
+                    acc += _dot(ds, k, LOWP, NATIVE_LOWP)
+            if PASS == 0:
+                _store_rows(OUT + q0 * sdo + head * DV, acc * r[:, None], offs_m, offs_dv, sdo, NQ, DV)
+            else:
+                _store_rows(OUT + q0 * sq + head * D, acc * scale, offs_m, offs_d, sq, NQ, D)
+
+    _GPU_CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
+    _KEY = ["PASS", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "LOWP"]
+    _TUNED: list = []
+
+    def _kernel():
+        if interpreter_active():
+            return _varlen_kernel
+        if not _TUNED:
+            configs = [
+                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _GPU_CONFIGS
+            ]
+            _TUNED.append(triton.autotune(configs=configs, key=_KEY)(_varlen_kernel))
+        return _TUNED[0]
+
+
+def _launch(pass_: int, q, k, v, do, out, out2, cu_q, cu_k, r, meta: dict) -> None:
+    heads, kv_heads = q.shape[1], k.shape[1]
+    docs = cu_q.numel() - 1
+    args = (q, k, v, do, out, out2, cu_q, cu_k, r if r is not None else q, meta["scale"], meta["r_scalar"])
+    args += (heads, heads // kv_heads, q.shape[2], v.shape[2])
+    by_keys = pass_ == 2
+    longest = meta["max_k"] if by_keys else meta["max_q"]
+    if longest == 0 or docs == 0:
+        return
+    grid_heads = kv_heads if by_keys else heads
+    kernel = _kernel()
+    if interpreter_active():
+        bm, bn = meta["blocks"]
+        kernel[(triton.cdiv(longest, bn if by_keys else bm), docs, grid_heads)](
+            *args, PASS=pass_, **meta["const"], BLOCK_M=bm, BLOCK_N=bn
+        )
+    else:
+
+        def grid(m):
+            return (triton.cdiv(longest, m["BLOCK_N"] if by_keys else m["BLOCK_M"]), docs, grid_heads)
+
+        kernel[grid](*args, PASS=pass_, **meta["const"])
+
+
+class _VarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, r, meta):
+        out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+        _launch(0, q, k, v, q, out, out, cu_q, cu_k, r, meta)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, r)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        refuse_double_backward("triton")
+        q, k, v, cu_q, cu_k, r = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        _launch(2, q, k, v, dout, dk, dv, cu_q, cu_k, r, ctx.meta)
+        _launch(1, q, k, v, dout, dq, dq, cu_q, cu_k, r, ctx.meta)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    activation: Activation,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    causal: bool,
+    scale: float,
+    row_counts: torch.Tensor | None,
+    block_sizes: tuple[int, int] = (16, 16),
+) -> torch.Tensor:
+    """Packed (total_q, H, d) x (total_k, Hk, d) -> (total_q, H, dv); inputs fp32 or (on a GPU) bf16.
+
+    ``row_counts`` (total_q,): keys per row for /sqrt(N), /N (None otherwise); ``block_sizes`` applies
+    in the interpreter only (on a GPU the autotuner picks them).
+    """
+    lowp = q.dtype == torch.bfloat16
+    r = None
+    r_scalar = 1.0
+    if activation.divisor is not None:
+        if activation.is_dynamic:
+            r = (1.0 / activation.divisor_value(row_counts.to(torch.float32))).contiguous()
+        else:
+            r_scalar = 1.0 / float(activation.divisor_value(1))
+    d, dv = q.shape[2], v.shape[2]
+    meta = {
+        "scale": scale,
+        "r_scalar": r_scalar,
+        "max_q": max_q,
+        "max_k": max_k,
+        "blocks": tuple(block_sizes),
+        "const": {
+            "ACT": _ACT_CODES[activation.kind],
+            "POWER": activation.power,
+            "CAUSAL": bool(causal),
+            "HAS_R": r is not None,
+            "LOWP": lowp,
+            "NATIVE_LOWP": lowp and not interpreter_active(),
+            "BLOCK_D": max(16, triton.next_power_of_2(d)),
+            "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
+        },
+    }
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _VarlenFunction.apply(q, k, v, cu_q.contiguous(), cu_k.contiguous(), r, meta)
