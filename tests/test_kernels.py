@@ -9,6 +9,7 @@ checks what only hardware would otherwise reveal.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import pytest
@@ -54,6 +55,20 @@ def test_command_says_clearly_when_triton_cannot_compile(monkeypatch, capsys):
     monkeypatch.setattr(kernel_check, "triton_missing_reason", lambda: "triton is not installed (pip install x)")
     assert kernels_command.run(_args()) == 2
     assert "cannot compile the kernels: triton is not installed" in capsys.readouterr().err
+
+
+def test_command_fails_naming_each_bad_configuration(monkeypatch, tmp_path, capsys):
+    rows = [_row(), _row(spill_bytes=40, config="32x32 w8 s3", **{"pass": "dkdv"})]
+    monkeypatch.setattr(kernel_check, "triton_missing_reason", lambda: None)
+    monkeypatch.setattr(kernel_check, "check_kernels", lambda targets, **kw: rows)
+    assert kernels_command.run(_args(out=str(tmp_path))) == 1
+    captured = capsys.readouterr()
+    assert "1 configuration(s) fail" in captured.err and "pass=dkdv" in captured.err and "32x32 w8 s3" in captured.err
+    assert "spill B" in captured.out  # the table is printed and written either way
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert saved["rows"] == rows and len(saved["problems"]) == 1
+    monkeypatch.setattr(kernel_check, "check_kernels", lambda targets, **kw: rows[:1])
+    assert kernels_command.run(_args(out=str(tmp_path))) == 0
 
 
 def test_command_rejects_bad_targets_and_jobs(capsys):

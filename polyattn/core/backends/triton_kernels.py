@@ -20,6 +20,14 @@ Layout: q, k, v, dO and every output are contiguous (BH, N, d) tensors, so
 rows are d apart and heads N * d apart; one kernel serves the three passes
 (forward, dQ, dK and dV), chosen by a compile-time PASS.
 
+The forward and the backward are torch custom ops (``polyattn::triton_attention``
+and ``polyattn::triton_attention_backward``) with fake implementations, so
+``torch.compile(fullgraph=True)`` traces through the backend. On a GPU the
+autotuner picks among launch configurations chosen per GPU generation, pass,
+dtype and head dimension; ``polyattn kernels`` compiles every one of them for
+sm_80 and sm_90 without a GPU and fails on spills or shared-memory overflow
+(:func:`compile_variants` lists them for :mod:`.kernel_check`).
+
 Testing: ``TRITON_INTERPRET=1`` (set before this module is imported) runs the
 kernels on CPU tensors; the interpreter mis-computes bf16 dots, so there the
 tiles are upcast to fp32 before every dot.
@@ -49,7 +57,17 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-__all__ = ["NAME", "cost", "interpreter_active", "run", "triton_attention", "triton_unavailable_reason", "unsupported"]
+__all__ = [
+    "NAME",
+    "compile_variants",
+    "cost",
+    "interpreter_active",
+    "launch_configs",
+    "run",
+    "triton_attention",
+    "triton_unavailable_reason",
+    "unsupported",
+]
 
 NAME = "triton"
 SUMMARY = "fused GPU kernel, elementwise activations"
