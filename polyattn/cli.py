@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("polyattn.commands.compare", "train one model per activation and seed: table, report.md, plots"),
     "detect": ("polyattn.commands.detect", "Mask R-CNN with a polynomial-attention XCiT backbone on COCO (Table 3)"),
     "data": ("polyattn.commands.data", "generate data in official file layouts: LRA ListOps, Pathfinder, COCO shapes"),
+    "kernels": ("polyattn.commands.kernels", "compile each Triton kernel config for sm_80/sm_90: registers, spills"),
     "lra": ("polyattn.commands.lra", "train the LRA encoder on a Long Range Arena task (Table 4)"),
     "pinn": ("polyattn.commands.pinn", "physics-informed transformer (PINNsFormer) or MLP PINN on a PDE"),
     "recall": ("polyattn.commands.recall", "causal attention on multi-query associative recall (MQAR) per length"),

@@ -78,3 +78,33 @@ def test_hf_decode_bench_generates_with_the_kv_cache_and_the_state_cache(tmp_pat
     assert "give --decode --hf" in capsys.readouterr().err
     assert main([*argv, "--kv-heads", "3", "--out", str(out)]) == 2
     assert "multiple of kv_heads" in capsys.readouterr().err
+
+
+def test_grid_bench_times_causal_and_each_pass_separately(tmp_path, capsys):
+    import pytest
+
+    from polyattn.experiments.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.from_dict(
+        {"ns": [32], "ds": [8], "ps": [3], "backends": ["chunked"], "repeats": 1, "device": "cpu"}
+        | {"causal": [False, True], "modes": ["fwd", "bwd", "fwd+bwd"], "num_threads": 1}
+    )
+    results = run_bench(cfg, tmp_path / "b", progress=False, plots=False)
+    cases = results["cases"]
+    # SDPA softmax and chunked x^3 for each (causal, mode): 2 x 3 x 2 timed cases.
+    assert {(c["backend"], c["causal"], c["mode"]) for c in cases} == {
+        (b, causal, mode) for b in ("sdpa-softmax", "chunked") for causal in (False, True) for mode in cfg.modes
+    }
+    assert all(c["time_s"] > 0 and c["time_vs_sdpa"] > 0 for c in cases if c["backend"] == "chunked")
+    assert len({c["key"] for c in cases}) == len(cases)
+    # Memory is one fwd+bwd; the forward-only and backward-only rows have none.
+    assert all(("peak_bytes" in c) == (c["mode"] == "fwd+bwd") for c in cases)
+    table = (tmp_path / "b" / "report.txt").read_text()
+    assert "x^3/sqrt(N)  causal bwd  vs SDPA" in table and "x^3/sqrt(N)  fwd  vs SDPA" in table
+    for bad, match in (
+        ({"modes": ["forward"]}, "modes must be"),
+        ({"sdpa_backend": "flash2"}, "sdpa_backend must be one of auto, flash"),
+        ({"causal": []}, "causal must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            BenchConfig.from_dict(bad)

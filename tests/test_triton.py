@@ -107,6 +107,30 @@ _SCRIPT = textwrap.dedent(
         results["double_backward"] = None
     except RuntimeError as e:
         results["double_backward"] = str(e)
+
+    # torch.compile(fullgraph=True) traces through the custom ops (fake implementations give the
+    # shapes), then runs the kernels in the interpreter: one graph, no break, the reference's values
+    # and gradients. aot_eager runs AOTAutograd's forward and backward graphs without inductor's
+    # C++ compile, which the CPU interpreter gains nothing from.
+    import polyattn
+
+    def fn(q, k, v, attn_mask=None, causal=False):
+        return polyattn.attention(q, k, v, "x^3/sqrt(N)", backend="triton", attn_mask=attn_mask, causal=causal)
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, D, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(1, 1, 1, 24, generator=g) > 0.3
+    explained = torch._dynamo.explain(fn)(q.float(), k.float(), v.float(), attn_mask=mask, causal=True)
+    act = get_activation("x^3/sqrt(N)")
+    want = run(lambda *a, **kw: reference_attention(*a, act, **kw), q, k, v, attn_mask=mask, causal=True)
+    got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"), q.float(), k.float(), v.float(),
+              attn_mask=mask, causal=True)
+    results["compile"] = {
+        "graph_breaks": explained.graph_break_count,
+        "graphs": explained.graph_count,
+        "op_in_graph": "polyattn.triton_attention" in explained.graphs[0].code,
+        "errors": rel_errors(got, want),
+    }
     print("RESULTS" + json.dumps(results))
     """
 )
@@ -125,7 +149,7 @@ def test_kernels_equal_reference_in_values_and_gradients(interpreter_results):
     cases = {
         k: v
         for k, v in interpreter_results.items()
-        if k not in ("bf16", "unsupported", "auto_on_cpu", "double_backward")
+        if k not in ("bf16", "unsupported", "auto_on_cpu", "double_backward", "compile")
     }
     assert len(cases) == 11
     bad = {k: v for k, v in cases.items() if max(v) > 1e-5}
@@ -152,3 +176,13 @@ def test_auto_does_not_run_the_interpreter(interpreter_results):
 
 def test_not_twice_differentiable_is_a_clear_error(interpreter_results):
     assert "not twice differentiable" in interpreter_results["double_backward"]
+
+
+def test_torch_compile_fullgraph_traces_through_the_custom_ops(interpreter_results):
+    """Run for real under TRITON_INTERPRET=1 (not only a fake-tensor trace): dynamo sees the backend
+    as the polyattn::triton_attention op (no graph break), AOTAutograd traces its backward op, and
+    the compiled forward and backward equal the reference."""
+    r = interpreter_results["compile"]
+    assert r["graph_breaks"] == 0 and r["graphs"] == 1, r
+    assert r["op_in_graph"]
+    assert max(r["errors"]) < 1e-5, r["errors"]

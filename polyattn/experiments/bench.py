@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 SDPA = "sdpa-softmax"
+MODES = ("fwd", "bwd", "fwd+bwd")
+_SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 @dataclass
@@ -84,6 +86,12 @@ class BenchConfig:
     max_case_s: float = 60.0
     # Seconds of timed runs per case at most (slow cases run fewer repeats).
     case_budget_s: float = 12.0
+    causal: list[bool] = field(default_factory=lambda: [False])  # each case with and/or without causal masking
+    # What is timed: "fwd" (the forward of a training step: inputs require grad), "bwd" (backward
+    # alone, after an untimed forward) and "fwd+bwd"; memory is measured for fwd+bwd only.
+    modes: list[str] = field(default_factory=lambda: ["fwd+bwd"])
+    # The SDPA softmax baseline's kernel: "auto" (PyTorch picks) or one of flash, efficient, cudnn, math.
+    sdpa_backend: str = "auto"
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BenchConfig:
@@ -108,6 +116,12 @@ class BenchConfig:
             raise ValueError(f"divisor must be 'sqrt(N)', 'N', 'none' or a number, got {self.divisor!r}")
         if self.repeats < 1 or self.heads < 1 or self.batch < 1:
             raise ValueError("repeats, heads and batch must be >= 1")
+        if not self.causal or not all(isinstance(c, bool) for c in self.causal):
+            raise ValueError(f"causal must be a non-empty list of true/false, got {self.causal!r}")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a non-empty list of {', '.join(MODES)}, got {self.modes!r}")
+        if self.sdpa_backend not in _SDPA_KERNELS:
+            raise ValueError(f"sdpa_backend must be one of {', '.join(_SDPA_KERNELS)}, got {self.sdpa_backend!r}")
 
     def resolved(self) -> BenchConfig:
         cfg = BenchConfig(**asdict(self))
@@ -147,10 +161,25 @@ def _inputs(n: int, d: int, cfg: BenchConfig, seed: int) -> tuple[torch.Tensor, 
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
-def _case_fn(backend: str, spec: str):
+def _case_fn(backend: str, spec: str, causal: bool = False, sdpa_backend: str = "auto"):
     if backend == SDPA:
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    return lambda q, k, v: attention(q, k, v, spec, backend=backend)
+        if sdpa_backend == "auto":
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[sdpa_backend]
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(kernel):  # the backward runs the same kernel's backward
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return sdpa
+    return lambda q, k, v: attention(q, k, v, spec, backend=backend, causal=causal)
 
 
 def _sync(device: str) -> None:
@@ -158,11 +187,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _fwd_bwd(fn, q, k, v, do, device: str) -> float:
+def _fwd_bwd(fn, q, k, v, do, device: str, mode: str = "fwd+bwd") -> float:
+    """Seconds of one forward, backward or both (``mode``)."""
     q.grad = k.grad = v.grad = None
     _sync(device)
+    if mode == "bwd":
+        out = fn(q, k, v)
+        _sync(device)
     t0 = time.perf_counter()
-    fn(q, k, v).backward(do)
+    if mode == "fwd":
+        fn(q, k, v)
+    elif mode == "bwd":
+        out.backward(do)
+    else:
+        fn(q, k, v).backward(do)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -201,7 +239,7 @@ def _memory_worker() -> None:
         torch.set_num_threads(cfg.num_threads)
     warmed: set[tuple] = set()
     for case in job["cases"]:
-        fn = _case_fn(case["backend"], case["spec"])
+        fn = _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)
         # Thread pools, BLAS buffers and lazy imports are allocated on a code
         # path's first call: take that first call on a small problem, unmeasured.
         first = (case["backend"], case["spec"], case["d"])
@@ -239,7 +277,7 @@ def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             q, k, v, do = inputs
-            _case_fn(case["backend"], case["spec"])(q, k, v).backward(do)
+            _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)(q, k, v).backward(do)
             torch.cuda.synchronize()
             out[case["key"]] = {"peak_bytes": torch.cuda.max_memory_allocated() - base}
             del inputs, q, k, v, do
@@ -279,43 +317,64 @@ def _progress(total: int, desc: str, enabled: bool):
 # the grid
 # --------------------------------------------------------------------------
 def _plan_cases(cfg: BenchConfig) -> list[dict]:
-    """Every (N, d, p, backend) case with its cost-model estimate, or the reason it is skipped."""
+    """Every (N, d, causal, mode, p, backend) case with its cost-model estimate, or the reason it is skipped."""
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     cases = []
     for d in cfg.ds:
         for n in cfg.ns:
-            meta = torch.empty(cfg.batch, cfg.heads, n, d, device="meta", dtype=dtype)
-            base = replace(call_info(meta, meta, "softmax", v=meta), device=device)
-            cases.append(_case(n, d, None, SDPA, "softmax", estimate("sdpa", base).seconds, None))
-            for p in cfg.ps:
-                spec = cfg.activation(p)
-                info = replace(base, activation=get_activation(spec))
-                choice = choose_backend(info)
-                estimates = {}
-                for b, backend in BACKENDS.items():
-                    why_not = backend.unsupported(info)
-                    estimates[b] = (None, why_not) if why_not else (estimate(b, info).seconds, None)
-                finite = [t for t, _ in estimates.values() if t is not None and math.isfinite(t)]
-                best = min(finite) if finite else math.inf
-                for b in cfg.backends:
-                    name = choice.name if b == "auto" else b
-                    est, skip = estimates[name]
-                    if skip is None and not math.isfinite(est):
-                        skip = f"cost model: {estimate(name, info).note}"
-                    elif skip is None and (est > max(cfg.skip_factor * best, cfg.min_skip_s) or est > cfg.max_case_s):
-                        skip = f"cost model estimates {est:.3g} s vs {best:.3g} s for the fastest backend"
-                    row = _case(n, d, p, b, spec, est, skip)
-                    if b == "auto":
-                        row["picked"] = name
-                        row["reason"] = choice.reason
-                    cases.append(row)
+            for causal in cfg.causal:
+                for mode in cfg.modes:
+                    cases += _plan_point(cfg, n, d, causal, mode, device, dtype)
     return cases
 
 
-def _case(n, d, p, backend, spec, est, skip) -> dict:
+def _plan_point(cfg: BenchConfig, n: int, d: int, causal: bool, mode: str, device, dtype) -> list[dict]:
+    meta = torch.empty(cfg.batch, cfg.heads, n, d, device="meta", dtype=dtype)
+    base = replace(call_info(meta, meta, "softmax", v=meta), device=device, causal=causal)
+    where = {"causal": causal, "mode": mode}
+    cases = [_case(n, d, None, SDPA, "softmax", estimate("sdpa", base).seconds, None, **where)]
+    for p in cfg.ps:
+        spec = cfg.activation(p)
+        info = replace(base, activation=get_activation(spec))
+        choice = choose_backend(info)
+        estimates = {}
+        for b, backend in BACKENDS.items():
+            why_not = backend.unsupported(info)
+            estimates[b] = (None, why_not) if why_not else (estimate(b, info).seconds, None)
+        finite = [t for t, _ in estimates.values() if t is not None and math.isfinite(t)]
+        best = min(finite) if finite else math.inf
+        for b in cfg.backends:
+            name = choice.name if b == "auto" else b
+            est, skip = estimates[name]
+            if skip is None and not math.isfinite(est):
+                skip = f"cost model: {estimate(name, info).note}"
+            elif skip is None and (est > max(cfg.skip_factor * best, cfg.min_skip_s) or est > cfg.max_case_s):
+                skip = f"cost model estimates {est:.3g} s vs {best:.3g} s for the fastest backend"
+            row = _case(n, d, p, b, spec, est, skip, **where)
+            if b == "auto":
+                row["picked"] = name
+                row["reason"] = choice.reason
+            cases.append(row)
+    return cases
+
+
+def _case(n, d, p, backend, spec, est, skip, causal: bool = False, mode: str = "fwd+bwd") -> dict:
     key = f"n={n},d={d},p={p},backend={backend}"
-    return {"key": key, "n": n, "d": d, "p": p, "backend": backend, "spec": spec, "estimate_s": est, "skipped": skip}
+    key += ",causal" if causal else ""
+    key += f",mode={mode}" if mode != "fwd+bwd" else ""
+    return {
+        "key": key,
+        "n": n,
+        "d": d,
+        "p": p,
+        "backend": backend,
+        "spec": spec,
+        "causal": causal,
+        "mode": mode,
+        "estimate_s": est,
+        "skipped": skip,
+    }
 
 
 def run_bench(
@@ -337,13 +396,13 @@ def run_bench(
         # auto reuses the row of the backend it picks; time that backend if it is not in the list.
         for c in cases:
             if c["backend"] == "auto" and c["skipped"] is None:
-                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"])
+                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
                 if twin is None or twin["skipped"] is not None:
                     timed.append(c)
         _time_interleaved(timed, cfg, progress)
         for c in cases:
             if c["backend"] == "auto" and c["skipped"] is None and "times_s" not in c:
-                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"])
+                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
                 c["times_s"] = twin.get("times_s") if twin else None
             if c.get("times_s"):
                 c["time_s"] = min(c["times_s"])
@@ -352,14 +411,15 @@ def run_bench(
             measured = [c for c in cases if c.get("time_s") is not None and c["backend"] != "auto"]
             measured += [c for c in cases if c["backend"] == "auto" and c in timed]
             mem_cases = [
-                {k: c[k] for k in ("key", "n", "d", "spec")} | {"backend": c.get("picked", c["backend"])}
+                {k: c[k] for k in ("key", "n", "d", "spec", "causal")} | {"backend": c.get("picked", c["backend"])}
                 for c in measured
+                if c["mode"] == "fwd+bwd"
             ]
             mem = measure_memory(mem_cases, cfg, progress)
             for c in cases:
                 src = c
                 if c["backend"] == "auto" and c["key"] not in mem:
-                    src = _find(cases, c["n"], c["d"], c["p"], c.get("picked")) or c
+                    src = _find(cases, c["n"], c["d"], c["p"], c.get("picked"), c["causal"], c["mode"]) or c
                 if src["key"] in mem:
                     c.update({f"memory_{k}" if k == "error" else k: v for k, v in mem[src["key"]].items()})
         _add_ratios(cases)
@@ -414,12 +474,12 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
             name = c["picked"] if c["backend"] == "auto" else c["backend"]
             est = c["estimate_s"] or 0.0
             runs = max(1, min(cfg.repeats, int(cfg.case_budget_s / max(est, 1e-9))))
-            fn = _case_fn(name, c["spec"])
+            fn = _case_fn(name, c["spec"], c["causal"], cfg.sdpa_backend)
             c["times_s"] = []
             plan.append((c, fn, runs))
             if est < 1.0:  # warm-up: first-call allocations and lazy initialisation
                 try:
-                    _fwd_bwd(fn, *inputs, cfg.device)
+                    _fwd_bwd(fn, *inputs, cfg.device, c["mode"])
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {e}"
         for r in range(max(runs for _, _, runs in plan)):
@@ -428,7 +488,7 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
                     continue
                 bar.set_postfix_str(c["key"])
                 try:
-                    c["times_s"].append(_fwd_bwd(fn, *inputs, cfg.device))
+                    c["times_s"].append(_fwd_bwd(fn, *inputs, cfg.device, c["mode"]))
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {e}"
         bar.update(len(group))
@@ -436,16 +496,17 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
     bar.close()
 
 
-def _find(cases, n, d, p, backend):
+def _find(cases, n, d, p, backend, causal: bool = False, mode: str = "fwd+bwd"):
     for c in cases:
-        if c["n"] == n and c["d"] == d and c["p"] == p and c["backend"] == backend:
+        same_point = c["n"] == n and c["d"] == d and c["p"] == p and c["backend"] == backend
+        if same_point and c.get("causal", False) == causal and c.get("mode", "fwd+bwd") == mode:
             return c
     return None
 
 
 def _add_ratios(cases: list[dict]) -> None:
     for c in cases:
-        base = _find(cases, c["n"], c["d"], None, SDPA)
+        base = _find(cases, c["n"], c["d"], None, SDPA, c.get("causal", False), c.get("mode", "fwd+bwd"))
         if base is None:
             continue
         if c.get("time_s") and base.get("time_s"):
@@ -465,6 +526,37 @@ def _mib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
 
+def _section(cfg: dict, cases: list[dict], backends: list[str], d: int, p: int, causal: bool, mode: str) -> list:
+    spec = BenchConfig(**cfg).activation(p)
+    what = ("causal " if causal else "") + (mode if mode != "fwd+bwd" or len(cfg.get("modes", [])) > 1 else "")
+    lines = ["", f"== d={d}  {spec}  {what + '  ' if what else ''}vs SDPA softmax =="]
+    head = f"{'N':>6} {'sdpa ms':>9} {'MiB':>6} |"
+    for b in backends:
+        head += f" {b + ' ms (x, mem x)':>26} |"
+    lines.append(head)
+    for n in cfg["ns"]:
+        base = _find(cases, n, d, None, SDPA, causal, mode) or {}
+        row = f"{n:>6} {_ms(base.get('time_s')):>9} {_mib(base.get('peak_bytes')):>6} |"
+        for b in backends:
+            c = _find(cases, n, d, p, b, causal, mode) or {}
+            if c.get("skipped"):
+                cell = "skipped"
+            elif c.get("error"):
+                cell = "error"
+            elif c.get("time_s") is None:
+                cell = "-"
+            else:
+                tr = c.get("time_vs_sdpa")
+                mr = c.get("memory_vs_sdpa")
+                ratios = f"{'-' if tr is None else f'{tr:.2f}'}, {'-' if mr is None else f'{mr:.2f}'}"
+                cell = f"{_ms(c['time_s'])} ({ratios})"
+                if b == "auto":
+                    cell = f"{c['picked'][:4]}: " + cell
+            row += f" {cell:>26} |"
+        lines.append(row)
+    return lines
+
+
 def format_table(results: dict) -> str:
     """Per (d, p): rows N; SDPA ms and MiB, then each backend's ms, time ratio and memory ratio vs SDPA."""
     cfg = results["config"]
@@ -472,40 +564,15 @@ def format_table(results: dict) -> str:
     lines = [
         f"polyattn bench on {results['machine']}",
         f"B={cfg['batch']} H={cfg['heads']} {cfg['dtype']} {cfg['device']}; "
-        "fwd+bwd, fastest of the timed runs; ratios < 1 beat SDPA",
+        f"{', '.join(cfg.get('modes', ['fwd+bwd']))}, fastest of the timed runs; ratios < 1 beat SDPA"
+        + (f"; SDPA kernel: {cfg['sdpa_backend']}" if cfg.get("sdpa_backend", "auto") != "auto" else ""),
     ]
     backends = cfg["backends"]
     for d in cfg["ds"]:
-        for p in cfg["ps"]:
-            spec = BenchConfig(**cfg).activation(p)
-            lines.append("")
-            lines.append(f"== d={d}  {spec}  vs SDPA softmax ==")
-            head = f"{'N':>6} {'sdpa ms':>9} {'MiB':>6} |"
-            for b in backends:
-                head += f" {b + ' ms (x, mem x)':>26} |"
-            lines.append(head)
-            for n in cfg["ns"]:
-                base = _find(cases, n, d, None, SDPA) or {}
-                row = f"{n:>6} {_ms(base.get('time_s')):>9} {_mib(base.get('peak_bytes')):>6} |"
-                for b in backends:
-                    c = _find(cases, n, d, p, b) or {}
-                    if c.get("skipped"):
-                        cell = "skipped"
-                    elif c.get("error"):
-                        cell = "error"
-                    elif c.get("time_s") is None:
-                        cell = "-"
-                    else:
-                        tr = c.get("time_vs_sdpa")
-                        mr = c.get("memory_vs_sdpa")
-                        cell = (
-                            f"{_ms(c['time_s'])} ({'-' if tr is None else f'{tr:.2f}'}, "
-                            f"{'-' if mr is None else f'{mr:.2f}'})"
-                        )
-                        if b == "auto":
-                            cell = f"{c['picked'][:4]}: " + cell
-                    row += f" {cell:>26} |"
-                lines.append(row)
+        for causal in cfg.get("causal", [False]):
+            for mode in cfg.get("modes", ["fwd+bwd"]):
+                for p in cfg["ps"]:
+                    lines += _section(cfg, cases, backends, d, p, causal, mode)
     skips = sorted({(c["backend"], c["skipped"]) for c in cases if c.get("skipped")})
     errors = [(c["key"], c["error"]) for c in cases if c.get("error")]
     if skips:
@@ -544,9 +611,13 @@ def plot_bench(results: dict, out_dir: Path) -> list[Path]:
     plt = pyplot()
     cfg = results["config"]
     cases = results["cases"]
+    # One panel per (d, p): the first causal setting, fwd+bwd when it was timed.
+    causal = cfg.get("causal", [False])[0]
+    modes = cfg.get("modes", ["fwd+bwd"])
+    mode = "fwd+bwd" if "fwd+bwd" in modes else modes[0]
     paths = []
     for metric, ylabel, fname in (
-        ("time_s", "fwd+bwd time (s)", "bench_time.png"),
+        ("time_s", f"{mode} time (s)", "bench_time.png"),
         ("peak_bytes", "peak extra memory (MiB)", "bench_memory.png"),
     ):
         if metric == "peak_bytes" and not any(c.get("peak_bytes") for c in cases):
@@ -559,7 +630,7 @@ def plot_bench(results: dict, out_dir: Path) -> list[Path]:
                 for b in [SDPA, *cfg["backends"]]:
                     pts = []
                     for n in cfg["ns"]:
-                        c = _find(cases, n, d, None if b == SDPA else p, b)
+                        c = _find(cases, n, d, None if b == SDPA else p, b, causal, mode)
                         if c and c.get(metric):
                             pts.append((n, c[metric] / (2**20 if metric == "peak_bytes" else 1)))
                     if pts:

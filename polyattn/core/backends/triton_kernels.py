@@ -20,6 +20,14 @@ Layout: q, k, v, dO and every output are contiguous (BH, N, d) tensors, so
 rows are d apart and heads N * d apart; one kernel serves the three passes
 (forward, dQ, dK and dV), chosen by a compile-time PASS.
 
+The forward and the backward are torch custom ops (``polyattn::triton_attention``
+and ``polyattn::triton_attention_backward``) with fake implementations, so
+``torch.compile(fullgraph=True)`` traces through the backend. On a GPU the
+autotuner picks among launch configurations chosen per GPU generation, pass,
+dtype and head dimension; ``polyattn kernels`` compiles every one of them for
+sm_80 and sm_90 without a GPU and fails on spills or shared-memory overflow
+(:func:`compile_variants` lists them for :mod:`.kernel_check`).
+
 Testing: ``TRITON_INTERPRET=1`` (set before this module is imported) runs the
 kernels on CPU tensors; the interpreter mis-computes bf16 dots, so there the
 tiles are upcast to fp32 before every dot.
@@ -49,7 +57,17 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-__all__ = ["NAME", "cost", "interpreter_active", "run", "triton_attention", "triton_unavailable_reason", "unsupported"]
+__all__ = [
+    "NAME",
+    "compile_variants",
+    "cost",
+    "interpreter_active",
+    "launch_configs",
+    "run",
+    "triton_attention",
+    "triton_unavailable_reason",
+    "unsupported",
+]
 
 NAME = "triton"
 SUMMARY = "fused GPU kernel, elementwise activations"
@@ -97,6 +115,127 @@ def unsupported(info: CallInfo) -> str | None:
 
 def cost(info: CallInfo, rates: MachineRates) -> Estimate:
     return Estimate(rates.seconds(flops=_PRODUCTS * info.product_flops, ops=_OPS), "fused kernel (GPU rate unmeasured)")
+
+
+# GPU launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) by GPU generation (sm_80:
+# Ampere's mma, also taken by sm_86/sm_89; sm_90: Hopper's wgmma), pass, input dtype and padded
+# head dimension (the largest of BLOCK_D, BLOCK_DV). The autotuner times the one list that fits a
+# call, once per (pass, NQ, NK, head dim, activation, causal, mask, dtype). Every entry compiles
+# without spilling registers and within the target's shared memory (`polyattn kernels` checks it;
+# docs/benchmarks.md has the table). The dK/dV pass holds k, v, dK and dV for its keys, so it takes
+# fewer keys per program; fp32 inputs take IEEE fp32 dots, which run on CUDA cores and need far
+# smaller tiles than bf16 tensor-core dots.
+_PASSES = {0: "fwd", 1: "dq", 2: "dkdv"}
+_Configs = tuple[tuple[int, int, int, int], ...]
+_FP32_CONFIGS: dict[tuple[str, int], _Configs] = {  # the same lists for both generations
+    ("fwd", 64): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fwd", 128): ((32, 32, 4, 2), (16, 32, 4, 2)),
+    ("dq", 64): ((32, 32, 4, 2),),
+    ("dq", 128): ((16, 32, 4, 2),),
+    ("dkdv", 64): ((32, 16, 4, 2),),
+    ("dkdv", 128): ((16, 32, 8, 2), (16, 16, 4, 2)),
+    ("fwd", 256): ((16, 16, 4, 2),),
+    ("dq", 256): ((16, 16, 4, 2),),
+    ("dkdv", 256): ((16, 16, 8, 2),),
+}
+_GPU_CONFIGS: dict[tuple[int, str, str, int], _Configs] = {
+    (90, "fwd", "bf16", 64): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    (90, "fwd", "bf16", 128): ((64, 64, 4, 3), (64, 32, 4, 3)),
+    (90, "dq", "bf16", 64): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    (90, "dq", "bf16", 128): ((64, 32, 8, 3), (32, 32, 4, 3)),
+    (90, "dkdv", "bf16", 64): ((64, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3)),
+    (90, "dkdv", "bf16", 128): ((32, 32, 8, 3),),
+    (90, "fwd", "bf16", 256): ((64, 32, 8, 3),),
+    (90, "dq", "bf16", 256): ((16, 32, 8, 3), (16, 16, 8, 3)),
+    (90, "dkdv", "bf16", 256): ((16, 16, 8, 3), (16, 16, 4, 3)),
+    (80, "fwd", "bf16", 64): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    (80, "fwd", "bf16", 128): ((128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
+    (80, "dq", "bf16", 64): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    (80, "dq", "bf16", 128): ((32, 32, 4, 3), (16, 64, 4, 3), (32, 32, 8, 3)),
+    (80, "dkdv", "bf16", 64): ((32, 32, 8, 3), (16, 64, 8, 3), (16, 32, 4, 3)),
+    (80, "dkdv", "bf16", 128): ((16, 32, 8, 3), (32, 32, 8, 1)),
+    (80, "fwd", "bf16", 256): ((64, 32, 8, 3), (32, 32, 4, 3)),
+    (80, "dq", "bf16", 256): ((16, 32, 4, 3),),
+    (80, "dkdv", "bf16", 256): ((16, 16, 8, 3),),
+}
+for _arch in (80, 90):
+    for (_pass, _bucket_d), _configs in _FP32_CONFIGS.items():
+        _GPU_CONFIGS[(_arch, _pass, "fp32", _bucket_d)] = _configs
+
+
+def launch_configs(pass_: int, lowp: bool, block_d: int, arch: int) -> _Configs:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) choices of one pass at a padded head dimension
+    on compute capability ``arch`` (80 for sm_80); Hopper and later take the sm_90 lists."""
+    generation = 90 if arch >= 90 else 80
+    return _GPU_CONFIGS[(generation, _PASSES[int(pass_)], "bf16" if lowp else "fp32", _bucket(block_d))]
+
+
+def _bucket(block_d: int) -> int:
+    """The head-dimension key of _GPU_CONFIGS that serves a padded head dimension."""
+    dims = sorted({key[-1] for key in _GPU_CONFIGS})
+    return next((d for d in dims if d >= block_d), dims[-1])
+
+
+# What `polyattn kernels` compiles: each activation code (x^p at p = 3), causal or not, the
+# mask and row-factor paths on (the code without them is a subset).
+_CHECK_HEAD_DIMS = (32, 64, 128, 256)  # 256: the largest the backend takes (_MAX_HEAD_DIM)
+_CHECK_ACTIVATIONS = {"x^3": ("power", 3), "relu": ("relu", 1), "elu": ("elu", 1), "gelu": ("gelu", 1)}
+_CHECK_ACTIVATIONS |= {"tanh": ("tanh", 1), "exp": ("exp", 1), "sigmoid": ("sigmoid", 1)}
+
+
+def compile_variants(
+    arch: int = 90,
+    head_dims: tuple[int, ...] = _CHECK_HEAD_DIMS,
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    activations: tuple[str, ...] | None = None,
+    causal: tuple[bool, ...] = (False, True),
+    passes: tuple[int, ...] = (0, 1, 2),
+    quick: bool = False,
+) -> list:
+    """Every kernel specialisation `polyattn kernels` compiles, with the launch configurations of each.
+
+    ``quick``: only gelu (the most registers: erf and exp in the backward), causal, and per
+    configuration list the largest head dimension that uses it; every launch configuration of
+    every pass and dtype is still compiled once.
+    """
+    from .kernel_check import KernelVariant, LaunchConfig
+
+    if quick:
+        largest = {_bucket(max(16, triton.next_power_of_2(d))): d for d in sorted(head_dims)}
+        head_dims, activations, causal = tuple(largest.values()), ("gelu",), (True,)
+    out = []
+    for dtype in dtypes:
+        ptr = f"*{dtype}"
+        signature = {name: ptr for name in ("Q", "K", "V", "DO", "OUT", "OUT2")}
+        signature |= {"KMASK": "*i8", "R": "*fp32", "scale": "fp32", "r_scalar": "fp32"}
+        signature |= {name: "i32" for name in ("stride_mb", "stride_rb", "stride_rn", "NQ", "NK", "D", "DV")}
+        for d in head_dims:
+            block_d = max(16, triton.next_power_of_2(d))
+            for act_name in activations if activations is not None else tuple(_CHECK_ACTIVATIONS):
+                kind, power = _CHECK_ACTIVATIONS[act_name]
+                for is_causal in causal:
+                    for pass_ in passes:
+                        lowp = dtype == "bf16"
+                        constexprs = {
+                            "PASS": pass_,
+                            "ACT": _ACT_CODES[kind],
+                            "POWER": power,
+                            "CAUSAL": is_causal,
+                            "HAS_MASK": True,
+                            "HAS_R": True,
+                            "LOWP": lowp,
+                            "NATIVE_LOWP": lowp,
+                            "BLOCK_D": block_d,
+                            "BLOCK_DV": block_d,
+                        }
+                        configs = tuple(
+                            LaunchConfig((("BLOCK_M", m), ("BLOCK_N", n)), w, st)
+                            for m, n, w, st in launch_configs(pass_, lowp, block_d, arch)
+                        )
+                        tags = {"pass": _PASSES[pass_], "head_dim": d, "dtype": dtype}
+                        tags |= {"activation": act_name, "causal": is_causal}
+                        out.append(KernelVariant(_attention_kernel, signature, constexprs, configs, tags))
+    return out
 
 
 if triton is not None:
@@ -160,6 +299,17 @@ if triton is not None:
             ok = ok & (km[None, :] != 0)
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        return ok
+
+    @triton.jit
+    def _valid_t(offs_m, offs_n, NQ, NK, KMASK_row, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+        """_valid transposed: (BLOCK_N keys, BLOCK_M queries)."""
+        ok = (offs_n[:, None] < NK) & (offs_m[None, :] < NQ)
+        if HAS_MASK:
+            km = tl.load(KMASK_row + offs_n, mask=offs_n < NK, other=0)
+            ok = ok & (km[:, None] != 0)
+        if CAUSAL:
+            ok = ok & (offs_n[:, None] <= offs_m[None, :])
         return ok
 
     @triton.jit
@@ -248,16 +398,17 @@ if triton is not None:
             if CAUSAL:
                 lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M  # query i sees key j only when i >= j
             for start_m in range(lo, NQ, BLOCK_M):
+                # S^T (keys x queries) directly, so phi(S)^T and dS^T feed dV and dK without transposes.
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                q = _load(Q, offs_m, offs_d, D, 1, NQ, D)
+                qt = _load(Q, offs_d, offs_m, 1, D, D, NQ)
                 r = _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R)
                 dor = _load(DO, offs_m, offs_dv, DV, 1, NQ, DV).to(tl.float32) * r[:, None]
-                ok = _valid(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
-                s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
-                a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
-                dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
-                ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
-                dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
+                ok = _valid_t(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
+                st = tl.where(ok, _dot(k, qt, LOWP, NATIVE_LOWP) * scale, 0.0)
+                at = tl.where(ok, _phi(st, ACT, POWER), 0.0)
+                dv += _dot(at, dor, LOWP, NATIVE_LOWP)
+                dst = tl.where(ok, _dot(v, tl.trans(dor), LOWP, NATIVE_LOWP) * _dphi(st, ACT, POWER), 0.0)
+                dk += _dot(dst, tl.trans(qt), LOWP, NATIVE_LOWP)
             _store(OUT, dk * scale, offs_n, offs_d, D, NK)
             _store(OUT2, dv, offs_n, offs_dv, DV, NK)
         else:
@@ -294,10 +445,17 @@ if triton is not None:
             else:
                 _store(OUT, acc * scale, offs_m, offs_d, D, NQ)
 
-    # GPU launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages). The
-    # autotuner times each once per (pass, NQ, NK, head dim, activation, causal).
-    _GPU_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
     _KEY = ["PASS", "NQ", "NK", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "HAS_MASK", "LOWP"]
+
+    def _arch_of(t: torch.Tensor) -> int:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+
+    def _prune(configs, named_args, **kwargs):
+        # The autotuner holds the union of every list; each call times only its own list.
+        block_d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        wanted = set(launch_configs(kwargs["PASS"], kwargs["LOWP"], block_d, _arch_of(named_args["Q"])))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     _TUNED: list = []
 
@@ -305,10 +463,13 @@ if triton is not None:
         if interpreter_active():
             return _attention_kernel
         if not _TUNED:
-            configs = [
-                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _GPU_CONFIGS
-            ]
-            _TUNED.append(triton.autotune(configs=configs, key=_KEY)(_attention_kernel))
+            union = sorted({c for configs in _GPU_CONFIGS.values() for c in configs})
+            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in union]
+            _TUNED.append(
+                triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+                    _attention_kernel
+                )
+            )
         return _TUNED[0]
 
 
@@ -357,53 +518,123 @@ def _launch(pass_: int, q, k, v, do, out, out2, kmask, r, meta: dict, blocks: tu
         kernel[grid](*args, PASS=pass_, **meta["const"])
 
 
-class _TritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kmask, r, meta, blocks):
-        alloc = torch.empty if q.shape[1] and k.shape[1] else torch.zeros  # the kernel writes every row it sees
-        out = alloc(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
-        _launch(0, q, k, v, q, out, out, kmask, r, meta, blocks)
-        ctx.save_for_backward(q, k, v, kmask, r)
-        ctx.meta, ctx.blocks = meta, blocks
-        return out
+def _meta(q, v, kmask, r, scale, r_scalar, act, power, causal) -> dict:
+    lowp = q.dtype == torch.bfloat16
+    return {
+        "scale": scale,
+        "r_scalar": r_scalar,
+        "const": {
+            "ACT": act,
+            "POWER": power,
+            "CAUSAL": causal,
+            "HAS_MASK": kmask is not None,
+            "HAS_R": r is not None,
+            "LOWP": lowp,
+            "NATIVE_LOWP": lowp and not interpreter_active(),
+            "BLOCK_D": max(16, triton.next_power_of_2(q.shape[2])),
+            "BLOCK_DV": max(16, triton.next_power_of_2(v.shape[2])),
+        },
+    }
 
-    @staticmethod
-    def backward(ctx, dout):
-        refuse_double_backward("triton")
-        q, k, v, kmask, r = ctx.saved_tensors
-        dout = dout.contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        _launch(2, q, k, v, dout, dk, dv, kmask, r, ctx.meta, ctx.blocks)
-        _launch(1, q, k, v, dout, dq, dq, kmask, r, ctx.meta, ctx.blocks)
-        return dq, dk, dv, None, None, None, None
+
+# The kernels as torch custom ops, with fake (shape-only) implementations and autograd, so that
+# torch.compile(fullgraph=True) traces through the backend instead of breaking the graph at an
+# opaque Python call. q, k, v are contiguous (BH, N, d); kmask (BH or 1, Nk) int8; r (BH or 1,
+# Nq or 1) fp32 row factors (None: r_scalar for every row).
+@torch.library.custom_op("polyattn::triton_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kmask: torch.Tensor | None,
+    r: torch.Tensor | None,
+    scale: float,
+    r_scalar: float,
+    act: int,
+    power: int,
+    causal: bool,
+    block_m: int,
+    block_n: int,
+) -> torch.Tensor:
+    alloc = torch.empty if q.shape[1] and k.shape[1] else torch.zeros  # the kernel writes every row it sees
+    out = alloc(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    meta = _meta(q, v, kmask, r, scale, r_scalar, act, power, causal)
+    _launch(0, q, k, v, q, out, out, kmask, r, meta, (block_m, block_n))
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, kmask, r, scale, r_scalar, act, power, causal, block_m, block_n):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+@torch.library.custom_op("polyattn::triton_attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kmask: torch.Tensor | None,
+    r: torch.Tensor | None,
+    scale: float,
+    r_scalar: float,
+    act: int,
+    power: int,
+    causal: bool,
+    block_m: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    meta = _meta(q, v, kmask, r, scale, r_scalar, act, power, causal)
+    _launch(2, q, k, v, dout, dk, dv, kmask, r, meta, (block_m, block_n))
+    _launch(1, q, k, v, dout, dq, dq, kmask, r, meta, (block_m, block_n))
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, kmask, r, scale, r_scalar, act, power, causal, block_m, block_n):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kmask, r, *params = inputs
+    ctx.save_for_backward(q, k, v, kmask, r)
+    ctx.params = params
+
+
+def _backward(ctx, dout):
+    refuse_double_backward("triton")
+    q, k, v, kmask, r = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(dout.contiguous(), q, k, v, kmask, r, *ctx.params)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.params))
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _compute(call: Call, block_sizes: tuple[int, int] = (16, 16)) -> torch.Tensor:
     """Fused attention for elementwise activations; ``block_sizes`` applies in the interpreter only
     (on a GPU the autotuner picks them)."""
-    q, act = call.q, call.activation
-    lowp = q.dtype == torch.bfloat16
-    d, dv = q.shape[2], call.v.shape[2]
+    act = call.activation
     r = call.row_factors(torch.float32)
     r_tensor = r.reshape(r.shape[0], r.shape[1]).contiguous() if isinstance(r, torch.Tensor) else None
     flags = call.key_flags()
     kmask = flags.to(torch.int8).contiguous() if flags is not None else None
-    meta = {
-        "scale": call.scale_value,
-        "r_scalar": float(r) if r_tensor is None else 1.0,
-        "const": {
-            "ACT": _ACT_CODES[act.kind],
-            "POWER": act.power,
-            "CAUSAL": bool(call.causal),
-            "HAS_MASK": kmask is not None,
-            "HAS_R": r_tensor is not None,
-            "LOWP": lowp,
-            "NATIVE_LOWP": lowp and not interpreter_active(),
-            "BLOCK_D": max(16, triton.next_power_of_2(d)),
-            "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
-        },
-    }
-    return _TritonFunction.apply(q, call.k, call.v, kmask, r_tensor, meta, tuple(block_sizes))
+    bm, bn = (int(b) for b in block_sizes)
+    return _attention_op(
+        call.q,
+        call.k,
+        call.v,
+        kmask,
+        r_tensor,
+        float(call.scale_value),
+        float(r) if r_tensor is None else 1.0,
+        _ACT_CODES[act.kind],
+        int(act.power),
+        bool(call.causal),
+        bm,
+        bn,
+    )
 
 
 run = backend_run(NAME, unsupported, _compute)
