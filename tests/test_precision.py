@@ -172,7 +172,8 @@ def test_compare_prints_its_estimate_and_the_refinement(tmp_path, capsys):
     from test_compare import TINY
 
     argv = ["compare", "--out", str(tmp_path / "c"), "--activations", "softmax", "--seeds", "1", "--epochs", "2"]
-    assert main([*argv, "--jobs", "1", "--set", *TINY]) == 0
+    # two whole epochs of the tiny model: the pace is read from a run's second epoch
+    assert main([*argv, "--jobs", "1", "--set", *TINY, "train.max_steps=null"]) == 0
     err = capsys.readouterr().err
     assert "estimated duration on this machine (" in err and "a training step measured at" in err
     assert "after a measured epoch (" in err
