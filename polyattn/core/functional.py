@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 
 import torch
 
@@ -69,8 +71,15 @@ def _check_inputs(
     try:
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:
+        hint = ""
+        if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] and q.shape[-3] % k.shape[-3] == 0:
+            hint = (
+                f"; for grouped-query attention ({q.shape[-3]} query heads over {k.shape[-3]} key/value heads) "
+                "pass enable_gqa=True, as to F.scaled_dot_product_attention"
+            )
         raise ValueError(
-            f"the leading (batch/head) dimensions of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
+            f"the leading (batch/head) dimensions of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not "
+            f"broadcast{hint}"
         ) from None
     s_shape = (*batch, q.shape[-2], k.shape[-2])
 
@@ -89,8 +98,10 @@ def _check_inputs(
         if not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
         _check_broadcast("bias", bias, s_shape)
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(d)), got {scale}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return s_shape
@@ -146,6 +157,7 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Attention ``phi(scale * q k^T + bias) v`` with activation ``phi`` named by a spec string.
 
@@ -167,8 +179,13 @@ def attention(
       name in ``polyattn.core.backends.BACKENDS``: ``reference``, ``sdpa``,
       ``chunked``, ``linear``, ``triton``. A named backend that cannot compute
       the call raises ``BackendUnsupported`` (a ValueError) saying why.
+    - ``enable_gqa``: as in SDPA, k and v may have fewer heads (dimension -3) than q;
+      query head h attends with key/value head ``h // (Hq / Hkv)``. Each group of query
+      heads runs against k and v as they are: nothing copies them.
     """
     act = get_activation(activation)
+    if enable_gqa and q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        return _grouped_query_attention(q, k, v, act, attn_mask, bias, causal, scale, dropout_p, backend)
     s_shape = _check_inputs(q, k, v, attn_mask, bias, scale, dropout_p)
     if act.shift is not None:
         # sigmoid(S - log N) is sigmoid(S + b) with b = -log N per row: every backend that takes a bias
@@ -189,4 +206,71 @@ def attention(
     # compute above (x^3 of an fp16 score overflows): the backend runs with autocast off.
     with autocast_off(q.device.type):
         out = fn(q, k, v, act, attn_mask=attn_mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
-    return out.to(out_dtype)
+    out = out.to(out_dtype)
+    if out.device.type == "cpu" and not torch.compiler.is_compiling():
+        _warn_on_overflow(out, (q, k, v, bias), act)
+    return out
+
+
+def _warn_on_overflow(out: torch.Tensor, inputs: tuple[torch.Tensor | None, ...], act) -> None:
+    """Warn (once per calling line) when finite inputs gave a non-finite output: the scores' powers
+    overflowed. One sum over the output in the common case (a sum of finite numbers that is itself
+    non-finite is checked entry by entry); CPU only, since on a GPU reading the answer would
+    synchronise every call."""
+    out = out.detach()
+    if out.numel() == 0 or math.isfinite(float(out.sum())) or bool(torch.isfinite(out).all()):
+        return
+    if not all(t is None or bool(torch.isfinite(t.detach()).all()) for t in inputs):
+        return  # non-finite in, non-finite out: nothing overflowed here
+    warnings.warn(
+        f"polyattn.attention: finite q, k, v gave a non-finite output under activation {act.spec!r} "
+        f"({str(out.dtype).replace('torch.', '')} output): the scores' powers overflowed (docs/reliability.md, "
+        "'Where scores overflow'). Use a divisor that grows with N (x^p/sqrt(N) or /N), a lower power, smaller "
+        "scores (scale, or normalised q and k), or fp32 instead of fp16",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _group_heads(t: torch.Tensor | None, heads: int, groups: int, g: int) -> torch.Tensor | None:
+    """The query heads of group member ``g`` (heads g, G + g, ...: one per key/value head) of a mask or
+    bias broadcastable to (..., Hq, Nq, Nk); one with a single head or none is shared as it is."""
+    if t is None or t.dim() < 3 or t.shape[-3] == 1:
+        return t
+    if t.shape[-3] != heads:
+        raise ValueError(
+            f"a mask or bias with {t.shape[-3]} heads (shape {_shape(t)}) cannot broadcast to {heads} query heads"
+        )
+    return t.unflatten(-3, (heads // groups, groups))[..., g, :, :]
+
+
+def _grouped_query_attention(q, k, v, act, attn_mask, bias, causal, scale, dropout_p, backend) -> torch.Tensor:
+    """enable_gqa: the query heads that share a key/value head, one group member at a time, each call
+    taking k and v as they are (SDPA's grouping: query head h reads key/value head h // G)."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 3:
+            raise ValueError(f"enable_gqa needs {name} of shape (..., heads, N, d)")
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hkv or hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"enable_gqa: the query heads must be a multiple of the key/value heads, and k and v must have as many "
+            f"heads as each other: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (..., heads, N, d)"
+        )
+    groups = hq // hkv
+    qg = q.unflatten(-3, (hkv, groups))
+    outs = [
+        attention(
+            qg[..., g, :, :],
+            k,
+            v,
+            act,
+            attn_mask=_group_heads(attn_mask, hq, groups, g),
+            bias=_group_heads(bias, hq, groups, g),
+            causal=causal,
+            scale=scale,
+            dropout_p=dropout_p,
+            backend=backend,
+        )
+        for g in range(groups)
+    ]
+    return torch.stack(outs, dim=-3).flatten(-4, -3)
