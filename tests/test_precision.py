@@ -177,3 +177,10 @@ def test_compare_prints_its_estimate_and_the_refinement(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "estimated duration on this machine (" in err and "a training step measured at" in err
     assert "after a measured epoch (" in err
+
+
+def test_a_cuda_device_without_a_gpu_is_a_config_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--set", *SMALL, "train.device=cuda", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "train.device=cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

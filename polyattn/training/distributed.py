@@ -51,7 +51,12 @@ class DistEnv:
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+        from .config import ConfigError  # a user's setting, reported as one (exit 2), not as a crash
+
+        raise ConfigError(
+            "train.device=cuda but torch sees no CUDA device here (torch.cuda.is_available() is False); "
+            "use train.device=auto or cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
