@@ -190,3 +190,17 @@ def test_import_polyattn_loads_no_command_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", f"import polyattn loaded {out.stdout.strip()}"
+
+
+def test_a_grid_worker_loads_neither_the_compiler_stack_nor_scikit_learn():
+    # What a spawned compare worker imports and runs before its first step: a second each for
+    # torch's compiler stack (dynamo, sympy) and scikit-learn, on every worker and CLI call.
+    code = (
+        "import sys\n"
+        "import polyattn.experiments.compare, polyattn.training.trainer\n"
+        "from polyattn.data.digits import load_digits_tensors\n"
+        "load_digits_tensors()\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'sklearn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"a worker loaded {out.stdout.strip()}"
