@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: every GPU-only measurement of polyattn in one call, written into one folder.
 #
-#   scripts/gpu_check.sh [OUT]            on a machine with a CUDA GPU (about 8 minutes on an H100)
+#   scripts/gpu_check.sh [OUT]            on a machine with a CUDA GPU (sized for 8 minutes on an H100; not yet run on one)
 #   scripts/gpu_check.sh --dry-run [OUT]  on CPU: each step starts and runs at toy size
 #
 # Steps (each logged to OUT/<step>.log, its exit status and seconds to OUT/summary.txt; a failing
