@@ -157,3 +157,24 @@ def test_compare_results_record_threads_per_run(tmp_path):
     report = (out / "report.md").read_text()
     assert "Threads per run: 1." in report and f"polyattn {results['record']['polyattn']}" in report
     assert f"Backends chosen: {', '.join(results['runs'][0]['backends'])}." in report
+
+
+def test_bench_and_theory_results_carry_the_record(tmp_path):
+    import time
+
+    from polyattn.experiments.bench import BenchConfig, bench_results
+    from polyattn.experiments.theory import TheoryConfig, run_theory
+
+    # bench_results is shared by every bench kind: the record names the threads the bench ran with.
+    res = bench_results(BenchConfig(device="cpu", dtype="float32"), "m", 3, time.perf_counter(), cases=[])
+    assert res["record"]["threads"] == 3 == res["threads"]
+    assert res["record"]["precision"] == "float32" and res["record"]["device"] == "cpu"
+    theory = run_theory(
+        TheoryConfig(bound_n=[2], bound_samples=1, n_grid=[8, 16], samples=2, activations=["x"]),
+        tmp_path / "t",
+        progress=False,
+        plots=False,
+    )
+    written = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert written["record"]["precision"] == "fp64" and written["record"]["command"] == sys.argv
+    assert theory["record"]["polyattn"] == code_version()["polyattn"]
