@@ -178,3 +178,13 @@ def test_bench_and_theory_results_carry_the_record(tmp_path):
     written = json.loads((tmp_path / "t" / "results.json").read_text())
     assert written["record"]["precision"] == "fp64" and written["record"]["command"] == sys.argv
     assert theory["record"]["polyattn"] == code_version()["polyattn"]
+
+
+def test_code_version_without_git_names_no_commit(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # git cannot be found
+    code_version.cache_clear()
+    try:
+        version = code_version()
+        assert version["commit"] is None and version["dirty"] is None and version["polyattn"] is not None
+    finally:
+        code_version.cache_clear()
