@@ -32,7 +32,9 @@ def small_vit(depth: int, dim: int) -> list[str]:
 
 # The trainer tests' standard setting: a 2-block width-32 vit_micro, 3 epochs of 4 steps.
 SMALL = synthetic_run(30, *small_vit(2, 32), "train.epochs=3", "train.lr=3e-3")
-TIMING_KEYS = {"time_s", "samples_per_s", "run_dir"}
+# "record" names the command line, the segments and their times: it differs between a resumed run and a
+# straight one by design (summary.json only; metrics.jsonl rows carry no record).
+TIMING_KEYS = {"time_s", "samples_per_s", "run_dir", "record"}
 
 
 def small_cfg(*extra: str) -> dict:

@@ -243,7 +243,8 @@ def test_resume_reads_a_missing_key_as_its_default(tmp_path, capsys):
 # --- runs side by side ----------------------------------------------------------------------------
 def _numbers(out: Path) -> dict:
     """Every run's summary and metric rows without wall-clock fields: what must not depend on --jobs."""
-    clock = {"time_s", "samples_per_s", "run_dir"}
+    # The record names the process that trained the run (its command line and timings): a worker's differs.
+    clock = {"time_s", "samples_per_s", "run_dir", "record"}
     runs = {}
     for run in sorted((out / "runs").iterdir()):
         summary = json.loads((run / "summary.json").read_text())

@@ -97,6 +97,13 @@ def test_recall_end_to_end(tmp_path, capsys):
     assert "T=16" in printed and "T=24" in printed and "x^2/sqrt(N)" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["seq_lens"] == [16, 24]
+    # The record lists the threads every run of every length trained with, from the runs' summaries.
+    threads = {
+        json.loads((out / f"T{n}" / r["run_dir"] / "summary.json").read_text())["record"]["threads"]
+        for n in (16, 24)
+        for r in json.loads((out / f"T{n}" / "results.json").read_text())["runs"]
+    }
+    assert results["record"]["threads_per_run"] == sorted(threads)
     for row in results["table"]:
         assert set(row["cells"]) == {"16", "24"} and all(c["n"] == 1 for c in row["cells"].values())
     for n in (16, 24):

@@ -48,6 +48,7 @@ from ..core.functional import attention
 from ..training.config import settings_from_dict
 from ..utils import atomic_write_json, atomic_write_text
 from ..utils.machine import machine_line
+from ..utils.record import run_record
 
 __all__ = [
     "BenchConfig",
@@ -435,12 +436,19 @@ def run_bench(
 
 
 def bench_results(cfg: Any, machine: str, threads: int, t_start: float, **measured: Any) -> dict:
-    """The results dict every bench writes: its config, the machine, threads, elapsed time, then the rows."""
+    """The results dict every bench writes: its config, the machine, threads, elapsed time, the run record,
+    then the rows. ``threads``: the torch threads the measurements ran with (the bench's own setting)."""
     return {
         "config": asdict(cfg),
         "machine": machine,
         "threads": threads,
         "elapsed_s": time.perf_counter() - t_start,
+        # Each row names its backend; the record's backends stay None.
+        "record": run_record(
+            device=getattr(cfg, "device", None),
+            precision=getattr(cfg, "dtype", None) or getattr(cfg, "amp", None),
+            threads=threads,
+        ),
         **measured,
     }
 

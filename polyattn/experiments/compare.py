@@ -43,6 +43,7 @@ from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
 from ..utils.machine import cpu_class, machine_info
+from ..utils.record import run_facts, run_record, runs_digest
 from .report import compare_markdown, format_table, write_compare_figures
 
 __all__ = [
@@ -351,6 +352,7 @@ def _record(planned: PlannedRun, summary: dict, status: str) -> dict:
         "steps": summary.get("steps"),
         "time_s": summary.get("time_s"),
         "num_params": summary.get("num_params"),
+        **run_facts(summary),
     }
 
 
@@ -755,6 +757,9 @@ def compare(
             "table": summarize(records, specs),
             "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
             "machine": machine_info(),
+            # The grid's record: threads, precision and backends are the runs' own, from their summaries
+            # (this process's torch threads say nothing about them).
+            "record": run_record(precision=base["train"]["amp"], **{"threads": None, **runs_digest(records)}),
         }
         results["table_text"] = format_table(results["table"], results["metric"])
         if figures:

@@ -28,6 +28,7 @@ from ..data.registry import build_dataset
 from ..training.config import load_config
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.machine import machine_info, machine_line
+from ..utils.record import run_record, runs_digest
 from .compare import CompareError, compare, json_safe, parse_activations, parse_seeds, relative_path
 from .plots import pyplot, save_figure
 
@@ -181,6 +182,11 @@ def _overview(out: Path, per_length: dict[int, dict], specs: list[str], seeds: l
         "lengths": {str(n): relative_path(out / f"T{n}", out) for n in per_length},
         "machine": machine_info(),
         "machine_line": machine_line("cpu"),
+        # Threads, precision and backends are the runs' own (every length's), from their summaries.
+        "record": run_record(
+            precision=first["settings"].get("amp"),
+            **{"threads": None, **runs_digest([r for res in per_length.values() for r in res["runs"]])},
+        ),
     }
     results["table_text"] = format_recall_table(table, list(per_length))
     results["figure"] = plot_recall(results, out / "recall.png").name

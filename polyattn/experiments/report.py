@@ -492,6 +492,22 @@ def _machine_note(machine: Mapping) -> str:
 _PRECISION_WORDS = {"off": "fp32", "bf16": "bf16 autocast (attention in fp32)", "fp16": "fp16 autocast"}
 
 
+def record_note(record: Mapping | None) -> str:
+    """ " Code: polyattn 0.1.0 (commit 1a2b3c4d5e6f). Threads per run: 1. Backends chosen: reference." from a
+    results file's run record ("" for results written before records)."""
+    if not record:
+        return ""
+    code = f"polyattn {record.get('polyattn') or '?'}"
+    if record.get("commit"):
+        code += f" (commit {record['commit'][:12]}{', uncommitted changes' if record.get('dirty') else ''})"
+    text = f" Code: {code}."
+    if record.get("threads_per_run"):
+        text += f" Threads per run: {', '.join(map(str, record['threads_per_run']))}."
+    if record.get("backends"):
+        text += f" Backends chosen: {', '.join(record['backends'])}."
+    return text
+
+
 def _precision_note(settings: Mapping) -> str:
     """ " Precision: fp32 (train.amp=auto)." for reports of grids that record it ("" for older results)."""
     amp = settings.get("amp")
@@ -542,6 +558,7 @@ def _compare_intro(results: Mapping) -> list[str]:
         + _machine_note(results.get("machine", {}))
         + f", torch {results.get('machine', {}).get('torch', '?')}."
         + _precision_note(s)
+        + record_note(results.get("record"))
         + _times(results),
         "",
     ]

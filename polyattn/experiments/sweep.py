@@ -26,6 +26,7 @@ from ..core.activations import get_activation
 from ..training.config import load_config
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.machine import machine_info
+from ..utils.record import run_record, runs_digest
 from .compare import (
     CompareError,
     GridRun,
@@ -222,6 +223,8 @@ def _results(out: Path, records: list[dict], base: dict, settings: dict) -> dict
         "table": table,
         "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
         "machine": machine_info(),
+        # Threads, precision and backends are the runs' own, from their summaries.
+        "record": run_record(precision=base["train"]["amp"], **{"threads": None, **runs_digest(records)}),
     }
     results["table_text"] = format_sweep_table(table, settings["scales"], settings["power"])
     results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}

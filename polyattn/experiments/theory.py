@@ -47,6 +47,7 @@ from ..core.backends.reference import attention_weights
 from ..core.diagnostics import attention_norms
 from ..training.config import settings_from_dict
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.record import run_record
 
 __all__ = [
     "TheoryConfig",
@@ -758,6 +759,7 @@ def run_theory(
         "monte_carlo": mc,
         "findings": _findings(bounds, mc),
         "machine": _machine(),
+        "record": run_record(device="cpu", precision="fp64"),
         "timing": {"theorem_4_1_s": t1 - t0, "monte_carlo_s": t2 - t1},
     }
     if out_dir is not None:

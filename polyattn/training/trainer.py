@@ -47,6 +47,7 @@ from ..data.registry import DataBundle, build_dataset
 from ..models.registry import create_model
 from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
 from ..utils.io import load_checkpoint
+from ..utils.record import BackendRecorder, run_record
 from ..utils.rundir import RunDirError, RunDirLock
 from .checkpoint import (
     CHECKPOINT,
@@ -677,6 +678,9 @@ class _Run:
                 self.log("train.ema_decay: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best_val, self.last_val = ckpt.get("best_val_acc"), ckpt.get("last_val")
+        # Checkpoints written before the total was kept count their earlier segments as 0 s.
+        self.time_before = float(ckpt.get("time_s_total") or 0.0)
+        self.segments = int(ckpt.get("segments") or 1) + 1
         self.best = ckpt.get("best")
         self.last_good_epoch = self.epoch
         if any(f"train.{k}" in applied for k in (*_OPTIMIZER_KEYS, *_SCHEDULE_KEYS)):
@@ -785,6 +789,9 @@ class _Run:
                 "last_val": self.last_val,
                 "config": self.cfg,
                 "model_args": self.model_args,
+                "time_s_total": self._elapsed(),
+                "segments": self.segments,
+                "record": self.record(),
             },
             self.run_dir / CHECKPOINT,
         )
@@ -824,6 +831,10 @@ class _Run:
             recorder.set_step(self.step)
         lr = self.optimizer.param_groups[0]["lr"]
         loss, logits, grad_norm = self._forward_backward(x, y)
+        if self.backend_recorder is not None:  # the first forward has shown every attention call site
+            self.backends = self.backend_recorder.chosen
+            self.backend_recorder.detach()
+            self.backend_recorder = None
         loss_sum, correct, count, bad_loss, bad_grad = self._batch_stats(loss, logits, grad_norm, y)
         if bad_loss or bad_grad:
             self._stop_diverged(f"loss is {loss.item()}" if bad_loss else "gradient norm is not finite")
@@ -990,7 +1001,22 @@ class _Run:
         finally:
             self.model.load_state_dict(final)
 
-    def summary(self, t_start: float) -> dict:
+    def _elapsed(self) -> float:
+        """Seconds this run has taken, summed over the segments of a resumed run."""
+        return self.time_before + time.perf_counter() - self.t_start
+
+    def record(self) -> dict:
+        """The run record (see polyattn.utils.record), taken inside the run: train.num_threads is in force."""
+        return run_record(
+            device=self.env.device,
+            precision=self.tc["amp"],
+            backends=self.backends,
+            world_size=self.env.world_size,
+            segments=self.segments,
+            segment_time_s=time.perf_counter() - self.t_start,
+        )
+
+    def summary(self) -> dict:
         selected = self._selected()
         test = test_last = None
         if self.test_loader is not None and self.diverged is None:
@@ -1035,10 +1061,11 @@ class _Run:
             "world_size": self.env.world_size,
             "device": str(self.env.device),
             "amp": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
-            "time_s": time.perf_counter() - t_start,
+            "time_s": self._elapsed(),  # all segments of a resumed run
             # What --resume --set changed, with the step each change took effect (config.yaml is the final config).
             "config_changes": [{k: r[k] for k in ("epoch", "step", "changed")} for r in self.resume_rows],
             "data": self.bundle.info,
+            "record": self.record(),
         }
 
     def run(self) -> dict:
@@ -1059,7 +1086,9 @@ class _Run:
             self.lock.discard() if discard else self.lock.release()
 
     def _run(self) -> dict:
-        t_start = time.perf_counter()
+        self.t_start, self.time_before, self.segments = time.perf_counter(), 0.0, 1
+        self.backends: dict[str, str] | None = None
+        self.backend_recorder: BackendRecorder | None = None
         self.diverged: dict | None = None
         self.last_good_epoch: int | None = None
         self.checkpoint_step: int | None = None
@@ -1080,6 +1109,7 @@ class _Run:
             )
             self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
         recorder = self._norm_recorder()
+        self.backend_recorder = BackendRecorder(self.model)
         try:
             while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
                 result = self.train_epoch(recorder)
@@ -1089,11 +1119,16 @@ class _Run:
         finally:
             if recorder is not None:
                 recorder.detach()
+            if self.backend_recorder is not None:
+                self.backend_recorder.detach()
         if self.diverged is not None:
             self.log(self.diverged["message"])
-        summary = self.summary(t_start)
+        summary = self.summary()
         if self.env.is_main:
-            self.metrics.write([{"kind": "summary", **{k: v for k, v in summary.items() if k != "data"}}])
+            # The record (command line, threads, segments) is summary.json's: metrics.jsonl stays the same
+            # for a resumed run and an uninterrupted one.
+            kept = {k: v for k, v in summary.items() if k not in ("data", "record")}
+            self.metrics.write([{"kind": "summary", **kept}])
             atomic_write_json(summary, self.run_dir / "summary.json")
         return summary
 
