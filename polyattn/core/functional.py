@@ -10,7 +10,7 @@ import torch
 
 from .activations import ActivationLike, get_activation
 from .backends import resolve_backend
-from .backends.common import BlockSource, row_counts
+from .backends.common import BlockSource, row_counts, values_known
 
 __all__ = ["attention", "autocast_off", "compute_dtype"]
 
@@ -207,7 +207,8 @@ def attention(
     with autocast_off(q.device.type):
         out = fn(q, k, v, act, attn_mask=attn_mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     out = out.to(out_dtype)
-    if out.device.type == "cpu" and not torch.compiler.is_compiling():
+    # values_known: not while torch.compile traces, nor for meta and fake tensors, which have no values.
+    if out.device.type == "cpu" and values_known(out):
         _warn_on_overflow(out, (q, k, v, bias), act)
     return out
 
