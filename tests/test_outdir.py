@@ -9,22 +9,26 @@ import pytest
 from synthetic_setting import small_vit, synthetic_run
 
 from polyattn.cli import main
-from polyattn.utils.outdir import MARKER, OutDirError, check_out_dir, marked_command, prepare_out_dir
+from polyattn.utils.outdir import OutDirError, check_out_dir, marked_command, prepare_out_dir
 
 TRAIN = synthetic_run(16, *small_vit(1, 16), "train.epochs=1")
 
 # Each command with arguments that would train or measure: the refusal must come before any of it.
+Q = "--no-progress"
 COMMANDS = {
-    "train": (["train", "--set", *TRAIN], "train"),
-    "train --all-points": (["train", "--all-points", "--config", "configs/table2.yaml"], "train --all-points"),
-    "compare": (["compare", "--epochs", "1"], "compare"),
-    "sweep": (["sweep"], "sweep"),
-    "recall": (["recall"], "recall"),
-    "lra": (["lra", "--task", "listops"], "train"),
-    "pinn": (["pinn", "--quick"], "pinn"),
-    "detect": (["detect", "--preset", "cpu"], "detect"),
-    "bench": (["bench", "--quick"], "bench"),
-    "theory": (["theory", "--quick"], "theory"),
+    "train": (["train", "--set", *TRAIN, Q], "train"),
+    "train --all-points": (["train", "--all-points", "--config", "configs/table2.yaml", Q], "train --all-points"),
+    "compare": (["compare", "--epochs", "1", Q], "compare"),
+    "sweep": (["sweep", Q], "sweep"),
+    "recall": (["recall", Q], "recall"),
+    "lra": (["lra", "--task", "listops", Q], "train"),
+    "pinn": (["pinn", "--quick", Q], "pinn"),
+    "detect": (["detect", "--preset", "cpu", Q], "detect"),
+    "bench": (["bench", "--quick", Q], "bench"),
+    "theory": (["theory", "--quick", Q], "theory"),
+    "data listops": (["data", "listops", "--train", "4", "--val", "2", "--test", "2", Q], "data listops"),
+    "data pathfinder": (["data", "pathfinder", "--num", "4", "--workers", "1", Q], "data pathfinder"),
+    "data coco-shapes": (["data", "coco-shapes", "--train", "2", "--val", "1", "--size", "48"], "data coco-shapes"),
 }
 USER_FILES = ["config.yaml", "summary.json", "metrics.jsonl", "report.md", "results.json", "notes.txt"]
 
@@ -34,7 +38,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 
 def run(argv: list[str], out: Path) -> int:
-    return main([*argv, "--out", str(out), "--no-progress"])
+    return main([*argv, "--out", str(out)])
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -94,14 +98,14 @@ def test_train_writes_into_an_empty_folder_and_marks_it(tmp_path):
     assert marked_command(out) == "train" and (out / "summary.json").is_file()
     # Its own run: refused without --resume as before (a checkpoint is there), continued with it.
     assert run(COMMANDS["train"][0], out) == 2
-    assert main(["train", "--resume", str(out), "--no-progress", "--set", "train.epochs=2"]) == 0
+    assert main(["train", "--resume", str(out), Q, "--set", "train.epochs=2"]) == 0
 
 
 def test_compare_writes_into_an_empty_folder(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
     tiny = ["train.max_steps=2", "model.overrides.depth=1", "model.overrides.dim=16", "model.overrides.num_heads=2"]
-    argv = ["compare", "--activations", "softmax", "--seeds", "1", "--epochs", "1", "--jobs", "1", "--set", *tiny]
+    argv = ["compare", "--activations", "softmax", "--seeds", "1", "--epochs", "1", "--jobs", "1", Q, "--set", *tiny]
     assert run(argv, out) == 0
     assert marked_command(out) == "compare" and (out / "results.json").is_file()
     assert marked_command(next((out / "runs").iterdir())) == "train"
@@ -136,6 +140,9 @@ def test_the_rule_for_each_command(tmp_path, command):
         ("detect", ["config.yaml", "checkpoints/last.pt"]),
         ("bench", ["config.yaml", "results.json", "report.txt"]),
         ("theory", ["config.yaml", "results.json", "report.txt"]),
+        ("data listops", ["basic_train.tsv", "basic_val.tsv", "basic_test.tsv"]),
+        ("data pathfinder", ["curv_baseline/metadata/0.npy"]),
+        ("data coco-shapes", ["annotations/instances_train2017.json"]),
     ],
 )
 def test_runs_made_before_the_marker_count_as_the_commands_own(tmp_path, command, files):
@@ -148,7 +155,29 @@ def test_runs_made_before_the_marker_count_as_the_commands_own(tmp_path, command
 def test_a_detection_run_with_bad_data_leaves_an_empty_out_as_it_was(tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
-    assert run(["detect", "--preset", "cpu", "--data", str(tmp_path / "nope")], out) == 2
+    argv = ["detect", "--preset", "cpu", "--data", str(tmp_path / "nope"), Q]
+    assert run(argv, out) == 2
+    assert "nope" in capsys.readouterr().err
     assert list(out.iterdir()) == []
-    assert run(["detect", "--preset", "cpu", "--data", str(tmp_path / "nope")], tmp_path / "new") == 2
+    assert run(argv, tmp_path / "new") == 2
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name", ["data listops", "data coco-shapes"])
+def test_data_writes_into_an_empty_folder_and_again_into_its_own(tmp_path, name):
+    argv, command = COMMANDS[name]
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert run(argv, out) == 0
+    assert marked_command(out) == command
+    assert run(argv, out) == 0  # regenerating one's own data set is allowed
+
+
+def test_a_folder_it_cannot_write_is_named_with_the_fix(tmp_path, monkeypatch):
+    # Root may write anywhere, so the permission answer is simulated; the read-only test above runs as a user.
+    monkeypatch.setattr("polyattn.utils.outdir.os.access", lambda path, mode: False)
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(OutDirError, match=r"ro is not writable: make it writable or choose another --out"):
+        check_out_dir(tmp_path / "ro", "train")
+    with pytest.raises(OutDirError, match="cannot create --out .*new: .* is not writable"):
+        check_out_dir(tmp_path / "new", "compare")

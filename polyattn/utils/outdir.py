@@ -33,7 +33,7 @@ __all__ = [
 MARKER = ".polyattn"
 
 # What each command recognises as its own run when the marker is missing (directories made by
-# earlier versions): every listed path must exist.
+# earlier versions): every listed path (a glob pattern) must match.
 LEGACY: dict[str, tuple[str, ...]] = {
     "train": ("checkpoints",),
     "train --all-points": ("runs",),
@@ -44,7 +44,9 @@ LEGACY: dict[str, tuple[str, ...]] = {
     "detect": ("config.yaml", "checkpoints"),
     "bench": ("config.yaml", "results.json", "report.txt"),
     "theory": ("config.yaml", "results.json", "report.txt"),
-    "data": (),
+    "data listops": ("basic_train.tsv",),
+    "data pathfinder": ("curv_*/metadata",),
+    "data coco-shapes": ("annotations",),
 }
 
 # The top-level names each command writes: the files a refusal names.
@@ -58,7 +60,9 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "detect": ("config.yaml", "metrics.json", "history.json", "checkpoints", "report.md", "predictions.png"),
     "bench": ("config.yaml", "results.json", "report.txt"),
     "theory": ("config.yaml", "results.json", "report.txt", "theorem_4_1.png"),
-    "data": (),
+    "data listops": ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"),
+    "data pathfinder": ("curv_baseline", "curv_contour_length_9", "curv_contour_length_14"),
+    "data coco-shapes": ("annotations", "train2017", "val2017"),
 }
 
 COMMANDS = tuple(LEGACY)
@@ -97,7 +101,7 @@ def _is_own(d: Path, command: str) -> bool:
     if marked is not None:
         return marked == command
     legacy = LEGACY[command]
-    return bool(legacy) and all((d / name).exists() for name in legacy)
+    return bool(legacy) and all(next(d.glob(pattern), None) is not None for pattern in legacy)
 
 
 def _fix(command: str) -> str:

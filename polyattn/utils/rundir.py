@@ -13,6 +13,7 @@ left behind (``.NAME.XXXX.tmp``): nobody else can be writing them then.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -144,10 +145,8 @@ class RunDirLock:
             return
         for p in sorted(self.directory.rglob("*"), key=lambda q: len(q.parts), reverse=True):
             if p.is_dir():
-                try:
+                with contextlib.suppress(OSError):
                     p.rmdir()
-                except OSError:
-                    pass
         for p in self._made:
             p.unlink(missing_ok=True)
 
