@@ -174,6 +174,18 @@ def build_config(args: argparse.Namespace):
     return BenchConfig.from_dict(merged)
 
 
+def _prepare(out: str) -> int | None:
+    """None when the benchmark may write into ``out`` (see utils.outdir), else the exit code after one line."""
+    from ..utils import OutDirError, prepare_out_dir
+
+    try:
+        prepare_out_dir(out, "bench")
+    except OutDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
@@ -185,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         from ..experiments.bench_decode_hf import format_hf_decode_table, run_hf_decode_bench
 
         out = args.out or "runs/bench_decode_hf"
+        if (code := _prepare(out)) is not None:
+            return code
         results = run_hf_decode_bench(cfg, out, progress=progress)
         print(format_hf_decode_table(results))
         print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode_hf.png")
@@ -193,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         from ..experiments.bench_varlen import format_varlen_table, run_varlen_bench
 
         out = args.out or "runs/bench_varlen"
+        if (code := _prepare(out)) is not None:
+            return code
         results = run_varlen_bench(cfg, out, progress=progress)
         print(format_varlen_table(results))
         print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml")
@@ -201,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         from ..experiments.bench_decode import format_decode_table, run_decode_bench
 
         out = args.out or "runs/bench_decode"
+        if (code := _prepare(out)) is not None:
+            return code
         results = run_decode_bench(cfg, out, progress=progress)
         print(format_decode_table(results))
         print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode.png")
@@ -209,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         from ..experiments.bench_model import format_model_table, run_model_bench
 
         out = args.out or f"runs/bench_{args.model}"
+        if (code := _prepare(out)) is not None:
+            return code
         try:
             results = run_model_bench(cfg, out, progress=progress)
         except ValueError as e:
@@ -220,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.bench import format_table, run_bench
 
     out = args.out or "runs/bench"
+    if (code := _prepare(out)) is not None:
+        return code
     try:
         results = run_bench(cfg, out, progress=progress, plots=not args.no_plots)
     except ValueError as e:

@@ -58,8 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..utils.outdir import check_out_dir, write_marker
+    from ..utils.rundir import RunDirError
+
     t0 = time.perf_counter()
+    command = f"data {args.dataset}"
     try:
+        check_out_dir(args.out, command)  # the user's own files in --out are never overwritten
         if args.dataset == "listops":
             from ..data.lra.listops import write_listops
 
@@ -88,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
             size = args.size if args.size is not None else (64, 128)
             info = generate_coco_shapes(args.out, args.train, args.val, size, args.seed)
             where = f"{info['root']} ({info['train']['num_images']} train + {info['val']['num_images']} val images)"
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    write_marker(args.out, command)
     print(f"wrote {where} in {time.perf_counter() - t0:.1f} s")
     return 0

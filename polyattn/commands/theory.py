@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from ..utils import OutDirError, prepare_out_dir
+
+    try:
+        prepare_out_dir(args.out, "theory")
+    except OutDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results = run_theory(cfg, args.out, progress=not args.no_progress, plots=not args.no_plots)
     print(format_report(results))
     t = results["timing"]

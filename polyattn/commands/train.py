@@ -70,7 +70,7 @@ def _all_points(args: argparse.Namespace, out: str | None, resume: bool) -> int:
         return 2
 
     def work() -> dict:
-        with RunDirLock(out, "polyattn train --all-points"):
+        with RunDirLock(out, "polyattn train --all-points", command="train --all-points"):
             runs = [GridRun(name, None, None, point=name) for name in grid_points(args.config)]
             planned = plan_runs(runs, args.config, args.overrides, out, resume)
             records = run_grid(planned, progress=not args.no_progress, desc="points")

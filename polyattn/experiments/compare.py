@@ -730,7 +730,7 @@ def compare(
     grid = [GridRun(f"{get_activation(a).slug}-s{s}", a, s) for a in specs for s in seed_list]
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
-    with RunDirLock(out, "polyattn compare"):
+    with RunDirLock(out, "polyattn compare", command="compare"):
         planned = plan_runs(grid, path, layers, out, resume)
 
         n_jobs = default_jobs(planned) if n_jobs is None else n_jobs

@@ -117,7 +117,7 @@ def recall(
         if text.partition("=")[0].strip() == "data.seq_len":
             raise CompareError(f"--set {text}: data.seq_len is set per length by recall; use --seq-lens")
     out = Path(out_dir)
-    with RunDirLock(out, "polyattn recall"):
+    with RunDirLock(out, "polyattn recall", command="recall"):
         base = config
         if base is None:
             base = out / "base_config.yaml"

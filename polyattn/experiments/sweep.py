@@ -162,7 +162,7 @@ def sweep(
     grid = sweep_grid(patches, ks, power, seed_list, image, baseline)
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
-    with RunDirLock(out, "polyattn sweep"):
+    with RunDirLock(out, "polyattn sweep", command="sweep"):
         planned = plan_runs(grid, path, layers, out, resume)
         n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
         records = run_grid(planned, progress=progress, desc="sweep", jobs=n_jobs)

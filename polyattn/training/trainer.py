@@ -487,7 +487,7 @@ def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path,
     def lock_dir() -> RunDirLock:
         if resume and not run_dir.is_dir():
             raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
-        lock = RunDirLock(run_dir, "polyattn train").acquire()
+        lock = RunDirLock(run_dir, "polyattn train", command="train").acquire()
         if not resume and (run_dir / CHECKPOINT).exists():
             lock.release()
             raise RunExistsError(

@@ -13,6 +13,7 @@ left behind (``.NAME.XXXX.tmp``): nobody else can be writing them then.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -61,10 +62,12 @@ class RunDirLock:
     leaves no empty run directory behind.
     """
 
-    def __init__(self, directory: str | os.PathLike, what: str = "a polyattn run") -> None:
+    def __init__(self, directory: str | os.PathLike, what: str = "a polyattn run", command: str | None = None) -> None:
         self.directory = Path(directory)
         self.what = what
+        self.command = command
         self.created = False
+        self._made: list[Path] = []  # the lock and marker files this lock added to an existing directory
         self._fd: int | None = None
 
     @property
@@ -73,6 +76,10 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         d = self.directory
+        if self.command is not None:
+            from .outdir import check_out_dir
+
+            check_out_dir(d, self.command)  # before anything is created in someone else's folder
         if d.exists() and not d.is_dir():
             raise RunDirError(f"{d} is a file, not a run directory: choose another --out (a folder path)")
         if not d.exists():
@@ -86,7 +93,13 @@ class RunDirLock:
                 pass  # made by a concurrent run an instant ago: the lock below decides
             except OSError as e:
                 raise RunDirError(f"cannot create run directory {d}: {e.strerror}") from None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        had_lock = self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise RunDirError(f"cannot write to run directory {d}: {e.strerror}; choose another --out") from None
+        if not had_lock and not self.created:
+            self._made.append(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +112,11 @@ class RunDirLock:
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({self.what})\n".encode())
         self._fd = fd
         remove_stale_tmp(d)
+        if self.command is not None:
+            from .outdir import MARKER, write_marker
+
+            if write_marker(d, self.command) and not self.created:
+                self._made.append(d / MARKER)
         return self
 
     def release(self) -> None:
@@ -110,14 +128,27 @@ class RunDirLock:
             self._fd = None
 
     def discard(self) -> None:
-        """Release, and delete the directory if this lock created it and it holds nothing but empty folders."""
+        """Release, and undo this run's traces when it failed before writing anything of its own.
+
+        A directory this lock created goes when it holds nothing but empty folders; in a directory
+        that was there before, the lock and marker files this lock added and empty folders go.
+        """
         self.release()
-        if not self.created or not self.directory.is_dir():
+        if not self.directory.is_dir() or not (self.created or self._made):
             return
+        ours = {LOCK_NAME, ".polyattn"}
         for p in self.directory.rglob("*"):
-            if p.is_file() and p.name != LOCK_NAME:
+            if p.is_file() and not (p.parent == self.directory and p.name in ours):
                 return
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.created:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for p in sorted(self.directory.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        for p in self._made:
+            p.unlink(missing_ok=True)
 
     def __enter__(self) -> RunDirLock:
         return self.acquire()

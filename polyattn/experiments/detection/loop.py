@@ -87,12 +87,19 @@ def run_detect(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, prog
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
     lock = None
+    failed = True
     try:
-        lock = on_main(lambda: RunDirLock(out_dir, "polyattn detect").acquire(), env)
-        return _run(cfg, Path(out_dir), resume, progress and env.is_main, env)
+        lock = on_main(lambda: RunDirLock(out_dir, "polyattn detect", command="detect").acquire(), env)
+        metrics = _run(cfg, Path(out_dir), resume, progress and env.is_main, env)
+        failed = False
+        return metrics
+    except KeyboardInterrupt:
+        failed = False  # the checkpoint of the finished epochs stays for --resume
+        raise
     finally:
         if lock is not None:
-            lock.release()
+            # A run that failed before writing anything of its own leaves no .lock-only --out behind.
+            lock.discard() if failed else lock.release()
         torch.set_num_threads(before)
         cleanup_distributed(env)
 

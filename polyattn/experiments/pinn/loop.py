@@ -93,7 +93,7 @@ def run_pinn(
         # a second spinning thread can slow each step several times.
         torch.set_num_threads(threads)
     try:
-        with RunDirLock(out_dir, "polyattn pinn"):
+        with RunDirLock(out_dir, "polyattn pinn", command="pinn"):
             return _run(cfg, Path(out_dir), resume, progress, plots)
     finally:
         torch.set_num_threads(before)
