@@ -304,3 +304,37 @@ def test_a_checkpoint_older_than_a_key_resumes_with_its_default(tmp_path):
     assert cli_resume(run, "train.epochs=2") == 0
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "resume"]
     assert [list(r["changed"]) for r in rows] == [["train.epochs"]]
+
+
+def test_a_full_disk_while_checkpointing_names_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from synthetic_setting import SMALL
+
+    import polyattn.utils.io as io
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 3:  # last.pt and best.pt of epoch 1 fit; epoch 2's last.pt does not
+            # What torch.save does on a full disk: its zip writer's RuntimeError, raised while
+            # handling the OSError that says what happened.
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(io.torch, "save", save)
+    run = tmp_path / "run"
+    argv = ["train", "--set", *SMALL, "train.select=best_val", "--out", str(run), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0], err
+    assert f"{run / 'checkpoints' / 'last.pt'} still holds the run after epoch 1" in err[0]
+    assert f"polyattn train --resume {run}" in err[0]
+    monkeypatch.setattr(io.torch, "save", real_save)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # the failed write left no partial file
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # and the run goes on

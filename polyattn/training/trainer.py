@@ -27,6 +27,7 @@ they took effect at.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import sys
@@ -503,6 +504,10 @@ def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path,
 
 
 # --- the loop ----------------------------------------------------------------------
+# Write failures that are the machine's, not the run's: a clear error naming what survives, no traceback.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _divergence_message(what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path) -> str:
     act = cfg["model"]["activation"]
     clip = cfg["train"]["grad_clip"]
@@ -1074,12 +1079,31 @@ class _Run:
         except KeyboardInterrupt:
             self._release(discard=False)
             raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
+        except OSError as e:
+            self._release(discard=True)
+            if e.errno in _WRITE_ERRNOS:
+                raise RunDirError(self._write_failed(e)) from None
+            raise
         except BaseException:
             # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
             self._release(discard=True)
             raise
         self._release(discard=False)
         return summary
+
+    def _write_failed(self, e: OSError) -> str:
+        """One line for a write the disk refused: what happened, what survives, how to go on."""
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}.get(e.errno, e.strerror)
+        where = e.filename or self.run_dir
+        if self.last_good_epoch:
+            kept = (
+                f"{self.run_dir / CHECKPOINT} still holds the run after epoch {self.last_good_epoch} (checkpoints "
+                "are written to a temporary file and renamed, so a failed write leaves the last one whole); "
+                f"free space, then continue with: polyattn train --resume {self.run_dir}"
+            )
+        else:
+            kept = "no checkpoint was written yet; free space and start the run again"
+        return f"cannot write {where}: {why}. {kept}"
 
     def _release(self, discard: bool) -> None:
         if self.lock is not None:

@@ -39,10 +39,26 @@ def _atomic_replace(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error_behind(e)
+        if cause is not None and cause is not e:
+            # torch.save reports a full disk as a RuntimeError of its zip writer, raised while handling
+            # the OSError that says what happened: the OSError is the error to report.
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
         raise
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``e``'s chain of causes and contexts (``e`` itself included)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, needed: tuple[str, ...] = (), fix: str = "") -> dict:
