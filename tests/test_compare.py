@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from synthetic_setting import TIMING_KEYS, comparable
 
 from polyattn.cli import main
 from polyattn.core.activations import get_activation
@@ -328,3 +329,17 @@ def test_ctrl_c_stops_parallel_runs_and_resume_finishes_them(tmp_path, capsys):
     capsys.readouterr()
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [(r["status"], r["epochs"]) for r in runs] == [("resumed", 30), ("resumed", 30)]
+
+    # The same numbers as the comparison never stopped: per run, and every epoch row.
+    straight = tmp_path / "straight"
+    assert main([*args[:2], str(straight), *args[3:], "--jobs", "1"]) == 0
+    capsys.readouterr()
+    drop = TIMING_KEYS | {"status"}
+    whole = json.loads((straight / "results.json").read_text())
+    assert [{k: v for k, v in r.items() if k not in drop} for r in whole["runs"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in runs
+    ]
+    for name in ("softmax-s0", "x-s0"):
+        assert comparable(read_jsonl(straight / "runs" / name / "metrics.jsonl")) == comparable(
+            read_jsonl(out / "runs" / name / "metrics.jsonl")
+        ), name

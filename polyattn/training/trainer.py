@@ -687,6 +687,9 @@ class _Run:
         self.time_before = float(ckpt.get("time_s_total") or 0.0)
         self.segments = int(ckpt.get("segments") or 1) + 1
         self.best = ckpt.get("best")
+        # A run stopped after its last checkpoint resumes without a training step, so no forward would
+        # show its backends again: the checkpoint's record keeps them (a later step records them anew).
+        self.backends = (ckpt.get("record") or {}).get("backends")
         self.last_good_epoch = self.epoch
         if any(f"train.{k}" in applied for k in (*_OPTIMIZER_KEYS, *_SCHEDULE_KEYS)):
             self._apply_optimizer_settings()
