@@ -305,10 +305,13 @@ def test_ctrl_c_stops_parallel_runs_and_resume_finishes_them(tmp_path, capsys):
     args = ["compare", "--out", str(out), "--activations", "softmax,x", "--seeds", "1", "--epochs", "30"]
     args += ["--no-progress", "--norm-every", "0", "--set", "model.overrides.patch_size=4"]
     args += ["model.overrides.depth=1", "model.overrides.dim=32", "model.overrides.num_heads=2"]
-    # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does.
+    # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does. A shell
+    # starts background jobs with SIGINT ignored, and children inherit that: the child restores the
+    # default (Python's KeyboardInterrupt) so the test also holds when pytest itself runs in the background.
     proc = subprocess.Popen(
         [sys.executable, "-m", "polyattn", *args, "--jobs", "2"],
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
