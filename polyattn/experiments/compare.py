@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..core.activations import get_activation
 from ..training.config import ConfigError, dump_config, load_config, resolve_config
 from ..training.estimate import GridClock, fmt_duration, probe_run
-from ..training.precision import legacy_auto, resolve_run_precision, silence_emulation_warning
+from ..training.precision import PRECISION_WORDS, legacy_auto, resolve_run_precision, silence_emulation_warning
 from ..training.trainer import CHECKPOINT, train
 from ..utils import RunDirLock, atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
@@ -473,7 +473,7 @@ def _announce(planned: Sequence[PlannedRun], jobs: int) -> GridClock | None:
         runs[p.run.name] = (p.cfg["train"]["epochs"], est.seconds)
     clock = GridClock(runs, jobs, startup if jobs > 1 else 0.0)
     first = next(iter(probes.values()))
-    amp = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[todo[0].cfg["train"]["amp"]]
+    amp = PRECISION_WORDS[todo[0].cfg["train"]["amp"]]
     tqdm.write(
         f"estimated duration on this machine ({cpu_class()}; {amp}): about {fmt_duration(clock.initial())} for "
         f"{len(todo)} run(s), {jobs} at a time (a training step measured at {1e3 * first.step_s:.0f} ms); "

@@ -36,6 +36,7 @@ import torch.nn as nn
 from ..core.activations import get_activation
 from ..core.diagnostics import AttentionMapRecorder
 from ..core.module import attention_modules
+from ..training.precision import PRECISION_WORDS
 from ..utils import read_jsonl
 from ..utils.format import fmt_pct
 from .plots import plot_norm_curves, pyplot, save_figure
@@ -489,9 +490,6 @@ def _machine_note(machine: Mapping) -> str:
     return f". Machine: {machine.get('cpu_count', '?')} CPU core(s){cpu}{gpu}"
 
 
-_PRECISION_WORDS = {"off": "fp32", "bf16": "bf16 autocast (attention in fp32)", "fp16": "fp16 autocast"}
-
-
 def record_note(record: Mapping | None) -> str:
     """ " Code: polyattn 0.1.0 (commit 1a2b3c4d5e6f). Threads per run: 1. Backends chosen: reference." from a
     results file's run record ("" for results written before records)."""
@@ -514,7 +512,7 @@ def _precision_note(settings: Mapping) -> str:
     if amp is None:
         return ""
     asked = settings.get("amp_setting")
-    return f" Precision: {_PRECISION_WORDS.get(amp, amp)}" + (f" (train.amp={asked})" if asked else "") + "."
+    return f" Precision: {PRECISION_WORDS.get(amp, amp)}" + (f" (train.amp={asked})" if asked else "") + "."
 
 
 def _source_args(settings: Mapping) -> list[str]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..data.registry import build_dataset
 from ..utils import seed_everything
-from .precision import amp_dtype
+from .precision import amp_dtype, run_device
 
 __all__ = ["GridClock", "RunEstimate", "fmt_duration", "grid_seconds", "probe_run"]
 
@@ -57,7 +57,7 @@ def probe_run(cfg: dict, steps: int = 2) -> RunEstimate:
     from .trainer import _flat, _forward, build_model, model_kwargs, param_groups
 
     tc, every = cfg["train"], cfg["diagnostics"]["every"]
-    device = torch.device("cuda" if tc["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = run_device(tc["device"])
     old_threads = torch.get_num_threads()
     rng = torch.get_rng_state()
     try:

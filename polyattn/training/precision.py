@@ -18,16 +18,24 @@ from .config import ConfigError
 
 __all__ = [
     "AMP_CHOICES",
+    "PRECISION_WORDS",
     "amp_dtype",
     "device_bf16_native",
     "legacy_auto",
     "precision_line",
     "resolve_amp",
     "resolve_run_precision",
+    "run_device",
     "silence_emulation_warning",
 ]
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+# What each resolved setting computes in, as the start line, the grid estimate and the reports say it.
+PRECISION_WORDS = {
+    "off": "fp32",
+    "bf16": "bf16 autocast (attention in fp32)",
+    "fp16": "fp16 autocast + gradient scaler",
+}
 _DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _warned = False
 
@@ -87,12 +95,11 @@ def amp_dtype(resolved: str) -> torch.dtype | None:
 def precision_line(setting: str, resolved: str, device: torch.device | str) -> str:
     """One line for the start of a run, e.g. ``precision: fp32 (train.amp=auto; CPU AVX2, bf16 emulated)``."""
     device = torch.device(device)
-    words = {"off": "fp32", "bf16": "bf16 autocast (attention in fp32)", "fp16": "fp16 autocast + gradient scaler"}
     where = f"CPU {cpu_class()}" if device.type == "cpu" else str(device)
-    return f"precision: {words[resolved]} (train.amp={setting}; {where})"
+    return f"precision: {PRECISION_WORDS[resolved]} (train.amp={setting}; {where})"
 
 
-def _run_device(preference: str) -> torch.device:
+def run_device(preference: str) -> torch.device:
     """The device a run with ``train.device=preference`` trains on (as the trainer picks it)."""
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
@@ -102,7 +109,7 @@ def _run_device(preference: str) -> torch.device:
 def resolve_run_precision(cfg: dict, warn: bool = True) -> dict:
     """A resolved config with ``train.amp`` resolved for the device the run will train on (a new dict)."""
     train = cfg["train"]
-    return {**cfg, "train": {**train, "amp": resolve_amp(train["amp"], _run_device(train["device"]), warn=warn)}}
+    return {**cfg, "train": {**train, "amp": resolve_amp(train["amp"], run_device(train["device"]), warn=warn)}}
 
 
 def legacy_auto(cfg: dict) -> dict:
@@ -111,6 +118,6 @@ def legacy_auto(cfg: dict) -> dict:
     train = cfg.get("train")
     if not isinstance(train, dict) or train.get("amp") != "auto":
         return cfg
-    device = _run_device(train.get("device", "auto"))
+    device = run_device(train.get("device", "auto"))
     gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return {**cfg, "train": {**train, "amp": "bf16" if gpu_bf16 else "off"}}

@@ -242,6 +242,12 @@ def _make_plan(
                     continue
                 partial = not all_ok
             plan.tiles.append(Tile(i0, i1, j0, j1, partial or diagonal, diagonal))
+    return settle_plan(plan, activation, layout, dtype_bytes)
+
+
+def settle_plan(plan: Plan, activation: Activation, layout: Layout, dtype_bytes: int) -> Plan:
+    """Once a plan's tiles are laid: whether forward keeps the scores for backward (short sequences),
+    and whether one tile covers everything (products then write their result instead of adding it)."""
     kept_bytes = sum((t.i1 - t.i0) * (t.j1 - t.j0) for t in plan.tiles) * layout.bh * dtype_bytes
     io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
     plan.keep_scores = (

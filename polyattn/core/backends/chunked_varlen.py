@@ -22,14 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from ..activations import Activation
-from .chunked import Plan, Tile, _ChunkedFunction, default_block_sizes, tile_group
+from .chunked import Plan, Tile, _ChunkedFunction, default_block_sizes, settle_plan, tile_group
 from .common import BlockSource, Layout
 
 __all__ = ["chunked_varlen", "varlen_plan"]
-
-# The kept-scores rule of the chunked backend (at most 4x the bytes of q, k, v and the output).
-_KEEP_FACTOR = 4
-_KEEP_SCORES_BYTES = 256 << 20
 
 
 @dataclass
@@ -88,19 +84,7 @@ def varlen_plan(
                     plan.tiles.append(
                         _DocTile(row0 + i0, row0 + i1, ka + j0, ka + j1, diagonal, diagonal, shift=row0 - ka)
                     )
-    kept_bytes = sum((t.i1 - t.i0) * (t.j1 - t.j0) for t in plan.tiles) * layout.bh * dtype_bytes
-    io_bytes = layout.bh * (layout.nq + layout.nk) * (layout.d + layout.dv) * dtype_bytes
-    plan.keep_scores = (
-        not activation.is_softmax
-        and bool(plan.tiles)
-        and kept_bytes <= min(_KEEP_FACTOR * io_bytes, _KEEP_SCORES_BYTES)
-    )
-    plan.whole = (
-        len(plan.tiles) == 1
-        and (plan.tiles[0].i0, plan.tiles[0].i1) == (0, layout.nq)
-        and (plan.tiles[0].j0, plan.tiles[0].j1) == (0, layout.nk)
-    )
-    return plan
+    return settle_plan(plan, activation, layout, dtype_bytes)
 
 
 def chunked_varlen(
