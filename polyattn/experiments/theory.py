@@ -33,8 +33,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from ..core.diagnostics import attention_norms
 from ..training.config import settings_from_dict
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.record import run_record
+from ..utils.threads import torch_threads
 
 __all__ = [
     "TheoryConfig",
@@ -177,17 +177,6 @@ QUICK: dict[str, Any] = {
 }
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with n intra-op threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _generator(*key: int) -> torch.Generator:
     """An RNG for one (experiment, N, sample) cell, independent of the order cells run in."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
@@ -307,7 +296,7 @@ def check_softmax_bounds(cfg: TheoryConfig, progress: bool = True, tol: float = 
     (relative; fp64 rounding of a tight one-hot case is about 1e-16).
     """
     cfg = cfg.resolved()
-    with _torch_threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads):
         return _check_softmax_bounds(cfg, progress, tol)
 
 
@@ -446,7 +435,7 @@ def monte_carlo_norms(cfg: TheoryConfig, progress: bool = True) -> dict[str, Any
     so differences between activations are not sampling noise.
     """
     cfg = cfg.resolved()
-    with _torch_threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads):
         return _monte_carlo_norms(cfg, progress)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.registry import build_dataset
 from ..utils import seed_everything
+from ..utils.threads import torch_threads
 from .precision import amp_dtype, run_device
 
 __all__ = ["GridClock", "RunEstimate", "fmt_duration", "grid_seconds", "probe_run"]
@@ -58,44 +59,41 @@ def probe_run(cfg: dict, steps: int = 2) -> RunEstimate:
 
     tc, every = cfg["train"], cfg["diagnostics"]["every"]
     device = run_device(tc["device"])
-    old_threads = torch.get_num_threads()
     rng = torch.get_rng_state()
     try:
-        if tc["num_threads"]:
-            torch.set_num_threads(tc["num_threads"])
-        seed_everything(tc["seed"])
-        bundle = build_dataset(cfg["data"], tc["seed"])
-        model = build_model(cfg["model"]["name"], cfg["model"]["activation"], model_kwargs(cfg, bundle)).to(device)
-        opt = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
-        x, y = _first_batch(bundle.train, tc["batch_size"])
-        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-        y = y.to(device)
-        dtype = amp_dtype(tc["amp"])
+        with torch_threads(tc["num_threads"]):
+            seed_everything(tc["seed"])
+            bundle = build_dataset(cfg["data"], tc["seed"])
+            model = build_model(cfg["model"]["name"], cfg["model"]["activation"], model_kwargs(cfg, bundle)).to(device)
+            opt = torch.optim.AdamW(param_groups(model, tc["weight_decay"]), lr=tc["lr"])
+            x, y = _first_batch(bundle.train, tc["batch_size"])
+            x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+            y = y.to(device)
+            dtype = amp_dtype(tc["amp"])
 
-        def step() -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = _forward(model, x)
-            loss = F.cross_entropy(*_flat(logits.float(), y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
+            def step() -> float:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = _forward(model, x)
+                loss = F.cross_entropy(*_flat(logits.float(), y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0
 
-        step()
-        step_s = min(step() for _ in range(steps))
-        record_s = 0.0
-        if every > 0:
-            with NormRecorder(model, every=1) as rec:
-                record_s = max(0.0, step() - step_s)
-                rec.pop_rows()
+            step()
+            step_s = min(step() for _ in range(steps))
+            record_s = 0.0
+            if every > 0:
+                with NormRecorder(model, every=1) as rec:
+                    record_s = max(0.0, step() - step_s)
+                    rec.pop_rows()
     finally:
-        torch.set_num_threads(old_threads)
         torch.set_rng_state(rng)
     per_epoch = -(-len(bundle.train) // tc["batch_size"])
     total = tc["epochs"] * per_epoch

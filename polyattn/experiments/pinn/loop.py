@@ -23,6 +23,7 @@ from ...training.checkpoint import CHECKPOINT, config_changes, read_checkpoint, 
 from ...utils import RunDirLock, atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text, seed_everything
 from ...utils.machine import machine_line
 from ...utils.rundir import RunDirError
+from ...utils.threads import torch_threads
 from ..pdes import PDE, get_pde
 from .config import PINN_CONFIG, resolve_pinn_config
 from .problem import PinnBatch, build_batch, build_model_from_config, evaluate, pinn_loss
@@ -86,17 +87,10 @@ def run_pinn(
     ``plots=False`` skips the PNGs.
     """
     cfg = PINN_CONFIG.resolve(cfg)
-    threads = cfg["train"]["num_threads"]
-    before = torch.get_num_threads()
-    if threads is not None:
-        # Tiny tensors gain nothing from intra-op threads, and on shared cores
-        # a second spinning thread can slow each step several times.
-        torch.set_num_threads(threads)
-    try:
-        with RunDirLock(out_dir, "polyattn pinn", command="pinn"):
-            return _run(cfg, Path(out_dir), resume, progress, plots)
-    finally:
-        torch.set_num_threads(before)
+    # Tiny tensors gain nothing from intra-op threads, and on shared cores
+    # a second spinning thread can slow each step several times.
+    with torch_threads(cfg["train"]["num_threads"]), RunDirLock(out_dir, "polyattn pinn", command="pinn"):
+        return _run(cfg, Path(out_dir), resume, progress, plots)
 
 
 def _run(cfg: dict, out: Path, resume: bool, progress: bool, plots: bool) -> dict:
