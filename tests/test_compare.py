@@ -13,15 +13,9 @@ from synthetic_setting import TIMING_KEYS, comparable
 
 from polyattn.cli import main
 from polyattn.core.activations import get_activation
-from polyattn.experiments.compare import (
-    BASE_CONFIG,
-    CompareError,
-    _flatten,
-    base_overrides,
-    parse_activations,
-    parse_seeds,
-)
+from polyattn.experiments.compare import BASE_CONFIG, base_overrides
 from polyattn.training import load_config
+from polyattn.training.grid import GridError, parse_activations, parse_seeds
 from polyattn.utils import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +38,7 @@ def is_png(path: Path) -> bool:
 def test_builtin_base_config_equals_the_repository_config():
     # The package carries the comparison's defaults so an installed polyattn needs no configs/ dir.
     from_file = load_config(REPO / "configs" / "digits_vit_micro.yaml")
-    from_package = load_config(None, _flatten(BASE_CONFIG))
+    from_package = load_config(BASE_CONFIG)
     from_file.pop("description", None)
     assert from_package == from_file
     # --config FILE takes the file's settings; norms are switched on only where the file leaves them off.
@@ -57,13 +51,13 @@ def test_builtin_base_config_equals_the_repository_config():
 
 def test_activation_and_seed_parsing():
     assert parse_activations(["softmax, x^3/sqrt(N)", "x/16.0"]) == ["softmax", "x^3/sqrt(N)", "x/16"]
-    with pytest.raises(CompareError, match="listed twice"):
+    with pytest.raises(GridError, match="listed twice"):
         parse_activations("x^3/16,x^3/16.0")
-    with pytest.raises(CompareError, match=r"(?s)'x\^3/foo'.*accepted forms"):
+    with pytest.raises(GridError, match=r"(?s)'x\^3/foo'.*accepted forms"):
         parse_activations("softmax,x^3/foo")
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,") == [5] and parse_seeds("0,7") == [0, 7]
     for bad in ("0", "a", "1,1", "-1,"):
-        with pytest.raises(CompareError, match="--seeds"):
+        with pytest.raises(GridError, match="--seeds"):
             parse_seeds(bad)
     assert get_activation("x^3/sqrt(N)").slug == "x3_divsqrtN" and get_activation("x/0.5").slug == "x_div0p5"
 
@@ -272,7 +266,7 @@ def test_parallel_runs_give_the_numbers_of_sequential_ones(tmp_path, capsys):
 
 
 def test_jobs_argument_and_its_default(tmp_path, capsys, monkeypatch):
-    from polyattn.experiments import compare as cmp
+    from polyattn.training import grid as cmp
 
     for bad in ("0", "two", "-1", "1.5"):
         assert main(["compare", "--out", str(tmp_path / "x"), "--jobs", bad, "--no-progress"]) == 2

@@ -12,15 +12,13 @@ import torch.nn.functional as F
 from polyattn.cli import main
 from polyattn.data.errors import DatasetError
 from polyattn.data.mqar import IGNORE_INDEX, make_mqar
-from polyattn.experiments.compare import CompareError, _flatten
 from polyattn.experiments.recall import RECALL_CONFIG, recall
 from polyattn.models import create_model
 from polyattn.training import train
 from polyattn.training.config import load_config
+from polyattn.training.grid import GridError
 
 REPO = Path(__file__).resolve().parents[1]
-# The built-in base config as --set overrides (a description is file metadata, not a setting).
-BASE = [o for o in _flatten(RECALL_CONFIG) if not o.startswith("description")]
 
 
 def test_mqar_sequences_ask_every_key_once():
@@ -69,7 +67,7 @@ TINY = [
 
 
 def test_token_level_training_scores_the_answers_only(tmp_path):
-    cfg = load_config(None, [*BASE, *TINY, "train.amp=off"])
+    cfg = load_config(RECALL_CONFIG, [*TINY, "train.amp=off"])
     summary = train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epoch = next(r for r in rows if r["kind"] == "epoch")
@@ -118,9 +116,9 @@ def test_recall_end_to_end(tmp_path, capsys):
 
 
 def test_recall_bad_arguments_are_named(tmp_path):
-    with pytest.raises(CompareError, match="data.seq_len is set per length"):
+    with pytest.raises(GridError, match="data.seq_len is set per length"):
         recall(tmp_path, overrides=["data.seq_len=32"])
-    with pytest.raises(CompareError, match="integers >= 8"):
+    with pytest.raises(GridError, match="integers >= 8"):
         recall(tmp_path, seq_lens=[4])
     with pytest.raises(ValueError, match="bad activation spec"):
         recall(tmp_path, activations=["x^3/foo"])
@@ -132,8 +130,8 @@ def test_recall_bad_arguments_are_named(tmp_path):
 
 def test_builtin_recall_config_equals_the_repository_config():
     from_file = load_config(REPO / "configs" / "recall" / "mqar_cpu.yaml")
-    from_file.pop("description", None)
-    assert load_config(None, BASE) == from_file
+    from_package = load_config(RECALL_CONFIG)
+    assert from_package == from_file
     assert load_config(REPO / "configs" / "recall" / "zoology.yaml")["data"]["vocab_size"] == 8192
 
 
@@ -152,7 +150,7 @@ def test_token_by_token_decoding_through_the_state_and_a_kv_cache_equals_the_for
 
 def test_check_decoding_compares_a_trained_runs_answers(tmp_path, capsys):
     run = tmp_path / "run"
-    train(load_config(None, [*BASE, *TINY, "train.amp=off", "model.activation=x^2/sqrt(N)"]), run, progress=False)
+    train(load_config(RECALL_CONFIG, [*TINY, "train.amp=off", "model.activation=x^2/sqrt(N)"]), run, progress=False)
     assert main(["recall", "--check-decoding", str(run), "--check-sequences", "8"]) == 0
     assert "state vs KV cache: 0" in capsys.readouterr().out
     result = json.loads((run / "decoding_check.json").read_text())
@@ -160,7 +158,7 @@ def test_check_decoding_compares_a_trained_runs_answers(tmp_path, capsys):
     assert result["differ_kv_cache_vs_parallel"] == 0 and result["max_logit_diff_state_vs_kv_cache"] < 1e-4
     assert len(set(result["accuracy"].values())) == 1  # one accuracy, whichever route decodes
     soft = tmp_path / "soft"
-    train(load_config(None, [*BASE, *TINY, "train.amp=off"]), soft, progress=False)
+    train(load_config(RECALL_CONFIG, [*TINY, "train.amp=off"]), soft, progress=False)
     assert main(["recall", "--check-decoding", str(soft), "--check-sequences", "4"]) == 0
     assert "no state route: softmax" in capsys.readouterr().out
     assert main(["recall", "--check-decoding", str(tmp_path / "none")]) == 2

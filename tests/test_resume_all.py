@@ -12,7 +12,7 @@ import torch
 from synthetic_setting import TIMING_KEYS
 
 from polyattn.cli import main
-from polyattn.experiments import compare as compare_mod
+from polyattn.training import grid as compare_mod
 from polyattn.utils.io import read_jsonl
 
 # Run records that differ between a resumed run and a straight one by design.

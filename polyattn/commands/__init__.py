@@ -122,13 +122,13 @@ def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
     and the message says how to continue them.
     """
     from ..data.errors import DatasetError
-    from ..experiments.compare import CompareError
     from ..training.config import ConfigError
+    from ..training.grid import GridError
     from ..utils.rundir import RunDirError
 
     try:
         return work()
-    except (CompareError, ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
+    except (GridError, ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -137,3 +137,16 @@ def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
             file=sys.stderr,
         )
         return 130
+
+
+def print_experiment(results: dict | int, wrote: Callable[[dict], str]) -> int:
+    """The exit code of a grid command, given :func:`run_experiment`'s answer; for results, prints their
+    table, the files written (``wrote(results)``), their notes and the time taken."""
+    if isinstance(results, int):
+        return results
+    print(f"\n{results['table_text']}")
+    print(f"\nwrote {wrote(results)}")
+    for note in results.get("notes", []):
+        print(f"note: {note}")
+    print(f"({results['time_s'] / 60:.1f} min)")
+    return 0

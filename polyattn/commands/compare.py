@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_grid_arguments, add_jobs_argument, add_set_argument, run_experiment
+from . import add_grid_arguments, add_jobs_argument, add_set_argument, print_experiment, run_experiment
 
 DEFAULT_OUT = "runs/compare"
 
@@ -61,14 +61,10 @@ def run(args: argparse.Namespace) -> int:
         ),
         args.out,
     )
-    if isinstance(results, int):
-        return results
     out = Path(args.out)
-    print(f"\n{results['table_text']}")
-    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}", end="")
-    figs = results.get("figures", {})
-    print(f" and {len(figs)} figure(s) in {out}" if figs else "")
-    for note in results.get("notes", []):
-        print(f"note: {note}")
-    print(f"({results['time_s'] / 60:.1f} min)")
-    return 0
+
+    def wrote(results: dict) -> str:
+        figs = results.get("figures", {})
+        return f"{out / 'report.md'}, {out / 'results.json'}" + (f" and {len(figs)} figure(s) in {out}" if figs else "")
+
+    return print_experiment(results, wrote)

@@ -9,7 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_grid_arguments, add_jobs_argument, add_set_argument, positive_int_list, run_experiment
+from . import (
+    add_grid_arguments,
+    add_jobs_argument,
+    add_set_argument,
+    positive_int_list,
+    print_experiment,
+    run_experiment,
+)
 
 DEFAULT_OUT = "runs/recall"
 
@@ -67,13 +74,10 @@ def run(args: argparse.Namespace) -> int:
         ),
         args.out,
     )
-    if isinstance(results, int):
-        return results
     out = Path(args.out)
-    print(f"\n{results['table_text']}")
-    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {out / results['figure']} and T<L>/ per length")
-    print(f"({results['time_s'] / 60:.1f} min)")
-    return 0
+    return print_experiment(
+        results, lambda r: f"{out / 'report.md'}, {out / 'results.json'}, {out / r['figure']} and T<L>/ per length"
+    )
 
 
 def _check_decoding(run_dir: str, num: int) -> int:

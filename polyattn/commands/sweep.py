@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_jobs_argument, add_set_argument, run_experiment
+from . import add_jobs_argument, add_set_argument, print_experiment, run_experiment
 
 DEFAULT_OUT = "runs/sweep"
 
@@ -60,24 +60,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.sweep import (
-        DEFAULT_PATCH_SIZES,
-        DEFAULT_SCALES,
-        DEFAULT_SWEEP_EPOCHS,
-        DEFAULT_SWEEP_IMAGE_SIZE,
-        sweep,
-    )
+    from ..experiments.sweep import DEFAULT_SWEEP_IMAGE_SIZE, sweep
 
+    # Flags left out take sweep()'s own defaults.
+    given = {"scales": args.scales, "patch_sizes": args.patch_sizes, "epochs": args.epochs}
+    defaults = {k: v for k, v in given.items() if v is not None}
     image_size = DEFAULT_SWEEP_IMAGE_SIZE if args.image_size is None else (args.image_size or None)
-
     results = run_experiment(
         lambda: sweep(
             args.out,
-            scales=DEFAULT_SCALES if args.scales is None else args.scales,
-            patch_sizes=DEFAULT_PATCH_SIZES if args.patch_sizes is None else args.patch_sizes,
             power=args.power,
             seeds=args.seeds,
-            epochs=DEFAULT_SWEEP_EPOCHS if args.epochs is None else args.epochs,
             image_size=image_size,
             dataset=args.dataset,
             model=args.model,
@@ -87,13 +80,9 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             jobs=args.jobs,
+            **defaults,
         ),
         args.out,
     )
-    if isinstance(results, int):
-        return results
     out = Path(args.out)
-    print(f"\n{results['table_text']}")
-    print(f"\nwrote {out / 'report.md'}, {out / 'results.json'} and {out / 'sweep.png'}")
-    print(f"({results['time_s'] / 60:.1f} min)")
-    return 0
+    return print_experiment(results, lambda r: f"{out / 'report.md'}, {out / 'results.json'} and {out / 'sweep.png'}")

@@ -58,9 +58,9 @@ def _print_summary(s: dict) -> None:
 
 
 def _all_points(args: argparse.Namespace, out: str | None, resume: bool) -> int:
-    """Every point of a grid config, through the planner compare uses; a table at the end."""
-    from ..experiments.compare import GridRun, plan_runs, run_grid
+    """Every point of a grid config, through the grid runner compare uses; a table at the end."""
     from ..training.config import ConfigError, grid_points
+    from ..training.grid import GridRun, override_layer, plan_runs, run_grid
     from ..utils import RunDirLock, atomic_write_json
     from ..utils.format import fmt_pct
     from . import run_experiment
@@ -72,7 +72,7 @@ def _all_points(args: argparse.Namespace, out: str | None, resume: bool) -> int:
     def work() -> dict:
         with RunDirLock(out, "polyattn train --all-points", command="train --all-points"):
             runs = [GridRun(name, None, None, point=name) for name in grid_points(args.config)]
-            planned = plan_runs(runs, args.config, args.overrides, out, resume)
+            planned = plan_runs(runs, args.config, override_layer(args.overrides), out, resume)
             records = run_grid(planned, progress=not args.no_progress, desc="points")
             summary = {"config": args.config, "overrides": args.overrides, "runs": records}
             atomic_write_json(summary, Path(out) / "results.json")

@@ -24,12 +24,27 @@ from typing import Any
 
 import yaml
 
+from ..core.activations import Activation
 from ..data.registry import build_dataset
-from ..training.config import load_config
-from ..utils import RunDirLock, atomic_write_json, atomic_write_text
+from ..training.config import load_config, read_config_file
+from ..training.grid import (
+    GridError,
+    Overrides,
+    activation_axis,
+    axis_values,
+    merge_layers,
+    override_items,
+    override_layer,
+    override_words,
+    parse_seeds,
+    relative_path,
+    reserve_keys,
+    write_results,
+)
+from ..utils import RunDirLock, atomic_write_text
 from ..utils.machine import machine_info, machine_line
 from ..utils.record import run_record, runs_digest
-from .compare import CompareError, compare, json_safe, parse_activations, parse_seeds, relative_path
+from .compare import compare
 from .plots import pyplot, save_figure
 
 __all__ = ["DEFAULT_RECALL_ACTIVATIONS", "DEFAULT_SEQ_LENS", "RECALL_CONFIG", "format_recall_table", "recall"]
@@ -46,58 +61,31 @@ DEFAULT_RECALL_ACTIVATIONS: tuple[str, ...] = (
 )
 DEFAULT_SEQ_LENS: tuple[int, ...] = (32, 64)
 
-# The CPU preset (same settings as configs/recall/mqar_cpu.yaml; a test keeps them equal): 36 runs at
-# lengths 32 and 64 in under 10 minutes on 2 cores (docs/causal.md); configs/recall/zoology.yaml is the
-# full-size setting for a GPU.
-RECALL_CONFIG: dict[str, Any] = {
-    "description": "MQAR (multi-query associative recall), CPU preset: 2-layer 1-head causal_lm, 4 key-value pairs",
-    "model": {
-        "name": "causal_lm",
-        "activation": "softmax",
-        "overrides": {"dim": 64, "depth": 2, "num_heads": 1, "mlp_dim": 128},
-    },
-    "data": {"name": "mqar", "vocab_size": 64, "num_kv_pairs": 4, "num_train": 6000, "num_val": 500, "seed": 0},
-    "train": {
-        "epochs": 8,
-        "batch_size": 32,
-        # A constant lr after warmup: softmax finds the recall circuit after ~1,000 steps at T = 64 and
-        # a decaying lr delays that past the end of a CPU-sized run.
-        "lr": 1.0e-3,
-        "min_lr": 1.0e-3,
-        "weight_decay": 0.1,
-        "warmup_epochs": 0.5,
-        "grad_clip": 1.0,
-        "seed": 0,
-        "log_every": 25,
-        "num_threads": 1,
-        "amp": "auto",
-        "select": "last",
-    },
-    "diagnostics": {"every": 0},
-}
+# The CPU preset, a config file of the package (the settings of configs/recall/mqar_cpu.yaml; a test
+# keeps them equal): 36 runs at lengths 32 and 64 in under 10 minutes on 2 cores (docs/causal.md);
+# configs/recall/zoology.yaml is the full-size setting for a GPU.
+RECALL_CONFIG = Path(__file__).with_name("configs") / "recall.yaml"
+
+
+def _length(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 8:
+        raise GridError(f"--seq-lens: sequence lengths must be integers >= 8, got {n!r}")
+    return n
 
 
 def _check_lengths(seq_lens: Iterable[int]) -> list[int]:
-    out: list[int] = []
-    for n in seq_lens:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 8:
-            raise CompareError(f"--seq-lens: sequence lengths must be integers >= 8, got {n!r}")
-        if n in out:
-            raise CompareError(f"--seq-lens: {n} is listed twice")
-        out.append(n)
-    if not out:
-        raise CompareError("--seq-lens: at least one length is needed, e.g. --seq-lens 64,128")
-    return out
+    need = "at least one length is needed, e.g. --seq-lens 64,128"
+    return axis_values(seq_lens, "--seq-lens", _length, "{value} is listed twice", need)
 
 
 def recall(
     out_dir: str | os.PathLike = "runs/recall",
-    activations: Iterable[str] | str = DEFAULT_RECALL_ACTIVATIONS,
+    activations: Iterable[str | Activation] | str = DEFAULT_RECALL_ACTIVATIONS,
     seeds: int | str | Sequence[int] = 3,
     seq_lens: Iterable[int] = DEFAULT_SEQ_LENS,
     epochs: int | None = None,
     config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Overrides = (),
     resume: bool = False,
     progress: bool = True,
     norm_every: int = 10,
@@ -110,41 +98,38 @@ def recall(
     before any training.
     """
     t0 = time.perf_counter()
-    specs = parse_activations(activations)
+    acts = activation_axis(activations)
     seed_list = parse_seeds(seeds)
     lengths = _check_lengths(seq_lens)
-    for text in overrides:
-        if text.partition("=")[0].strip() == "data.seq_len":
-            raise CompareError(f"--set {text}: data.seq_len is set per length by recall; use --seq-lens")
+    user = override_layer(overrides)
+    reserve_keys(user, {"data.seq_len": "--seq-lens"}, "length by recall")
     out = Path(out_dir)
     with RunDirLock(out, "polyattn recall", command="recall"):
         base = config
         if base is None:
             base = out / "base_config.yaml"
-            atomic_write_text(yaml.safe_dump(RECALL_CONFIG, sort_keys=False), base)
+            atomic_write_text(yaml.safe_dump(read_config_file(RECALL_CONFIG), sort_keys=False), base)
         for n in lengths:  # every length's config and data (e.g. too many pairs for T) before any training
-            cfg = load_config(str(base), [f"data.seq_len={n}", *overrides])
+            cfg = load_config(str(base), merge_layers({"data.seq_len": n}, user))
             build_dataset(cfg["data"], cfg["train"]["seed"])
         per_length = {}
         for n in lengths:
             per_length[n] = compare(
                 out / f"T{n}",
-                activations=specs,
+                activations=acts,
                 seeds=seed_list,
                 epochs=epochs,
                 config=base,
-                overrides=[f"data.seq_len={n}", *overrides],
+                overrides=[{"data.seq_len": n}, *override_items(overrides)],
                 resume=resume,
                 progress=progress,
                 norm_every=norm_every,
                 jobs=jobs,
                 desc=f"recall T={n}",
             )
-        results = _overview(out, per_length, specs, seed_list, str(base), list(overrides))
-        results["time_s"] = time.perf_counter() - t0
-        atomic_write_text(recall_markdown(results), out / "report.md")
-        atomic_write_json(json_safe(results), out / "results.json")
-        return results
+        specs = [a.spec for a in acts]
+        results = _overview(out, per_length, specs, seed_list, str(base), override_words(overrides))
+        return write_results(results, out, recall_markdown, t0)
 
 
 def _overview(out: Path, per_length: dict[int, dict], specs: list[str], seeds: list[int], base: str,

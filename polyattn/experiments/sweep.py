@@ -22,25 +22,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.activations import get_activation
+from ..core.activations import Activation, get_activation
 from ..training.config import load_config
-from ..utils import RunDirLock, atomic_write_json, atomic_write_text
-from ..utils.machine import machine_info
-from ..utils.record import run_record, runs_digest
-from .compare import (
-    CompareError,
+from ..training.grid import (
+    GridError,
     GridRun,
-    base_overrides,
+    Overrides,
+    axis_values,
     check_jobs,
-    default_jobs,
-    json_safe,
-    mean_std,
-    metric_words,
+    grid_results,
+    override_items,
+    override_words,
     parse_seeds,
-    plan_runs,
-    relative_path,
-    run_grid,
+    train_grid,
+    write_results,
 )
+from ..utils import RunDirLock
+from .compare import base_overrides, mean_std
 from .report import plot_scale_sweep, sweep_markdown
 
 __all__ = [
@@ -64,58 +62,58 @@ DEFAULT_PATCH_SIZES: tuple[int, ...] = (8, 4, 2, 1)
 DEFAULT_SWEEP_EPOCHS: int | None = None
 
 
+def _scaled(power: int, k: float) -> Activation:
+    base = "x" if power == 1 else f"x^{power}"
+    return get_activation(base if k == 1 else f"{base}/{k:g}")
+
+
 def scale_spec(power: int, k: float) -> str:
     """The activation spec of x^power scaled by 1/k (``x^3/8``; k = 1 gives ``x^3``)."""
-    base = "x" if power == 1 else f"x^{power}"
-    return get_activation(base if k == 1 else f"{base}/{k:g}").spec
+    return _scaled(power, k).spec
+
+
+def _scale(k: Any) -> float:
+    try:
+        v = float(k)
+    except (TypeError, ValueError):
+        raise GridError(f"--scales: {k!r} is not a number; give k values such as 1,2,4,8") from None
+    if not (math.isfinite(v) and v > 0):
+        raise GridError(f"--scales: k must be a positive number (the scale is 1/k), got {k!r}")
+    return int(v) if v.is_integer() else v
 
 
 def _check_scales(scales: Sequence[float]) -> list[float]:
-    out = []
-    for k in scales:
-        try:
-            v = float(k)
-        except (TypeError, ValueError):
-            raise CompareError(f"--scales: {k!r} is not a number; give k values such as 1,2,4,8") from None
-        if not (math.isfinite(v) and v > 0):
-            raise CompareError(f"--scales: k must be a positive number (the scale is 1/k), got {k!r}")
-        if v in out:
-            raise CompareError(f"--scales: k = {k:g} is listed twice")
-        out.append(int(v) if v.is_integer() else v)
-    if not out:
-        raise CompareError("--scales: at least one k is needed, e.g. --scales 1,4,16")
-    return out
+    twice = "k = {value:g} is listed twice"
+    return axis_values(scales, "--scales", _scale, twice, "at least one k is needed, e.g. --scales 1,4,16")
 
 
-def _image_size(config: str | None, layers: Sequence[str]) -> tuple[int, int]:
+def _image_size(config: str, layer: dict[str, Any]) -> tuple[int, int]:
     """The (H, W) of the base config's images, from its dataset (cheap for generated and bundled data)."""
     from ..data.registry import build_dataset
 
-    cfg = load_config(config, list(layers))
+    cfg = load_config(config, layer)
     size = build_dataset(cfg["data"], cfg["train"]["seed"]).model_overrides.get("img_size")
     if size is None:
-        raise CompareError(
+        raise GridError(
             f"the sweep varies the ViT patch size and needs an image dataset; {cfg['data']['name']!r} gives no img_size"
         )
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _check_patch_sizes(patch_sizes: Sequence[int], image: tuple[int, int]) -> list[int]:
-    out = []
-    for p in patch_sizes:
+    def patch(p: Any) -> int:
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise CompareError(f"--patch-sizes: patch sizes must be positive integers, got {p!r}")
+            raise GridError(f"--patch-sizes: patch sizes must be positive integers, got {p!r}")
         if image[0] % p or image[1] % p:
             fits = [q for q in range(1, min(image) + 1) if image[0] % q == 0 and image[1] % q == 0]
-            raise CompareError(
+            raise GridError(
                 f"--patch-sizes: patch {p} does not tile the {image[0]}x{image[1]} images; choose from {fits}"
             )
-        if p in out:
-            raise CompareError(f"--patch-sizes: {p} is listed twice")
-        out.append(p)
-    if not out:
-        raise CompareError("--patch-sizes: at least one patch size is needed")
-    return out
+        return p
+
+    return axis_values(
+        patch_sizes, "--patch-sizes", patch, "{value} is listed twice", "at least one patch size is needed"
+    )
 
 
 def sweep(
@@ -129,7 +127,7 @@ def sweep(
     dataset: str | None = None,
     model: str | None = None,
     config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Overrides = (),
     baseline: bool = True,
     resume: bool = False,
     progress: bool = True,
@@ -139,33 +137,31 @@ def sweep(
 
     The base config is as in :func:`.compare.compare` (default: vit_micro on
     digits); ``image_size`` sets ``data.image_size`` (None: the config's own);
-    ``model.overrides.patch_size`` is set per run; ``jobs`` as in
+    ``model.overrides.patch_size`` is set per run; ``overrides`` and ``jobs`` as in
     :func:`.compare.compare`. Writes
     ``results.json``, ``report.md`` and ``sweep.png`` into ``out_dir`` and
     returns the results. All argument errors come before any training.
     """
     t0 = time.perf_counter()
     if isinstance(power, bool) or not isinstance(power, int) or power < 1:
-        raise CompareError(f"--power must be an integer >= 1, got {power!r}")
+        raise GridError(f"--power must be an integer >= 1, got {power!r}")
     ks = _check_scales(scales)
     seed_list = parse_seeds(seeds)
     n_jobs = check_jobs(jobs)
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise CompareError(f"--image-size must be a positive integer, got {image_size!r}")
+            raise GridError(f"--image-size must be a positive integer, got {image_size!r}")
         # Before the user's --set, so that an explicit data.image_size there wins.
-        overrides = [f"data.image_size={image_size}", *overrides]
-    path, layers = base_overrides(config, dataset, model, epochs, overrides)
-    image = _image_size(path, layers)
+        overrides = [{"data.image_size": image_size}, *override_items(overrides)]
+    path, layer = base_overrides(config, dataset, model, epochs, overrides)
+    image = _image_size(path, layer)
     patches = _check_patch_sizes(patch_sizes, image)
 
     grid = sweep_grid(patches, ks, power, seed_list, image, baseline)
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
     with RunDirLock(out, "polyattn sweep", command="sweep"):
-        planned = plan_runs(grid, path, layers, out, resume)
-        n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
-        records = run_grid(planned, progress=progress, desc="sweep", jobs=n_jobs)
+        planned, records, n_jobs = train_grid(grid, path, layer, out, resume, progress, "sweep", n_jobs)
         settings = {
             "power": power,
             "scales": ks,
@@ -175,13 +171,10 @@ def sweep(
             "seeds": seed_list,
             "baseline": baseline,
             "config": str(config) if config is not None else "built-in digits + vit_micro",
-            "overrides": list(overrides),
+            "overrides": override_words(overrides),
         }
         results = _results(out, records, planned[0].cfg, settings)
-        results["time_s"] = time.perf_counter() - t0
-        atomic_write_text(sweep_markdown(results, out), out / "report.md")
-        atomic_write_json(json_safe(results), out / "results.json")
-        return results
+        return write_results(results, out, lambda r: sweep_markdown(r, out), t0)
 
 
 def sweep_grid(
@@ -193,39 +186,28 @@ def sweep_grid(
     baseline: bool,
 ) -> list[GridRun]:
     """One run per (patch size, x^power/k or softmax, seed), labelled with its token count and k."""
+    acts = [(_scaled(power, k), k) for k in ks] + ([(Activation("softmax"), None)] if baseline else [])
     grid = []
     for p in patches:
         tokens = (image[0] // p) * (image[1] // p)
-        specs = [(scale_spec(power, k), k) for k in ks] + ([("softmax", None)] if baseline else [])
-        for spec, k in specs:
+        for act, k in acts:
             for s in seeds:
                 labels = {"patch_size": p, "tokens": tokens, "k": k}
-                name = f"p{p}-{get_activation(spec).slug}-s{s}"
-                grid.append(GridRun(name, spec, s, (f"model.overrides.patch_size={p}",), labels))
+                grid.append(GridRun(f"p{p}-{act.slug}-s{s}", act.spec, s, {"model.overrides.patch_size": p}, labels))
     return grid
 
 
 def _results(out: Path, records: list[dict], base: dict, settings: dict) -> dict:
     """results.json of a sweep (without its timing), with the table text; writes the figure."""
     table = summarize_sweep(records, settings["patch_sizes"], settings["scales"])
-    results: dict[str, Any] = {
-        "kind": "sweep",
-        "out_dir": str(out),
-        "settings": {
-            **settings,
-            "dataset": base["data"]["name"],
-            "model": base["model"]["name"],
-            "epochs": base["train"]["epochs"],
-            "amp": base["train"]["amp"],
-        },
-        "metric": metric_words(records),
-        "base_config": {k: v for k, v in base.items() if k not in ("description",)},
-        "table": table,
-        "runs": [{**r, "run_dir": relative_path(r["run_dir"], out)} for r in records],
-        "machine": machine_info(),
-        # Threads, precision and backends are the runs' own, from their summaries.
-        "record": run_record(precision=base["train"]["amp"], **{"threads": None, **runs_digest(records)}),
+    settings = {
+        **settings,
+        "dataset": base["data"]["name"],
+        "model": base["model"]["name"],
+        "epochs": base["train"]["epochs"],
+        "amp": base["train"]["amp"],
     }
+    results = grid_results("sweep", out, settings, records, base, table)
     results["table_text"] = format_sweep_table(table, settings["scales"], settings["power"])
     results["figures"] = {"sweep": plot_scale_sweep(results, out / "sweep.png").name}
     return results
