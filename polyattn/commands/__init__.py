@@ -139,6 +139,18 @@ def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
         return 130
 
 
+def grid_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every grid command (compare, sweep, recall) passes on as given: the base
+    config, --set, --resume, the progress bars and --jobs."""
+    return {
+        "config": args.config,
+        "overrides": args.overrides,
+        "resume": args.resume,
+        "progress": not args.no_progress,
+        "jobs": args.jobs,
+    }
+
+
 def print_experiment(results: dict | int, wrote: Callable[[dict], str]) -> int:
     """The exit code of a grid command, given :func:`run_experiment`'s answer; for results, prints their
     table, the files written (``wrote(results)``), their notes and the time taken."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_grid_arguments, add_jobs_argument, add_set_argument, print_experiment, run_experiment
+from . import add_grid_arguments, add_jobs_argument, add_set_argument, grid_options, print_experiment, run_experiment
 
 DEFAULT_OUT = "runs/compare"
 
@@ -52,12 +52,8 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             model=args.model,
             epochs=args.epochs,
-            config=args.config,
-            overrides=args.overrides,
-            resume=args.resume,
-            progress=not args.no_progress,
             norm_every=DEFAULT_NORM_EVERY if args.norm_every is None else args.norm_every,
-            jobs=args.jobs,
+            **grid_options(args),
         ),
         args.out,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_jobs_argument, add_set_argument, print_experiment, run_experiment
+from . import add_jobs_argument, add_set_argument, grid_options, print_experiment, run_experiment
 
 DEFAULT_OUT = "runs/sweep"
 
@@ -74,13 +74,9 @@ def run(args: argparse.Namespace) -> int:
             image_size=image_size,
             dataset=args.dataset,
             model=args.model,
-            config=args.config,
-            overrides=args.overrides,
             baseline=not args.no_baseline,
-            resume=args.resume,
-            progress=not args.no_progress,
-            jobs=args.jobs,
             **defaults,
+            **grid_options(args),
         ),
         args.out,
     )

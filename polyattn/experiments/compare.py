@@ -36,13 +36,15 @@ from ..training.grid import (
     Overrides,
     activation_axis,
     check_jobs,
+    default_jobs,
     grid_results,
     merge_layers,
     override_layer,
     override_words,
     parse_seeds,
+    plan_runs,
     reserve_keys,
-    train_grid,
+    run_grid,
     write_results,
 )
 from ..utils import RunDirLock
@@ -231,7 +233,9 @@ def compare(
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
     with RunDirLock(out, "polyattn compare", command="compare"):
-        planned, records, n_jobs = train_grid(grid, path, layer, out, resume, progress, desc, n_jobs)
+        planned = plan_runs(grid, path, layer, out, resume)
+        n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
+        records = run_grid(planned, progress=progress, desc=desc, jobs=n_jobs)
         base, specs = planned[0].cfg, [a.spec for a in acts]
         settings = {
             "activations": specs,

@@ -30,11 +30,13 @@ from ..training.grid import (
     Overrides,
     axis_values,
     check_jobs,
+    default_jobs,
     grid_results,
     override_items,
     override_words,
     parse_seeds,
-    train_grid,
+    plan_runs,
+    run_grid,
     write_results,
 )
 from ..utils import RunDirLock
@@ -161,7 +163,9 @@ def sweep(
     out = Path(out_dir)
     # One comparison at a time in out: a second one would plan against runs the first is writing.
     with RunDirLock(out, "polyattn sweep", command="sweep"):
-        planned, records, n_jobs = train_grid(grid, path, layer, out, resume, progress, "sweep", n_jobs)
+        planned = plan_runs(grid, path, layer, out, resume)
+        n_jobs = default_jobs(planned) if n_jobs is None else n_jobs
+        records = run_grid(planned, progress=progress, desc="sweep", jobs=n_jobs)
         settings = {
             "power": power,
             "scales": ks,

@@ -583,8 +583,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] = ()
     return raw
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), point: str | None = None) -> dict:
-    """Read ``path`` (with its ``inherit`` chain), apply ``a.b=value`` overrides, fill defaults, validate.
+def load_config(
+    path: str | os.PathLike | None, overrides: Sequence[str] | Mapping[str, Any] = (), point: str | None = None
+) -> dict:
+    """Read ``path`` (with its ``inherit`` chain), apply overrides (``a.b=value`` strings or a
+    ``{"a.b": value}`` mapping, see :func:`apply_overrides`), fill defaults, validate.
 
     ``point`` picks one run of a grid file (see :func:`grid_points`).
     """

@@ -1,6 +1,6 @@
 """A grid of training runs: every run's config and directory planned first, then each run trained or reused.
 
-    from polyattn.training.grid import GridRun, plan_runs, run_grid
+    from polyattn.training.grid import GridRun, activation_axis, plan_runs, run_grid
     runs = [GridRun(f"{a.slug}-s{s}", a.spec, s) for a in activation_axis("softmax,x^3/sqrt(N)") for s in (0, 1)]
     records = run_grid(plan_runs(runs, "configs/digits_vit_micro.yaml", {"train.epochs": 3}, "runs/mine", False))
 
@@ -46,6 +46,7 @@ from .trainer import CHECKPOINT, train
 __all__ = [
     "GridError",
     "GridRun",
+    "Overrides",
     "PlannedRun",
     "activation_axis",
     "axis_values",
@@ -55,7 +56,6 @@ __all__ = [
     "json_safe",
     "merge_layers",
     "metric_words",
-    "Overrides",
     "override_items",
     "override_layer",
     "override_words",
@@ -65,7 +65,6 @@ __all__ = [
     "relative_path",
     "reserve_keys",
     "run_grid",
-    "train_grid",
     "usable_cores",
     "write_results",
 ]
@@ -614,22 +613,6 @@ def _drain(events: Any, epochs_done: dict[str, int], bar: Any, clock: GridClock 
 # --------------------------------------------------------------------------- #
 # Results
 # --------------------------------------------------------------------------- #
-def train_grid(
-    runs: Sequence[GridRun],
-    config: str | os.PathLike | None,
-    overrides: Mapping[str, Any],
-    out_dir: str | os.PathLike,
-    resume: bool,
-    progress: bool,
-    desc: str,
-    jobs: int | None,
-) -> tuple[list[PlannedRun], list[dict], int]:
-    """:func:`plan_runs` then :func:`run_grid`: (the plan, the records, the jobs used; None: :func:`default_jobs`)."""
-    planned = plan_runs(runs, config, overrides, out_dir, resume)
-    jobs = default_jobs(planned) if jobs is None else jobs
-    return planned, run_grid(planned, progress=progress, desc=desc, jobs=jobs), jobs
-
-
 def grid_results(kind: str, out: Path, settings: dict, records: list[dict], base: dict, table: list[dict]) -> dict:
     """The results.json of a grid in ``out`` (without its timing): ``settings``, the metric's words, the
     base config (``base``: the first run's), ``table``, every run's record and what produced them."""
