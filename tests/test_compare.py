@@ -49,6 +49,18 @@ def test_builtin_base_config_equals_the_repository_config():
     assert load_config(None, layers)["diagnostics"]["every"] == 7
 
 
+def test_the_packaged_base_configs_are_package_data():
+    # A non-editable install ships only the data files pyproject names: every config file in the package must match.
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setup["package-data"]["polyattn"]
+    files = [p.relative_to(REPO / "polyattn").as_posix() for p in (REPO / "polyattn").rglob("*.yaml")]
+    assert "experiments/configs/compare.yaml" in files and "experiments/configs/recall.yaml" in files
+    assert [f for f in files if not any(fnmatch(f, pat) for pat in patterns)] == []
+
+
 def test_activation_and_seed_parsing():
     assert parse_activations(["softmax, x^3/sqrt(N)", "x/16.0"]) == ["softmax", "x^3/sqrt(N)", "x/16"]
     with pytest.raises(GridError, match="listed twice"):
