@@ -48,12 +48,13 @@ from .bench_common import (
     SDPA,
     bench_results,
     bench_spec,
+    cuda_peak,
     find_case,
     fwd_bwd,
-    mmap_large_allocations,
     rss_peak,
     rss_peak_supported,
     run_bench_kind,
+    worker_job,
 )
 from .report.bench import format_grid_table, plot_bench
 
@@ -200,13 +201,9 @@ def time_case(fn, inputs, device: str, repeats: int, warmup: bool) -> list[float
 # --------------------------------------------------------------------------
 def _memory_worker() -> None:
     """Reads one JSON list of cases from stdin, prints one JSON line per case: peak extra bytes."""
-    mmap_large_allocations()
-    job = json.loads(sys.stdin.read())
-    cfg = BenchConfig(**job["config"])
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    cfg, cases = worker_job(BenchConfig)
     warmed: set[tuple] = set()
-    for case in job["cases"]:
+    for case in cases:
         fn = _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)
         # Thread pools, BLAS buffers and lazy imports are allocated on a code
         # path's first call: take that first call on a small problem, unmeasured.
@@ -233,15 +230,8 @@ def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -
     if cfg.device == "cuda":
         out = {}
         for case in cases:
-            inputs = _inputs(case["n"], case["d"], cfg, cfg.seed)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            q, k, v, do = inputs
-            _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)(q, k, v).backward(do)
-            torch.cuda.synchronize()
-            out[case["key"]] = {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-            del inputs, q, k, v, do
+            fn = _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)
+            out[case["key"]] = {"peak_bytes": cuda_peak(fn, *_inputs(case["n"], case["d"], cfg, cfg.seed))}
         return out
     if not rss_peak_supported():
         return {c["key"]: {"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for c in cases}

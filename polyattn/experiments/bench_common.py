@@ -9,6 +9,7 @@ every kind's results then hold the same keys in the same order (see :func:`bench
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ __all__ = [
     "bench_device",
     "bench_results",
     "bench_spec",
+    "cuda_peak",
     "find_case",
     "fwd_bwd",
     "mmap_large_allocations",
@@ -40,6 +42,7 @@ __all__ = [
     "run_bench_kind",
     "sync",
     "time_in_turns",
+    "worker_job",
     "write_bench_dir",
 ]
 
@@ -127,6 +130,27 @@ def mmap_large_allocations() -> None:
     """glibc serves allocations of 64 KiB and more with mmap, so a freed tensor leaves the resident set at once."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+
+def worker_job(config_type: type) -> tuple[Any, list[dict]]:
+    """A memory worker's start: large allocations to mmap, then its job from stdin (``{"config", "cases"}``),
+    the config as ``config_type`` and its threads set (the worker process runs this one job)."""
+    mmap_large_allocations()
+    job = json.loads(sys.stdin.read())
+    cfg = config_type(**job["config"])
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    return cfg, job["cases"]
+
+
+def cuda_peak(fn: Callable, q, k, v, do) -> int:
+    """Bytes CUDA memory allocated grows by at its highest during one ``fn(q, k, v).backward(do)``."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(q, k, v).backward(do)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def rss_peak(fn: Callable, q, k, v, do) -> int:

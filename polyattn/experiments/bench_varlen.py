@@ -24,7 +24,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
 from ..training.config import settings_from_dict
 from .bench_common import DTYPES as _DTYPES
-from .bench_common import bench_device, fwd_bwd, mmap_large_allocations, rss_peak, rss_peak_supported, run_bench_kind
+from .bench_common import bench_device, cuda_peak, fwd_bwd, rss_peak, rss_peak_supported, run_bench_kind, worker_job
 from .report.bench import format_varlen_table
 
 __all__ = ["VarlenBenchConfig", "run_varlen_bench"]
@@ -142,14 +142,10 @@ def _make_case(case: dict[str, str], cfg: VarlenBenchConfig, device: torch.devic
 
 def _memory_worker() -> None:
     """Reads {config, cases} as JSON from stdin; prints one JSON line of peak extra bytes per case."""
-    mmap_large_allocations()
-    job = json.loads(sys.stdin.read())
-    cfg = VarlenBenchConfig(**job["config"])
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    cfg, cases = worker_job(VarlenBenchConfig)
     device = torch.device("cpu")
-    small = VarlenBenchConfig(**{**job["config"], "lengths": [16, 8]})
-    for case in job["cases"]:
+    small = replace(cfg, lengths=[16, 8])
+    for case in cases:
         try:
             fn, inputs, _ = _make_case(case, small, device)  # first calls allocate pools: unmeasured
             fn(*inputs[:3]).backward(inputs[3])
@@ -168,12 +164,7 @@ def _measure_memory(rows: list[dict], cfg: VarlenBenchConfig, device: torch.devi
         for case in todo:
             try:
                 fn, inputs, _ = _make_case(case, cfg, device)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fn(*inputs[:3]).backward(inputs[3])
-                torch.cuda.synchronize()
-                out.append({"peak_bytes": torch.cuda.max_memory_allocated() - base})
+                out.append({"peak_bytes": cuda_peak(fn, *inputs)})
             except Exception as e:
                 out.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         return out

@@ -451,24 +451,27 @@ STATS_NOTE = (
 )
 
 
+def _summary_header(baseline: str) -> list[str]:
+    return ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
+
+
+def _summary_cells(r: Mapping, baseline: str) -> list[str]:
+    """A table row's cells but the last (per seed), as the text table and report.md both show them."""
+    return [r["activation"], _mean_std(r), _ci(r), f"{r['n']}/{r['seeds']}", str(r["diverged"]), _vs(r, baseline)]
+
+
 def format_table(rows: Sequence[dict], metric: str = "") -> str:
     """The comparison table as fixed-width text: activation, top-1 mean +- std and its 95% interval,
     seeds, diverged, the paired difference to softmax, per seed."""
     baseline = _baseline(rows)
-    header = ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
     cells = [
         [
-            r["activation"],
-            _mean_std(r),
-            _ci(r),
-            f"{r['n']}/{r['seeds']}",
-            str(r["diverged"]),
-            _vs(r, baseline),
+            *_summary_cells(r, baseline),
             "  ".join(f"s{s}:{'div' if v is None else f'{100 * v:.1f}'}" for s, v in r["per_seed"].items()),
         ]
         for r in rows
     ]
-    text = text_table(header, cells, right=(1, 2, 3, 4))
+    text = text_table(_summary_header(baseline), cells, right=(1, 2, 3, 4))
     if metric:
         text.append(f"top-1: {metric}; n = seeds that finished without diverging (mean and std over those)")
         text.append(STATS_NOTE.format(b=baseline))
@@ -524,20 +527,14 @@ def _results_section(results: Mapping) -> list[str]:
         "",
     ]
     baseline = _baseline(results["table"])
-    header = ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
     rows = [
         [
-            r["activation"],
-            _mean_std(r),
-            _ci(r),
-            f"{r['n']}/{r['seeds']}",
-            r["diverged"],
-            _vs(r, baseline),
+            *_summary_cells(r, baseline),
             ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items()),
         ]
         for r in results["table"]
     ]
-    lines += [*md_table(header, rows), ""]
+    lines += [*md_table(_summary_header(baseline), rows), ""]
     figs = results.get("figures", {})
     if "accuracy" in figs:
         lines += md_figure("top-1 per activation", figs["accuracy"])
