@@ -30,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -54,6 +53,7 @@ from .bench_common import (
     rss_peak,
     rss_peak_supported,
     run_bench_kind,
+    run_memory_worker,
     worker_job,
 )
 from .report.bench import format_grid_table, plot_bench
@@ -235,26 +235,11 @@ def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -
         return out
     if not rss_peak_supported():
         return {c["key"]: {"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for c in cases}
-    job = json.dumps({"config": asdict(cfg), "cases": cases})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "polyattn.experiments.bench", "--memory-worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(job)
-    proc.stdin.close()
-    results: dict[str, dict] = {}
-    bar = _progress(len(cases), "memory", progress)
-    for line in proc.stdout:
-        row = json.loads(line)
-        results[row.pop("key")] = row
-        bar.update(1)
-    bar.close()
-    if proc.wait() != 0:
+    rows, status = run_memory_worker("polyattn.experiments.bench", {"config": asdict(cfg), "cases": cases}, progress)
+    results = {row.pop("key"): row for row in rows}
+    if status != 0:
         for c in cases:
-            results.setdefault(c["key"], {"error": f"memory worker exited with status {proc.returncode}"})
+            results.setdefault(c["key"], {"error": f"memory worker exited with status {status}"})
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "rss_peak",
     "rss_peak_supported",
     "run_bench_kind",
+    "run_memory_worker",
     "sync",
     "time_in_turns",
     "worker_job",
@@ -130,6 +132,31 @@ def mmap_large_allocations() -> None:
     """glibc serves allocations of 64 KiB and more with mmap, so a freed tensor leaves the resident set at once."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+
+def run_memory_worker(module: str, job: dict, progress: bool = False, quiet: bool = False) -> tuple[list[dict], int]:
+    """Run ``python -m <module> --memory-worker`` on ``job`` (``{"config", "cases"}``, JSON on its stdin): the
+    JSON lines it prints (one per case, in order) and its exit status. ``quiet``: drop what it writes to stderr."""
+    from tqdm import tqdm
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--memory-worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet else None,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+    rows = []
+    bar = tqdm(total=len(job["cases"]), desc="memory", disable=not progress, leave=False)
+    for line in proc.stdout:
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            bar.update(1)
+    bar.close()
+    return rows, proc.wait()
 
 
 def worker_job(config_type: type) -> tuple[Any, list[dict]]:

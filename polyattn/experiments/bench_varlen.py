@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -36,7 +35,16 @@ from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
 from ..training.config import settings_from_dict
 from .bench_common import DTYPES as _DTYPES
-from .bench_common import bench_device, cuda_peak, fwd_bwd, rss_peak, rss_peak_supported, run_bench_kind, worker_job
+from .bench_common import (
+    bench_device,
+    cuda_peak,
+    fwd_bwd,
+    rss_peak,
+    rss_peak_supported,
+    run_bench_kind,
+    run_memory_worker,
+    worker_job,
+)
 from .report.bench import format_varlen_table
 
 __all__ = ["VarlenBenchConfig", "run_varlen_bench"]
@@ -170,15 +178,10 @@ def _measure_memory(rows: list[dict], cfg: VarlenBenchConfig, device: torch.devi
         return out
     if not rss_peak_supported():
         return [{"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for _ in todo]
-    proc = subprocess.run(
-        [sys.executable, "-m", "polyattn.experiments.bench_varlen", "--memory-worker"],
-        input=json.dumps({"config": asdict(cfg), "cases": todo}),
-        capture_output=True,
-        text=True,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    job = {"config": asdict(cfg), "cases": todo}
+    lines, status = run_memory_worker("polyattn.experiments.bench_varlen", job, quiet=True)
     while len(lines) < len(todo):
-        lines.append({"error": f"memory worker exited with status {proc.returncode}"})
+        lines.append({"error": f"memory worker exited with status {status}"})
     return lines
 
 
