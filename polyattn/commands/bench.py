@@ -6,9 +6,10 @@ transformers' ``generate`` (KV cache against :class:`polyattn.hf.StateCache`), `
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import positive_int_list, str_list
 
@@ -186,69 +187,54 @@ def _prepare(out: str) -> int | None:
     return None
 
 
+class _Kind(NamedTuple):
+    """A bench kind: its module under polyattn.experiments, its run function, its table in
+    polyattn.experiments.report.bench, its default folder, and the figure files it names after writing
+    (None: whatever ``results["plots"]`` lists)."""
+
+    module: str
+    run: str
+    table: str
+    out: str
+    files: tuple[str, ...] | None = ()
+
+
+_KINDS = {
+    "hf": _Kind("bench_decode_hf", "run_hf_decode_bench", "format_hf_decode_table", "runs/bench_decode_hf",
+                ("decode_hf.png",)),
+    "varlen": _Kind("bench_varlen", "run_varlen_bench", "format_varlen_table", "runs/bench_varlen"),
+    "decode": _Kind("bench_decode", "run_decode_bench", "format_decode_table", "runs/bench_decode", ("decode.png",)),
+    "model": _Kind("bench_model", "run_model_bench", "format_model_table", "runs/bench_{model}"),
+    "grid": _Kind("bench", "run_bench", "format_grid_table", "runs/bench", None),
+}  # fmt: skip
+
+
+def _kind(args: argparse.Namespace) -> str:
+    if args.decode:
+        return "hf" if args.hf else "decode"
+    return "varlen" if args.varlen else "model" if args.model else "grid"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    progress = not args.no_progress
-    if args.decode and args.hf:
-        from ..experiments.bench_decode_hf import format_hf_decode_table, run_hf_decode_bench
-
-        out = args.out or "runs/bench_decode_hf"
-        if (code := _prepare(out)) is not None:
-            return code
-        results = run_hf_decode_bench(cfg, out, progress=progress)
-        print(format_hf_decode_table(results))
-        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode_hf.png")
-        return 0
-    if args.varlen:
-        from ..experiments.bench_varlen import format_varlen_table, run_varlen_bench
-
-        out = args.out or "runs/bench_varlen"
-        if (code := _prepare(out)) is not None:
-            return code
-        results = run_varlen_bench(cfg, out, progress=progress)
-        print(format_varlen_table(results))
-        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml")
-        return 0
-    if args.decode:
-        from ..experiments.bench_decode import format_decode_table, run_decode_bench
-
-        out = args.out or "runs/bench_decode"
-        if (code := _prepare(out)) is not None:
-            return code
-        results = run_decode_bench(cfg, out, progress=progress)
-        print(format_decode_table(results))
-        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml, decode.png")
-        return 0
-    if args.model:
-        from ..experiments.bench_model import format_model_table, run_model_bench
-
-        out = args.out or f"runs/bench_{args.model}"
-        if (code := _prepare(out)) is not None:
-            return code
-        try:
-            results = run_model_bench(cfg, out, progress=progress)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(format_model_table(results))
-        print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml")
-        return 0
-    from ..experiments.bench import format_table, run_bench
-
-    out = args.out or "runs/bench"
+    kind = _kind(args)
+    spec = _KINDS[kind]
+    run_bench = getattr(importlib.import_module(f"polyattn.experiments.{spec.module}"), spec.run)
+    table = getattr(importlib.import_module("polyattn.experiments.report.bench"), spec.table)
+    out = args.out or spec.out.format(model=args.model)
     if (code := _prepare(out)) is not None:
         return code
+    extra = {"plots": not args.no_plots} if kind == "grid" else {}
     try:
-        results = run_bench(cfg, out, progress=progress, plots=not args.no_plots)
+        results = run_bench(cfg, out, progress=not args.no_progress, **extra)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    plots = results.get("plots") or []
-    written = ", ".join([str(Path(out) / "results.json"), "report.txt", "config.yaml", *plots])
-    print(f"\nwrote {written}")
+    print(table(results))
+    files = spec.files if spec.files is not None else results.get("plots") or []
+    print(f"\nwrote {', '.join([str(Path(out) / 'results.json'), 'report.txt', 'config.yaml', *files])}")
     return 0

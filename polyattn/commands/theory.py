@@ -73,7 +73,8 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.theory import format_report, run_theory
+    from ..experiments.report.theory import format_report
+    from ..experiments.theory import run_theory
 
     try:
         cfg = build_config(args)

@@ -26,16 +26,13 @@ its time is that backend's row.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,18 +43,28 @@ from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.functional import attention
 from ..training.config import settings_from_dict
-from ..utils import atomic_write_json, atomic_write_text
-from ..utils.machine import machine_line
-from ..utils.record import run_record
+from .bench_common import (
+    SDPA,
+    bench_results,
+    bench_spec,
+    cuda_peak,
+    find_case,
+    fwd_bwd,
+    rss_peak,
+    rss_peak_supported,
+    run_bench_kind,
+    run_memory_worker,
+    worker_job,
+)
+from .report.bench import format_grid_table, plot_bench
 
 __all__ = [
     "BenchConfig",
     "QUICK",
-    "format_table",
+    "bench_results",
     "run_bench",
 ]
 
-SDPA = "sdpa-softmax"
 MODES = ("fwd", "bwd", "fwd+bwd")
 _SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
@@ -135,8 +142,7 @@ class BenchConfig:
         return cfg
 
     def activation(self, p: int) -> str:
-        base = "x" if p == 1 else f"x^{p}"
-        return base if self.divisor == "none" else f"{base}/{self.divisor}"
+        return bench_spec(p, self.divisor)
 
 
 def _is_number(text: str) -> bool:
@@ -183,63 +189,21 @@ def _case_fn(backend: str, spec: str, causal: bool = False, sdpa_backend: str = 
     return lambda q, k, v: attention(q, k, v, spec, backend=backend, causal=causal)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _fwd_bwd(fn, q, k, v, do, device: str, mode: str = "fwd+bwd") -> float:
-    """Seconds of one forward, backward or both (``mode``)."""
-    q.grad = k.grad = v.grad = None
-    _sync(device)
-    if mode == "bwd":
-        out = fn(q, k, v)
-        _sync(device)
-    t0 = time.perf_counter()
-    if mode == "fwd":
-        fn(q, k, v)
-    elif mode == "bwd":
-        out.backward(do)
-    else:
-        fn(q, k, v).backward(do)
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def time_case(fn, inputs, device: str, repeats: int, warmup: bool) -> list[float]:
     """Seconds of each timed fwd+bwd run."""
     if warmup:
-        _fwd_bwd(fn, *inputs, device)
-    return [_fwd_bwd(fn, *inputs, device) for _ in range(repeats)]
+        fwd_bwd(fn, *inputs, device)
+    return [fwd_bwd(fn, *inputs, device) for _ in range(repeats)]
 
 
 # --------------------------------------------------------------------------
 # peak memory
 # --------------------------------------------------------------------------
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _rss_peak_supported() -> bool:
-    return sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
-
-
 def _memory_worker() -> None:
     """Reads one JSON list of cases from stdin, prints one JSON line per case: peak extra bytes."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations >= 64 KiB are mmapped, freed at once
-    job = json.loads(sys.stdin.read())
-    cfg = BenchConfig(**job["config"])
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    cfg, cases = worker_job(BenchConfig)
     warmed: set[tuple] = set()
-    for case in job["cases"]:
+    for case in cases:
         fn = _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)
         # Thread pools, BLAS buffers and lazy imports are allocated on a code
         # path's first call: take that first call on a small problem, unmeasured.
@@ -251,18 +215,11 @@ def _memory_worker() -> None:
             del q, k, v, do
         q, k, v, do = _inputs(case["n"], case["d"], cfg, cfg.seed)
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            base = _proc_status()["VmRSS"]
-            out = fn(q, k, v)
-            out.backward(do)
-            peak = _proc_status()["VmHWM"] - base
-            row = {"key": case["key"], "peak_bytes": max(peak, 0)}
+            row = {"key": case["key"], "peak_bytes": rss_peak(fn, q, k, v, do)}
         except Exception as e:  # report, keep measuring the rest
             row = {"key": case["key"], "error": f"{type(e).__name__}: {e}"}
         # Free this case's tensors (and gradients) before the next baseline is read.
-        out = None
-        del q, k, v, do, out
+        del q, k, v, do
         print(json.dumps(row), flush=True)
 
 
@@ -273,38 +230,16 @@ def measure_memory(cases: list[dict], cfg: BenchConfig, progress: bool = True) -
     if cfg.device == "cuda":
         out = {}
         for case in cases:
-            inputs = _inputs(case["n"], case["d"], cfg, cfg.seed)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            q, k, v, do = inputs
-            _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)(q, k, v).backward(do)
-            torch.cuda.synchronize()
-            out[case["key"]] = {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-            del inputs, q, k, v, do
+            fn = _case_fn(case["backend"], case["spec"], case.get("causal", False), cfg.sdpa_backend)
+            out[case["key"]] = {"peak_bytes": cuda_peak(fn, *_inputs(case["n"], case["d"], cfg, cfg.seed))}
         return out
-    if not _rss_peak_supported():
+    if not rss_peak_supported():
         return {c["key"]: {"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for c in cases}
-    job = json.dumps({"config": asdict(cfg), "cases": cases})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "polyattn.experiments.bench", "--memory-worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(job)
-    proc.stdin.close()
-    results: dict[str, dict] = {}
-    bar = _progress(len(cases), "memory", progress)
-    for line in proc.stdout:
-        row = json.loads(line)
-        results[row.pop("key")] = row
-        bar.update(1)
-    bar.close()
-    if proc.wait() != 0:
+    rows, status = run_memory_worker("polyattn.experiments.bench", {"config": asdict(cfg), "cases": cases}, progress)
+    results = {row.pop("key"): row for row in rows}
+    if status != 0:
         for c in cases:
-            results.setdefault(c["key"], {"error": f"memory worker exited with status {proc.returncode}"})
+            results.setdefault(c["key"], {"error": f"memory worker exited with status {status}"})
     return results
 
 
@@ -387,82 +322,50 @@ def run_bench(
     cfg.validate()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    t_start = time.perf_counter()
-    try:
-        cases = _plan_cases(cfg)
-        timed = [c for c in cases if c["skipped"] is None and c["backend"] != "auto"]
-        # auto reuses the row of the backend it picks; time that backend if it is not in the list.
-        for c in cases:
-            if c["backend"] == "auto" and c["skipped"] is None:
-                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
-                if twin is None or twin["skipped"] is not None:
-                    timed.append(c)
-        _time_interleaved(timed, cfg, progress)
-        for c in cases:
-            if c["backend"] == "auto" and c["skipped"] is None and "times_s" not in c:
-                twin = _find(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
-                c["times_s"] = twin.get("times_s") if twin else None
-            if c.get("times_s"):
-                c["time_s"] = min(c["times_s"])
-                c["time_median_s"] = statistics.median(c["times_s"])
-        if cfg.memory:
-            measured = [c for c in cases if c.get("time_s") is not None and c["backend"] != "auto"]
-            measured += [c for c in cases if c["backend"] == "auto" and c in timed]
-            mem_cases = [
-                {k: c[k] for k in ("key", "n", "d", "spec", "causal")} | {"backend": c.get("picked", c["backend"])}
-                for c in measured
-                if c["mode"] == "fwd+bwd"
-            ]
-            mem = measure_memory(mem_cases, cfg, progress)
-            for c in cases:
-                src = c
-                if c["backend"] == "auto" and c["key"] not in mem:
-                    src = _find(cases, c["n"], c["d"], c["p"], c.get("picked"), c["causal"], c["mode"]) or c
-                if src["key"] in mem:
-                    c.update({f"memory_{k}" if k == "error" else k: v for k, v in mem[src["key"]].items()})
-        _add_ratios(cases)
-        machine = machine_line(cfg.device)
-    finally:
-        torch.set_num_threads(old_threads)
-    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, cases=cases)
-    if out_dir is not None:
-        out = write_bench_dir(out_dir, cfg, results, format_table(results))
-        if plots:
-            results["plots"] = [str(p) for p in plot_bench(results, out)]
-    return results
+    measure = partial(_measure, cfg, progress)
+    return run_bench_kind(cfg, cfg.device, measure, format_grid_table, out_dir, plot=plot_bench if plots else None)
 
 
-def bench_results(cfg: Any, machine: str, threads: int, t_start: float, **measured: Any) -> dict:
-    """The results dict every bench writes: its config, the machine, threads, elapsed time, the run record,
-    then the rows. ``threads``: the torch threads the measurements ran with (the bench's own setting)."""
-    return {
-        "config": asdict(cfg),
-        "machine": machine,
-        "threads": threads,
-        "elapsed_s": time.perf_counter() - t_start,
-        # Each row names its backend; the record's backends stay None.
-        "record": run_record(
-            device=getattr(cfg, "device", None),
-            precision=getattr(cfg, "dtype", None) or getattr(cfg, "amp", None),
-            threads=threads,
-        ),
-        **measured,
-    }
+def _measure(cfg: BenchConfig, progress: bool) -> dict[str, list[dict]]:
+    """Every case of the grid, timed (and its memory measured) unless skipped, with its ratios to SDPA."""
+    cases = _plan_cases(cfg)
+    timed = [c for c in cases if c["skipped"] is None and c["backend"] != "auto"]
+    # auto reuses the row of the backend it picks; time that backend if it is not in the list.
+    for c in cases:
+        if c["backend"] == "auto" and c["skipped"] is None:
+            twin = find_case(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
+            if twin is None or twin["skipped"] is not None:
+                timed.append(c)
+    _time_interleaved(timed, cfg, progress)
+    for c in cases:
+        if c["backend"] == "auto" and c["skipped"] is None and "times_s" not in c:
+            twin = find_case(cases, c["n"], c["d"], c["p"], c["picked"], c["causal"], c["mode"])
+            c["times_s"] = twin.get("times_s") if twin else None
+        if c.get("times_s"):
+            c["time_s"] = min(c["times_s"])
+            c["time_median_s"] = statistics.median(c["times_s"])
+    if cfg.memory:
+        _add_memory(cases, timed, cfg, progress)
+    _add_ratios(cases)
+    return {"cases": cases}
 
 
-def write_bench_dir(out_dir: str | os.PathLike, cfg: Any, results: dict, report: str) -> Path:
-    """``config.yaml``, ``results.json`` and ``report.txt`` of a bench in ``out_dir``; returns the folder."""
-    import yaml
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), out / "config.yaml")
-    atomic_write_json(results, out / "results.json")
-    atomic_write_text(report + "\n", out / "report.txt")
-    return out
+def _add_memory(cases: list[dict], timed: list[dict], cfg: BenchConfig, progress: bool) -> None:
+    """Peak memory of every timed fwd+bwd case; an auto row takes that of the backend it picks."""
+    measured = [c for c in cases if c.get("time_s") is not None and c["backend"] != "auto"]
+    measured += [c for c in cases if c["backend"] == "auto" and c in timed]
+    mem_cases = [
+        {k: c[k] for k in ("key", "n", "d", "spec", "causal")} | {"backend": c.get("picked", c["backend"])}
+        for c in measured
+        if c["mode"] == "fwd+bwd"
+    ]
+    mem = measure_memory(mem_cases, cfg, progress)
+    for c in cases:
+        src = c
+        if c["backend"] == "auto" and c["key"] not in mem:
+            src = find_case(cases, c["n"], c["d"], c["p"], c.get("picked"), c["causal"], c["mode"]) or c
+        if src["key"] in mem:
+            c.update({f"memory_{k}" if k == "error" else k: v for k, v in mem[src["key"]].items()})
 
 
 def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> None:
@@ -487,7 +390,7 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
             plan.append((c, fn, runs))
             if est < 1.0:  # warm-up: first-call allocations and lazy initialisation
                 try:
-                    _fwd_bwd(fn, *inputs, cfg.device, c["mode"])
+                    fwd_bwd(fn, *inputs, cfg.device, c["mode"])
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {e}"
         for r in range(max(runs for _, _, runs in plan)):
@@ -496,7 +399,7 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
                     continue
                 bar.set_postfix_str(c["key"])
                 try:
-                    c["times_s"].append(_fwd_bwd(fn, *inputs, cfg.device, c["mode"]))
+                    c["times_s"].append(fwd_bwd(fn, *inputs, cfg.device, c["mode"]))
                 except Exception as e:
                     c["error"] = f"{type(e).__name__}: {e}"
         bar.update(len(group))
@@ -504,157 +407,15 @@ def _time_interleaved(timed: list[dict], cfg: BenchConfig, progress: bool) -> No
     bar.close()
 
 
-def _find(cases, n, d, p, backend, causal: bool = False, mode: str = "fwd+bwd"):
-    for c in cases:
-        same_point = c["n"] == n and c["d"] == d and c["p"] == p and c["backend"] == backend
-        if same_point and c.get("causal", False) == causal and c.get("mode", "fwd+bwd") == mode:
-            return c
-    return None
-
-
 def _add_ratios(cases: list[dict]) -> None:
     for c in cases:
-        base = _find(cases, c["n"], c["d"], None, SDPA, c.get("causal", False), c.get("mode", "fwd+bwd"))
+        base = find_case(cases, c["n"], c["d"], None, SDPA, c.get("causal", False), c.get("mode", "fwd+bwd"))
         if base is None:
             continue
         if c.get("time_s") and base.get("time_s"):
             c["time_vs_sdpa"] = c["time_s"] / base["time_s"]
         if c.get("peak_bytes") is not None and base.get("peak_bytes"):
             c["memory_vs_sdpa"] = c["peak_bytes"] / base["peak_bytes"]
-
-
-# --------------------------------------------------------------------------
-# reporting
-# --------------------------------------------------------------------------
-def _ms(t: float | None) -> str:
-    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 10 else f"{t * 1e3:.0f}")
-
-
-def _mib(b: int | None) -> str:
-    return "-" if b is None else f"{b / 2**20:.0f}"
-
-
-def _section(cfg: dict, cases: list[dict], backends: list[str], d: int, p: int, causal: bool, mode: str) -> list:
-    spec = BenchConfig(**cfg).activation(p)
-    what = ("causal " if causal else "") + (mode if mode != "fwd+bwd" or len(cfg.get("modes", [])) > 1 else "")
-    lines = ["", f"== d={d}  {spec}  {what + '  ' if what else ''}vs SDPA softmax =="]
-    head = f"{'N':>6} {'sdpa ms':>9} {'MiB':>6} |"
-    for b in backends:
-        head += f" {b + ' ms (x, mem x)':>26} |"
-    lines.append(head)
-    for n in cfg["ns"]:
-        base = _find(cases, n, d, None, SDPA, causal, mode) or {}
-        row = f"{n:>6} {_ms(base.get('time_s')):>9} {_mib(base.get('peak_bytes')):>6} |"
-        for b in backends:
-            c = _find(cases, n, d, p, b, causal, mode) or {}
-            if c.get("skipped"):
-                cell = "skipped"
-            elif c.get("error"):
-                cell = "error"
-            elif c.get("time_s") is None:
-                cell = "-"
-            else:
-                tr = c.get("time_vs_sdpa")
-                mr = c.get("memory_vs_sdpa")
-                ratios = f"{'-' if tr is None else f'{tr:.2f}'}, {'-' if mr is None else f'{mr:.2f}'}"
-                cell = f"{_ms(c['time_s'])} ({ratios})"
-                if b == "auto":
-                    cell = f"{c['picked'][:4]}: " + cell
-            row += f" {cell:>26} |"
-        lines.append(row)
-    return lines
-
-
-def format_table(results: dict) -> str:
-    """Per (d, p): rows N; SDPA ms and MiB, then each backend's ms, time ratio and memory ratio vs SDPA."""
-    cfg = results["config"]
-    cases = results["cases"]
-    lines = [
-        f"polyattn bench on {results['machine']}",
-        f"B={cfg['batch']} H={cfg['heads']} {cfg['dtype']} {cfg['device']}; "
-        f"{', '.join(cfg.get('modes', ['fwd+bwd']))}, fastest of the timed runs; ratios < 1 beat SDPA"
-        + (f"; SDPA kernel: {cfg['sdpa_backend']}" if cfg.get("sdpa_backend", "auto") != "auto" else ""),
-    ]
-    backends = cfg["backends"]
-    for d in cfg["ds"]:
-        for causal in cfg.get("causal", [False]):
-            for mode in cfg.get("modes", ["fwd+bwd"]):
-                for p in cfg["ps"]:
-                    lines += _section(cfg, cases, backends, d, p, causal, mode)
-    skips = sorted({(c["backend"], c["skipped"]) for c in cases if c.get("skipped")})
-    errors = [(c["key"], c["error"]) for c in cases if c.get("error")]
-    if skips:
-        lines.append("")
-        lines.append("skipped (backend: reason, one example each):")
-        seen = set()
-        for b, why in skips:
-            short = why.split(" vs ")[0] if why.startswith("cost model estimates") else why
-            if (b, short[:40]) in seen:
-                continue
-            seen.add((b, short[:40]))
-            lines.append(f"  {b}: {why}")
-    for key, err in errors:
-        lines.append(f"error {key}: {err}")
-    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
-
-
-# Fixed styles so a backend keeps its colour when another has no points; auto
-# is drawn wide and pale underneath the backend it picked.
-_STYLE = {
-    SDPA: {"color": "black", "linestyle": "--", "marker": "o", "ms": 3},
-    "auto": {"color": "tab:purple", "linewidth": 5, "alpha": 0.3},
-    "chunked": {"color": "tab:orange", "marker": "o", "ms": 3},
-    "linear": {"color": "tab:green", "marker": "o", "ms": 3},
-    "reference": {"color": "tab:red", "marker": "o", "ms": 3},
-    "triton": {"color": "tab:blue", "marker": "o", "ms": 3},
-    "sdpa": {"color": "tab:gray", "marker": "o", "ms": 3},
-}
-
-
-def plot_bench(results: dict, out_dir: Path) -> list[Path]:
-    """bench_time.png and bench_memory.png: one panel per (d, p), one line per backend, log-log."""
-    from .plots import pyplot, save_figure
-
-    plt = pyplot()
-    cfg = results["config"]
-    cases = results["cases"]
-    # One panel per (d, p): the first causal setting, fwd+bwd when it was timed.
-    causal = cfg.get("causal", [False])[0]
-    modes = cfg.get("modes", ["fwd+bwd"])
-    mode = "fwd+bwd" if "fwd+bwd" in modes else modes[0]
-    paths = []
-    for metric, ylabel, fname in (
-        ("time_s", f"{mode} time (s)", "bench_time.png"),
-        ("peak_bytes", "peak extra memory (MiB)", "bench_memory.png"),
-    ):
-        if metric == "peak_bytes" and not any(c.get("peak_bytes") for c in cases):
-            continue
-        nd, np_ = len(cfg["ds"]), len(cfg["ps"])
-        fig, axes = plt.subplots(nd, np_, figsize=(4.2 * np_, 3.4 * nd), squeeze=False)
-        for i, d in enumerate(cfg["ds"]):
-            for j, p in enumerate(cfg["ps"]):
-                ax = axes[i][j]
-                for b in [SDPA, *cfg["backends"]]:
-                    pts = []
-                    for n in cfg["ns"]:
-                        c = _find(cases, n, d, None if b == SDPA else p, b, causal, mode)
-                        if c and c.get(metric):
-                            pts.append((n, c[metric] / (2**20 if metric == "peak_bytes" else 1)))
-                    if pts:
-                        xs, ys = zip(*pts, strict=True)
-                        ax.plot(xs, ys, label="SDPA softmax" if b == SDPA else b, **_STYLE.get(b, {}))
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_title(f"d={d}, {BenchConfig(**cfg).activation(p)}", fontsize=9)
-                ax.set_xlabel("N")
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.suptitle(f"polyattn bench: {results['machine']}", fontsize=9)
-        fig.tight_layout()
-        paths.append(save_figure(fig, out_dir / fname, dpi=110))
-    return paths
 
 
 if __name__ == "__main__":

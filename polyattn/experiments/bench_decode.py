@@ -21,6 +21,8 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +32,11 @@ from ..core.activations import get_activation
 from ..core.decode import LinearState
 from ..core.functional import attention
 from ..training.config import settings_from_dict
-from ..utils.machine import machine_line
-from .bench import bench_results, write_bench_dir
+from .bench_common import DTYPES as _DTYPES
+from .bench_common import bench_device, run_bench_kind, sync, time_in_turns
+from .report.bench import format_decode_table, plot_decode
 
-__all__ = ["DecodeBenchConfig", "format_decode_table", "run_decode_bench"]
+__all__ = ["DecodeBenchConfig", "run_decode_bench"]
 
 
 @dataclass
@@ -65,15 +68,6 @@ class DecodeBenchConfig:
         return cfg
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device(cfg: DecodeBenchConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _cache_step(
     cfg: DecodeBenchConfig, length: int, spec: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[Callable[[], torch.Tensor], int]:
@@ -100,30 +94,31 @@ def _state_step(
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     prompt = [torch.randn(cfg.batch, cfg.heads, length, cfg.d, generator=g).to(device, dtype) for _ in range(3)]
     q, k, v = (torch.randn(cfg.batch, cfg.heads, 1, cfg.d, generator=g).to(device, dtype) for _ in range(3))
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     state, _ = LinearState.prefill(*prompt, spec)
-    _sync(device)
+    sync(device)
     prefill = time.perf_counter() - t0
     # Each call decodes the next token (L + 1, L + 2, ...): a state step costs the same at any length.
     return lambda: state.step(q, k, v), state.nbytes, prefill
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_decode_bench(cfg: DecodeBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Time one decoding step per (context, method); returns the rows also written to ``out_dir``."""
+    device = bench_device(cfg.device)
+    return run_bench_kind(cfg, device, partial(_measure, cfg, device, progress), format_decode_table, out_dir, _plot)
+
+
+def _plot(results: dict, out: Path) -> list[Path]:
+    return [
+        plot_decode(results, out / "decode.png", "bytes", "tokens/s (one layer)", "memory kept between tokens (MiB)")
+    ]
+
+
+def _measure(cfg: DecodeBenchConfig, device: torch.device, progress: bool) -> dict[str, list[dict]]:
     from tqdm.auto import tqdm
 
-    device = _device(cfg)
     dtype = _DTYPES[cfg.dtype]
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    t_start = time.perf_counter()
     methods = [("softmax", "kv-cache")]
     methods += [(get_activation(a).spec, kind) for a in cfg.activations for kind in ("kv-cache", "state")]
     rows: list[dict[str, Any]] = []
@@ -142,80 +137,15 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: str | os.PathLike | None =
                         step()
                     row["step_times_s"] = []
                     group.append((row, step))
-                for _ in range(cfg.steps):  # in turns, so that a busy spell hits every row
-                    for row, step in group:
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        step()
-                        _sync(device)
-                        row["step_times_s"].append(time.perf_counter() - t0)
+                time_in_turns(group, cfg.steps, device)
                 for row, _ in group:
                     row["tokens_per_s"] = cfg.batch / min(row["step_times_s"])
                     rows.append(row)
                     bar.update(1)
                 group.clear()
-        machine = machine_line(device.type)
     finally:
         bar.close()
-        torch.set_num_threads(old_threads)
     base = {r["context"]: r for r in rows if r["activation"] == "softmax"}
     for r in rows:
         r["vs_softmax"] = r["tokens_per_s"] / base[r["context"]]["tokens_per_s"]
-    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
-    if out_dir is not None:
-        out = write_bench_dir(out_dir, cfg, results, format_decode_table(results))
-        results["plots"] = [str(_plot(results, out / "decode.png"))]
-    return results
-
-
-def format_decode_table(results: dict) -> str:
-    cfg = results["config"]
-    lines = [
-        f"polyattn bench --decode on {results['machine']}",
-        f"one attention layer: batch {cfg['batch']}, {cfg['heads']} heads, d = {cfg['d']}, {cfg['dtype']}; "
-        f"next-token step, fastest of {cfg['steps']} (in turns), {cfg['warmup']} warm-up",
-        "",
-        f"{'context':>8} {'activation':<14} {'method':<9} {'tokens/s':>10} {'vs softmax':>11} {'memory':>10} "
-        f"{'prefill':>9}",
-    ]
-    for r in results["rows"]:
-        prefill = f"{r['prefill_s']:.2f} s" if "prefill_s" in r else "-"
-        lines.append(
-            f"{r['context']:>8} {r['activation']:<14} {r['method']:<9} {r['tokens_per_s']:>10.0f} "
-            f"{r['vs_softmax']:>10.2f}x {_mib(r['bytes']):>10} {prefill:>9}"
-        )
-    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
-def _plot(results: dict, path: os.PathLike) -> os.PathLike:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
-    series: dict[str, list[dict]] = {}
-    for r in results["rows"]:
-        series.setdefault(f"{r['activation']} ({r['method']})", []).append(r)
-    for name, rs in series.items():
-        xs = [r["context"] for r in rs]
-        style = "--" if "kv-cache" in name else "-"
-        ax_t.plot(xs, [r["tokens_per_s"] for r in rs], style, marker="o", label=name)
-        ax_m.plot(xs, [r["bytes"] / 2**20 for r in rs], style, marker="o", label=name)
-    for ax, label in ((ax_t, "tokens/s (one layer)"), (ax_m, "memory kept between tokens (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(results["machine"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return {"rows": rows}

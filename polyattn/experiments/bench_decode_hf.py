@@ -19,16 +19,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.activations import get_activation
 from ..training.config import settings_from_dict
-from ..utils.machine import machine_line
-from .bench import bench_results, write_bench_dir
+from .bench_common import DTYPES as _DTYPES
+from .bench_common import bench_device, run_bench_kind, sync
+from .report.bench import format_hf_decode_table, plot_decode
 
-__all__ = ["HFDecodeBenchConfig", "format_hf_decode_table", "run_hf_decode_bench"]
+__all__ = ["HFDecodeBenchConfig", "run_hf_decode_bench"]
 
 
 @dataclass
@@ -70,9 +73,6 @@ class HFDecodeBenchConfig:
         return cfg
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def build_model(cfg: HFDecodeBenchConfig, device: torch.device, dtype: torch.dtype):
     """The Llama-shaped model of the bench: random weights (std 0.2), RoPE, GQA, positions up to the longest L."""
     import transformers
@@ -109,7 +109,7 @@ class _StepClock:
         self.device, self.stamps = device, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        _sync(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter())
         if len(self.stamps) == 1 and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # the decoding phase's peak, after the prefill
@@ -123,7 +123,7 @@ def generate_timed(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any = 
     device = ids.device
     clock = _StepClock(device)
     extra = {} if cache is None else {"cache": cache}
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -153,31 +153,25 @@ def generate_timed(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any = 
     return row
 
 
-def _device(cfg: HFDecodeBenchConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_hf_decode_bench(
     cfg: HFDecodeBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> dict:
     """Generate at every context with each (activation, cache); returns the rows also written to ``out_dir``."""
+    device = bench_device(cfg.device)
+    measure = partial(_measure, cfg, device, progress)
+    return run_bench_kind(cfg, device, measure, format_hf_decode_table, out_dir, _plot)
+
+
+def _plot(results: dict, out: Path) -> list[Path]:
+    return [plot_decode(results, out / "decode_hf.png", "cache_bytes", "generate: tokens/s", "cache memory (MiB)")]
+
+
+def _measure(cfg: HFDecodeBenchConfig, device: torch.device, progress: bool) -> dict[str, list[dict]]:
     from tqdm.auto import tqdm
 
     import polyattn.hf
 
-    device, dtype = _device(cfg), _DTYPES[cfg.dtype]
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    t_start = time.perf_counter()
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, _DTYPES[cfg.dtype])
     methods = [("softmax", "kv-cache")]
     methods += [(get_activation(a).spec, kind) for a in cfg.activations for kind in ("kv-cache", "state")]
     rows: list[dict[str, Any]] = []
@@ -205,72 +199,9 @@ def run_hf_decode_bench(
                 tokens[spec] = seq
                 rows.append({"context": int(length), "activation": spec, "method": kind, **row})
                 bar.update(1)
-        machine = machine_line(device.type)
     finally:
         bar.close()
-        torch.set_num_threads(old_threads)
     base = {r["context"]: r for r in rows if r["activation"] == "softmax"}
     for r in rows:
         r["vs_softmax"] = r["tokens_per_s"] / base[r["context"]]["tokens_per_s"]
-    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
-    if out_dir is not None:
-        out = write_bench_dir(out_dir, cfg, results, format_hf_decode_table(results))
-        results["plots"] = [str(_plot(results, out / "decode_hf.png"))]
-    return results
-
-
-def format_hf_decode_table(results: dict) -> str:
-    cfg = results["config"]
-    cuda = any("peak_bytes" in r for r in results["rows"])
-    lines = [
-        f"polyattn bench --decode --hf on {results['machine']}",
-        f"Llama-shaped model through generate: {cfg['layers']} layers, {cfg['heads']} heads ({cfg['kv_heads']} k/v), "
-        f"d = {cfg['d']}, batch {cfg['batch']}, {cfg['dtype']}; {cfg['new_tokens']} new tokens after a prompt of "
-        "`context` tokens; tokens/s of the fastest of tokens 2..n",
-        "",
-        f"{'context':>8} {'activation':<14} {'cache':<9} {'tokens/s':>10} {'vs softmax':>11} {'cache mem':>10} "
-        + (f"{'peak (GPU)':>11} " if cuda else "")
-        + f"{'prefill':>9}",
-    ]
-    for r in results["rows"]:
-        peak = f"{_mib(r['peak_bytes']):>11} " if cuda else ""
-        mark = "" if r.get("same_tokens_as_kv_cache", True) else "  (tokens differ from the KV cache's)"
-        lines.append(
-            f"{r['context']:>8} {r['activation']:<14} {r['method']:<9} {r['tokens_per_s']:>10.1f} "
-            f"{r['vs_softmax']:>10.2f}x {_mib(r['cache_bytes']):>10} {peak}{r['prefill_s']:>7.2f} s{mark}"
-        )
-    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
-def _plot(results: dict, path: os.PathLike) -> os.PathLike:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
-    series: dict[str, list[dict]] = {}
-    for r in results["rows"]:
-        series.setdefault(f"{r['activation']} ({r['method']})", []).append(r)
-    for name, rs in series.items():
-        xs = [r["context"] for r in rs]
-        style = "--" if "kv-cache" in name else "-"
-        ax_t.plot(xs, [r["tokens_per_s"] for r in rs], style, marker="o", label=name)
-        ax_m.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], style, marker="o", label=name)
-    for ax, label in ((ax_t, "generate: tokens/s"), (ax_m, "cache memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(results["machine"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return {"rows": rows}

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,10 +33,10 @@ from ..core.layers import PolyAttention
 from ..core.module import attention_modules
 from ..training.config import settings_from_dict
 from ..training.precision import AMP_CHOICES, amp_dtype, resolve_amp
-from ..utils.machine import machine_line
-from .bench import bench_results, write_bench_dir
+from .bench_common import bench_device, run_bench_kind, time_in_turns
+from .report.bench import format_model_table
 
-__all__ = ["ModelBenchConfig", "format_model_table", "run_model_bench"]
+__all__ = ["ModelBenchConfig", "run_model_bench"]
 
 
 @dataclass
@@ -106,12 +106,6 @@ def _make_step(model: nn.Module, cfg: ModelBenchConfig, device: torch.device, am
     return step
 
 
-def _device(cfg: ModelBenchConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _runner(
     cfg: ModelBenchConfig, act: str, backend: str, amp: str, device: torch.device
 ) -> tuple[dict, Callable | None]:
@@ -152,10 +146,6 @@ def _time(runners: list[tuple[dict, Callable]], cfg: ModelBenchConfig, device: t
     a busy spell on a shared machine hits all of them; step times and img/s go into the rows."""
     from tqdm import tqdm
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     bar = tqdm(
         total=len(runners) * (cfg.warmup_steps + cfg.steps), desc="model bench", disable=not progress, leave=False
     )
@@ -164,14 +154,7 @@ def _time(runners: list[tuple[dict, Callable]], cfg: ModelBenchConfig, device: t
             step()
             bar.update(1)
         row["step_times_s"] = []
-    for _ in range(cfg.steps):
-        for row, step in runners:
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            row["step_times_s"].append(time.perf_counter() - t0)
-            bar.update(1)
+    time_in_turns(runners, cfg.steps, device, tick=lambda: bar.update(1))
     bar.close()
     for row, _ in runners:
         times = row["step_times_s"]
@@ -181,10 +164,11 @@ def _time(runners: list[tuple[dict, Callable]], cfg: ModelBenchConfig, device: t
 
 def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Train ``cfg.model`` for a few steps under each (activation, backend); returns imgs/s per row."""
-    device = _device(cfg)
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    device = bench_device(cfg.device)
+    return run_bench_kind(cfg, device, partial(_measure, cfg, device, progress), format_model_table, out_dir)
+
+
+def _measure(cfg: ModelBenchConfig, device: torch.device, progress: bool) -> dict[str, list[dict]]:
     backends = list(cfg.backends)
     if device.type == "cuda" and "triton" not in backends:
         backends.append("triton")
@@ -197,7 +181,6 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
         for b in backends
         if not (b == "triton" and a == "softmax" and b not in cfg.backends)
     ]
-    t_start = time.perf_counter()
     rows, runners = [], []
     try:
         for act, backend, amp in combos:
@@ -206,9 +189,7 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
             if step is not None:
                 runners.append((row, step))
         _time(runners, cfg, device, progress)
-        machine = machine_line(device.type)
     finally:
-        torch.set_num_threads(old_threads)
         runners.clear()
     bases = {
         r["amp"]: r for r in rows if r["activation"] == "softmax" and r["backend"] == "auto" and r.get("imgs_per_s")
@@ -217,35 +198,4 @@ def run_model_bench(cfg: ModelBenchConfig, out_dir: str | os.PathLike | None = N
         base = bases.get(r["amp"])  # softmax under auto (SDPA) at the same precision
         if base and r.get("imgs_per_s"):
             r["vs_softmax_auto"] = r["imgs_per_s"] / base["imgs_per_s"]
-    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
-    if out_dir is not None:
-        write_bench_dir(out_dir, cfg, results, format_model_table(results))
-    return results
-
-
-def format_model_table(results: dict) -> str:
-    cfg = results["config"]
-    lines = [
-        f"polyattn bench --model {cfg['model']} on {results['machine']}",
-        f"batch {cfg['batch_size']}, {cfg['img_size']}x{cfg['img_size']}x{cfg.get('in_chans', 3)} images, "
-        f"patch {cfg['patch_size']}; "
-        f"AdamW training steps, fastest of {cfg['steps']} (taken in turns), {cfg['warmup_steps']} warm-up",
-        "",
-        f"{'activation':<14} {'backend':<10} {'amp':<5} {'runs':<10} {'imgs/s':>8} {'ms/step':>8} {'vs softmax':>11}",
-    ]
-    for r in results["rows"]:
-        runs = r.get("runs", "")
-        if r.get("skipped"):
-            lines.append(
-                f"{r['activation']:<14} {r['backend']:<10} {r.get('amp', 'off'):<5} {runs:<10} skipped: {r['skipped']}"
-            )
-            continue
-        ips = r["imgs_per_s"]
-        ms = 1e3 * min(r["step_times_s"])
-        rel = r.get("vs_softmax_auto")
-        lines.append(
-            f"{r['activation']:<14} {r['backend']:<10} {r.get('amp', 'off'):<5} {runs:<10} {ips:>8.1f} {ms:>8.1f} "
-            f"{'-' if rel is None else f'{rel:.2f}x':>11}"
-        )
-    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
+    return {"rows": rows}

@@ -20,13 +20,11 @@ one at a time (Linux /proc, as ``polyattn bench``), on CUDA ``torch.cuda.max_mem
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,12 +34,21 @@ from ..core.activations import get_activation
 from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
 from ..training.config import settings_from_dict
-from ..utils.machine import machine_line
-from .bench import _proc_status, _rss_peak_supported, bench_results, write_bench_dir
+from .bench_common import DTYPES as _DTYPES
+from .bench_common import (
+    bench_device,
+    cuda_peak,
+    fwd_bwd,
+    rss_peak,
+    rss_peak_supported,
+    run_bench_kind,
+    run_memory_worker,
+    worker_job,
+)
+from .report.bench import format_varlen_table
 
-__all__ = ["VarlenBenchConfig", "format_varlen_table", "run_varlen_bench"]
+__all__ = ["VarlenBenchConfig", "run_varlen_bench"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = ("packed", "padded", "block mask")
 
 
@@ -73,14 +80,6 @@ class VarlenBenchConfig:
         if cfg.repeats < 1 or cfg.heads < 1 or cfg.d < 1:
             raise ValueError("repeats, heads and d must be >= 1")
         return cfg
-
-
-def _device(cfg: VarlenBenchConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(cfg.device)
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -149,40 +148,17 @@ def _make_case(case: dict[str, str], cfg: VarlenBenchConfig, device: torch.devic
     return (lambda q, k, v: attention(q, k, v, spec, attn_mask=mask)), inputs, ""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _fwd_bwd(fn, q, k, v, do, device: torch.device) -> float:
-    q.grad = k.grad = v.grad = None
-    _sync(device)
-    t0 = time.perf_counter()
-    fn(q, k, v).backward(do)
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def _memory_worker() -> None:
     """Reads {config, cases} as JSON from stdin; prints one JSON line of peak extra bytes per case."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large blocks are mmapped and returned at once
-    job = json.loads(sys.stdin.read())
-    cfg = VarlenBenchConfig(**job["config"])
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    cfg, cases = worker_job(VarlenBenchConfig)
     device = torch.device("cpu")
-    small = VarlenBenchConfig(**{**job["config"], "lengths": [16, 8]})
-    for case in job["cases"]:
+    small = replace(cfg, lengths=[16, 8])
+    for case in cases:
         try:
             fn, inputs, _ = _make_case(case, small, device)  # first calls allocate pools: unmeasured
             fn(*inputs[:3]).backward(inputs[3])
             fn, inputs, _ = _make_case(case, cfg, device)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            base = _proc_status()["VmRSS"]
-            fn(*inputs[:3]).backward(inputs[3])
-            row = {"peak_bytes": max(_proc_status()["VmHWM"] - base, 0)}
+            row = {"peak_bytes": rss_peak(fn, *inputs)}
         except Exception as e:  # report, keep measuring the rest
             row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         inputs = fn = None
@@ -196,38 +172,28 @@ def _measure_memory(rows: list[dict], cfg: VarlenBenchConfig, device: torch.devi
         for case in todo:
             try:
                 fn, inputs, _ = _make_case(case, cfg, device)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fn(*inputs[:3]).backward(inputs[3])
-                torch.cuda.synchronize()
-                out.append({"peak_bytes": torch.cuda.max_memory_allocated() - base})
+                out.append({"peak_bytes": cuda_peak(fn, *inputs)})
             except Exception as e:
                 out.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         return out
-    if not _rss_peak_supported():
+    if not rss_peak_supported():
         return [{"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for _ in todo]
-    proc = subprocess.run(
-        [sys.executable, "-m", "polyattn.experiments.bench_varlen", "--memory-worker"],
-        input=json.dumps({"config": asdict(cfg), "cases": todo}),
-        capture_output=True,
-        text=True,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    job = {"config": asdict(cfg), "cases": todo}
+    lines, status = run_memory_worker("polyattn.experiments.bench_varlen", job, quiet=True)
     while len(lines) < len(todo):
-        lines.append({"error": f"memory worker exited with status {proc.returncode}"})
+        lines.append({"error": f"memory worker exited with status {status}"})
     return lines
 
 
 def run_varlen_bench(cfg: VarlenBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Time (and measure) every row of :func:`cases`; returns the results also written to ``out_dir``."""
+    device = bench_device(cfg.device)
+    return run_bench_kind(cfg, device, partial(_measure, cfg, device, progress), format_varlen_table, out_dir)
+
+
+def _measure(cfg: VarlenBenchConfig, device: torch.device, progress: bool) -> dict[str, list[dict]]:
     from tqdm.auto import tqdm
 
-    device = _device(cfg)
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     todo = cases(cfg)
     bar = tqdm(total=len(todo), desc="varlen bench", disable=not progress, leave=False)
@@ -236,8 +202,8 @@ def run_varlen_bench(cfg: VarlenBenchConfig, out_dir: str | os.PathLike | None =
             row: dict[str, Any] = dict(case)
             try:
                 fn, inputs, row["note"] = _make_case(case, cfg, device)
-                _fwd_bwd(fn, *inputs, device)  # warm-up
-                row["times_s"] = [_fwd_bwd(fn, *inputs, device) for _ in range(cfg.repeats)]
+                fwd_bwd(fn, *inputs, device)  # warm-up
+                row["times_s"] = [fwd_bwd(fn, *inputs, device) for _ in range(cfg.repeats)]
                 row["time_s"] = min(row["times_s"])
             except Exception as e:  # e.g. torch's varlen_attn without a CUDA device
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -248,40 +214,14 @@ def run_varlen_bench(cfg: VarlenBenchConfig, out_dir: str | os.PathLike | None =
             measured = [r for r in rows if "error" not in r]
             for r, m in zip(measured, _measure_memory(measured, cfg, device), strict=True):
                 r.update({"peak_bytes": m["peak_bytes"]} if "peak_bytes" in m else {"memory_error": m["error"]})
-        machine = machine_line(device.type)
     finally:
         bar.close()
-        torch.set_num_threads(old_threads)
     packed = {r["activation"]: r for r in rows if r["layout"] == "packed" and r["method"] == "polyattn"}
     for r in rows:
         base = packed.get(r["activation"])
         if "time_s" in r and base is not None and "time_s" in base:
             r["vs_packed"] = r["time_s"] / base["time_s"]
-    results = bench_results(cfg, machine, cfg.num_threads or old_threads, t_start, rows=rows)
-    if out_dir is not None:
-        write_bench_dir(out_dir, cfg, results, format_varlen_table(results))
-    return results
-
-
-def format_varlen_table(results: dict) -> str:
-    cfg = results["config"]
-    lengths = cfg["lengths"]
-    lines = [
-        f"polyattn bench --varlen on {results['machine']}",
-        f"{len(lengths)} documents of {min(lengths)}..{max(lengths)} tokens ({sum(lengths)} in all), "
-        f"{cfg['heads']} heads, d = {cfg['d']}, {cfg['dtype']}, causal={cfg['causal']}; forward + backward, "
-        f"fastest of {cfg['repeats']}",
-        "",
-        f"{'activation':<13} {'layout':<11} {'method':<18} {'fwd+bwd':>10} {'vs packed':>10} {'peak mem':>11}  note",
-    ]
-    for r in results["rows"]:
-        t = f"{r['time_s'] * 1e3:.0f} ms" if "time_s" in r else "-"
-        vs = f"{r['vs_packed']:.2f}x" if "vs_packed" in r else "-"
-        mem = f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else "-"
-        note = r.get("error") or r.get("memory_error") or r.get("note", "")
-        lines.append(f"{r['activation']:<13} {r['layout']:<11} {r['method']:<18} {t:>10} {vs:>10} {mem:>11}  {note}")
-    lines.append(f"\nelapsed {results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
+    return {"rows": rows}
 
 
 if __name__ == "__main__":

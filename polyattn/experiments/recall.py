@@ -45,7 +45,7 @@ from ..utils import RunDirLock, atomic_write_text
 from ..utils.machine import machine_info, machine_line
 from ..utils.record import run_record, runs_digest
 from .compare import compare
-from .plots import pyplot, save_figure
+from .report.recall import format_recall_table, plot_recall, recall_markdown
 
 __all__ = ["DEFAULT_RECALL_ACTIVATIONS", "DEFAULT_SEQ_LENS", "RECALL_CONFIG", "format_recall_table", "recall"]
 
@@ -176,80 +176,3 @@ def _overview(out: Path, per_length: dict[int, dict], specs: list[str], seeds: l
     results["table_text"] = format_recall_table(table, list(per_length))
     results["figure"] = plot_recall(results, out / "recall.png").name
     return results
-
-
-def _cell(c: dict) -> str:
-    if c["mean"] is None:
-        return "div" if c["diverged"] else "-"
-    spread = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
-    return f"{100 * c['mean']:.1f}{spread}" + ("*" if c["diverged"] else "")
-
-
-def format_recall_table(table: Sequence[dict], lengths: Sequence[int]) -> str:
-    """Fixed-width text: one row per activation, one column per sequence length (answer accuracy %)."""
-    header = ["activation", *(f"T={n}" for n in lengths)]
-    lines = [header] + [[r["activation"], *(_cell(r["cells"][str(n)]) for n in lengths)] for r in table]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-            for line in lines]  # fmt: skip
-    text.insert(1, "  ".join("-" * w for w in widths))
-    text.append(
-        "MQAR answer accuracy %, mean ± std over seeds ('div': every seed diverged, '*': some did); "
-        "per-length tables with intervals and paired tests in T<L>/report.md"
-    )
-    return "\n".join(text)
-
-
-def plot_recall(results: dict, out_png: str | os.PathLike) -> Path:
-    """Answer accuracy against sequence length, one line per activation (mean ± std over seeds)."""
-    plt = pyplot()
-    lengths = results["settings"]["seq_lens"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, row in enumerate(results["table"]):
-        pts = [(n, row["cells"][str(n)]) for n in lengths if row["cells"][str(n)]["mean"] is not None]
-        if not pts:
-            continue
-        xs = [n for n, _ in pts]
-        ys = [100 * c["mean"] for _, c in pts]
-        err = [100 * (c["std"] or 0.0) for _, c in pts]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=row["activation"])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("MQAR answer accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    s = results["settings"]
-    ax.set_title(f"{s['model']}, {s['data'].get('num_kv_pairs')} key-value pairs, {len(s['seeds'])} seed(s)",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    return save_figure(fig, out_png)
-
-
-def recall_markdown(results: dict) -> str:
-    s = results["settings"]
-    lines = [
-        "# Multi-query associative recall (MQAR)",
-        "",
-        f"{len(s['activations'])} activations x {len(s['seeds'])} seed(s) x lengths "
-        f"{', '.join(map(str, s['seq_lens']))}; model {s['model']}, {s['epochs']} epochs; data "
-        + ", ".join(f"{k}={v}" for k, v in s["data"].items())
-        + f"; base config {s['config']}"
-        + (f" with --set {' '.join(s['overrides'])}" if s["overrides"] else "")
-        + ".",
-        f"Machine: {results['machine_line']}. Time: {results.get('time_s', 0) / 60:.1f} min."
-        + (f" Precision: train.amp={s['amp_setting']} -> {s['amp']}." if s.get("amp") else ""),
-        "",
-        "```",
-        results["table_text"],
-        "```",
-        "",
-        f"![accuracy against sequence length]({results['figure']})",
-        "",
-        "Per length (table with 95% intervals and paired tests against softmax, norm curves, every run):",
-        "",
-        *(f"- T={n}: [{path}/report.md]({path}/report.md)" for n, path in results["lengths"].items()),
-        "",
-    ]
-    return "\n".join(lines)

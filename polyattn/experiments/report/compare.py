@@ -1,4 +1,4 @@
-"""Figures and report.md for ``polyattn compare`` (and the table plot of ``polyattn sweep``).
+"""Figures and report.md for ``polyattn compare``.
 
 Figures, all PNG under the comparison's output directory:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,30 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.activations import get_activation
-from ..core.diagnostics import AttentionMapRecorder
-from ..core.module import attention_modules
-from ..training.precision import PRECISION_WORDS
-from ..utils import read_jsonl
-from ..utils.format import fmt_pct
-from .plots import plot_norm_curves, pyplot, save_figure
+from ...core.activations import get_activation
+from ...core.diagnostics import AttentionMapRecorder
+from ...core.module import attention_modules
+from ...utils import read_jsonl
+from ...utils.format import fmt_pct
+from ..plots import plot_norm_curves
+from .common import (
+    accuracy_axis,
+    axis_floor,
+    command_line,
+    fmt_seconds,
+    machine_note,
+    md_figure,
+    md_table,
+    overrides_note,
+    precision_note,
+    pyplot,
+    record_note,
+    reproduce_section,
+    save_figure,
+    seeds_arg,
+    source_args,
+    text_table,
+)
 
 __all__ = [
     "compare_markdown",
@@ -50,10 +66,7 @@ __all__ = [
     "plot_accuracy",
     "plot_attention_heatmaps",
     "plot_cls_attention",
-    "plot_scale_sweep",
     "reproduce_command",
-    "sweep_command",
-    "sweep_markdown",
     "write_attention_figures",
     "write_compare_figures",
 ]
@@ -72,7 +85,7 @@ def plot_accuracy(table: Sequence[Mapping], out_png: str | os.PathLike, title: s
     plt = pyplot()
     labels = [r["activation"] for r in table]
     values = [100 * v for r in table for v in r["per_seed"].values() if v is not None]
-    lo = 0.0 if not values else max(0.0, 5 * math.floor((min(values) - 5) / 5))
+    lo = axis_floor(values, 5)
     fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.0, 4.0))
     for i, r in enumerate(table):
         seeds = [100 * v for v in r["per_seed"].values() if v is not None]
@@ -87,8 +100,7 @@ def plot_accuracy(table: Sequence[Mapping], out_png: str | os.PathLike, title: s
             text = "diverged" if r["mean"] is None else f"{r['diverged']}/{r['seeds']} diverged"
             ax.text(i, min(y, 99.5), text, ha="center", va="bottom", fontsize=8, color="crimson")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylim(lo, 100.0)
-    ax.set_ylabel("top-1 accuracy (%)" + (f", axis from {lo:.0f}%" if lo > 0 else ""))
+    accuracy_axis(ax, lo)
     ax.grid(True, axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
@@ -206,7 +218,7 @@ def plot_cls_attention(
 
 def _val_batch(cfg: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` validation examples of a run's data (a fixed batch: the split depends on data.seed only)."""
-    from ..data.registry import build_dataset
+    from ...data.registry import build_dataset
 
     val = build_dataset(cfg["data"], cfg["train"]["seed"]).val
     items = [val[i] for i in range(min(n, len(val)))]
@@ -229,7 +241,7 @@ def _distinct_labels(y: torch.Tensor, k: int) -> list[int]:
 
 def _load_models(results: dict, out: Path, activations: Sequence[str], notes: list[str]) -> dict[str, Any]:
     """label -> (model, cfg) of the first seed's run, for runs with a checkpoint and polyattn attention modules."""
-    from ..training import load_run
+    from ...training import load_run
 
     seed = results["settings"]["seeds"][0]
     by_act = {r["activation"]: r for r in results["runs"] if r["seed"] == seed}
@@ -439,33 +451,27 @@ STATS_NOTE = (
 )
 
 
+def _summary_header(baseline: str) -> list[str]:
+    return ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
+
+
+def _summary_cells(r: Mapping, baseline: str) -> list[str]:
+    """A table row's cells but the last (per seed), as the text table and report.md both show them."""
+    return [r["activation"], _mean_std(r), _ci(r), f"{r['n']}/{r['seeds']}", str(r["diverged"]), _vs(r, baseline)]
+
+
 def format_table(rows: Sequence[dict], metric: str = "") -> str:
     """The comparison table as fixed-width text: activation, top-1 mean +- std and its 95% interval,
     seeds, diverged, the paired difference to softmax, per seed."""
     baseline = _baseline(rows)
-    header = ["activation", "top-1 (mean ± std)", "95% CI", "n", "diverged", f"vs {baseline} (paired)", "per seed"]
-    lines = [header]
-    for r in rows:
-        lines.append(
-            [
-                r["activation"],
-                _mean_std(r),
-                _ci(r),
-                f"{r['n']}/{r['seeds']}",
-                str(r["diverged"]),
-                _vs(r, baseline),
-                "  ".join(f"s{s}:{'div' if v is None else f'{100 * v:.1f}'}" for s, v in r["per_seed"].items()),
-            ]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(
-            cell.ljust(w) if i in (0, 5, 6) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
+    cells = [
+        [
+            *_summary_cells(r, baseline),
+            "  ".join(f"s{s}:{'div' if v is None else f'{100 * v:.1f}'}" for s, v in r["per_seed"].items()),
+        ]
+        for r in rows
     ]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    text = text_table(_summary_header(baseline), cells, right=(1, 2, 3, 4))
     if metric:
         text.append(f"top-1: {metric}; n = seeds that finished without diverging (mean and std over those)")
         text.append(STATS_NOTE.format(b=baseline))
@@ -480,64 +486,13 @@ def _times(results: Mapping) -> str:
     return text + "."
 
 
-def _overrides_note(settings: Mapping) -> str:
-    return f"; overrides: `{' '.join(settings['overrides'])}`" if settings["overrides"] else ""
-
-
-def _machine_note(machine: Mapping) -> str:
-    gpu = f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU"
-    cpu = f" ({machine['cpu_class']})" if machine.get("cpu_class") else ""
-    return f". Machine: {machine.get('cpu_count', '?')} CPU core(s){cpu}{gpu}"
-
-
-def record_note(record: Mapping | None) -> str:
-    """ " Code: polyattn 0.1.0 (commit 1a2b3c4d5e6f). Threads per run: 1. Backends chosen: reference." from a
-    results file's run record ("" for results written before records)."""
-    if not record:
-        return ""
-    code = f"polyattn {record.get('polyattn') or '?'}"
-    if record.get("commit"):
-        code += f" (commit {record['commit'][:12]}{', uncommitted changes' if record.get('dirty') else ''})"
-    text = f" Code: {code}."
-    if record.get("threads_per_run"):
-        text += f" Threads per run: {', '.join(map(str, record['threads_per_run']))}."
-    if record.get("backends"):
-        text += f" Backends chosen: {', '.join(record['backends'])}."
-    return text
-
-
-def _precision_note(settings: Mapping) -> str:
-    """ " Precision: fp32 (train.amp=auto)." for reports of grids that record it ("" for older results)."""
-    amp = settings.get("amp")
-    if amp is None:
-        return ""
-    asked = settings.get("amp_setting")
-    return f" Precision: {PRECISION_WORDS.get(amp, amp)}" + (f" (train.amp={asked})" if asked else "") + "."
-
-
-def _source_args(settings: Mapping) -> list[str]:
-    """The command-line arguments naming the base config (or dataset and model) and the overrides."""
-    if not str(settings["config"]).startswith("built-in"):
-        parts = ["--config", str(settings["config"])]
-    else:
-        parts = ["--dataset", settings["dataset"], "--model", settings["model"]]
-    if settings["overrides"]:
-        parts += ["--set", *settings["overrides"]]
-    return parts
-
-
-def _seeds_arg(seeds: Sequence[int]) -> str:
-    # A trailing comma makes one seed a list of seeds ("5,"), not a count of seeds ("5").
-    return ",".join(str(s) for s in seeds) + ("," if len(seeds) == 1 else "")
-
-
 def reproduce_command(settings: Mapping, out: str | os.PathLike) -> str:
     """The ``polyattn compare`` command line that makes these results."""
     parts = ["polyattn", "compare", "--out", str(out)]
     parts += ["--activations", ",".join(settings["activations"])]
-    parts += ["--seeds", _seeds_arg(settings["seeds"])]
-    parts += ["--epochs", str(settings["epochs"]), *_source_args(settings)]
-    return " ".join(shlex.quote(p) for p in parts)
+    parts += ["--seeds", seeds_arg(settings["seeds"])]
+    parts += ["--epochs", str(settings["epochs"]), *source_args(settings)]
+    return command_line(parts)
 
 
 def _compare_intro(results: Mapping) -> list[str]:
@@ -549,13 +504,13 @@ def _compare_intro(results: Mapping) -> list[str]:
         "",
         f"{len(s['activations'])} activations x {len(s['seeds'])} seed(s) "
         f"(train.seed {', '.join(map(str, s['seeds']))}), "
-        f"{s['epochs']} epochs each, base config: {s['config']}" + _overrides_note(s) + ".",
+        f"{s['epochs']} epochs each, base config: {s['config']}" + overrides_note(s) + ".",
         f"Model: {s['model']}"
         + (f", {n_params:,} parameters" if n_params else "")
         + (f", {tokens} tokens per image (class token included)" if tokens else "")
-        + _machine_note(results.get("machine", {}))
+        + machine_note(results.get("machine", {}))
         + f", torch {results.get('machine', {}).get('torch', '?')}."
-        + _precision_note(s)
+        + precision_note(s)
         + record_note(results.get("record"))
         + _times(results),
         "",
@@ -570,21 +525,19 @@ def _results_section(results: Mapping) -> list[str]:
         "a run whose loss or gradient became non-finite counts under *diverged* and not in the mean. "
         + STATS_NOTE.format(b=_baseline(results["table"])),
         "",
-        f"| activation | top-1 (mean ± std) | 95% CI | n | diverged | vs {_baseline(results['table'])} (paired) "
-        "| per seed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     baseline = _baseline(results["table"])
-    for r in results["table"]:
-        per_seed = ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items())
-        lines.append(
-            f"| {r['activation']} | {_mean_std(r)} | {_ci(r)} | {r['n']}/{r['seeds']} | {r['diverged']} | "
-            f"{_vs(r, baseline)} | {per_seed} |"
-        )
-    lines.append("")
+    rows = [
+        [
+            *_summary_cells(r, baseline),
+            ", ".join(f"s{k}: {'diverged' if v is None else f'{100 * v:.1f}'}" for k, v in r["per_seed"].items()),
+        ]
+        for r in results["table"]
+    ]
+    lines += [*md_table(_summary_header(baseline), rows), ""]
     figs = results.get("figures", {})
     if "accuracy" in figs:
-        lines += [f"![top-1 per activation]({figs['accuracy']})", ""]
+        lines += md_figure("top-1 per activation", figs["accuracy"])
     return lines
 
 
@@ -603,22 +556,14 @@ def _norms_section(results: Mapping) -> list[str]:
         + (f" (N = {tokens}: {math.sqrt(tokens):.2f} and {2 * math.sqrt(tokens):.2f})" if tokens else "")
         + "; the paper finds scaled polynomials closer to softmax than unscaled ones.",
         "",
-        f"![attention norms]({figs['norms']})",
-        "",
+        *md_figure("attention norms", figs["norms"]),
     ]
     if results.get("norm_summary"):
-        lines += [
-            "Mean over layers and heads (seed " + str(s["seeds"][0]) + "):",
-            "",
-            "| activation | ‖A‖_F first step | last step | largest | ‖dA/dS‖_F first step | last step | largest |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for act, n in results["norm_summary"].items():
-            lines.append(
-                f"| {act} | {n['fro_first']:.3g} | {n['fro_last']:.3g} | {n['fro_max']:.3g} | "
-                f"{n['jac_first']:.3g} | {n['jac_last']:.3g} | {n['jac_max']:.3g} |"
-            )
-        lines.append("")
+        header = ["activation", "‖A‖_F first step", "last step", "largest"]
+        header += ["‖dA/dS‖_F first step", "last step", "largest"]
+        keys = ("fro_first", "fro_last", "fro_max", "jac_first", "jac_last", "jac_max")
+        rows = [[act, *(f"{n[k]:.3g}" for k in keys)] for act, n in results["norm_summary"].items()]
+        lines += ["Mean over layers and heads (seed " + str(s["seeds"][0]) + "):", "", *md_table(header, rows), ""]
     return lines
 
 
@@ -647,8 +592,7 @@ def _attention_sections(results: Mapping) -> list[str]:
             "Row 0 of A without its class-token entry, reshaped to the patch grid and enlarged with nearest "
             "neighbours over the input (outline in black), last layer, head 1, as the paper's Figure 9.",
             "",
-            f"![class-token attention]({figs['cls_attention']})",
-            "",
+            *md_figure("class-token attention", figs["cls_attention"]),
         ]
     return lines
 
@@ -656,28 +600,28 @@ def _attention_sections(results: Mapping) -> list[str]:
 def _compare_runs_section(results: Mapping) -> list[str]:
     """Every run, then the notes (divergence messages and what the figures skipped)."""
     runs = results["runs"]
-    lines = [
-        "## Runs",
-        "",
-        "| run | activation | seed | top-1 | best val | diverged at step | epochs | steps | time | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    header = ["run", "activation", "seed", "top-1", "best val", "diverged at step", "epochs", "steps", "time", "status"]
+    rows = [
+        [
+            f"[{r['name']}]({r['run_dir']})",
+            r["activation"],
+            r["seed"],
+            fmt_pct(r["top1"]),
+            fmt_pct(r["best_val_acc"]),
+            r["diverged_step"] or "-",
+            r["epochs"],
+            r["steps"],
+            fmt_seconds(r.get("time_s")),
+            r["status"],
+        ]
+        for r in runs
     ]
-    for r in runs:
-        t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
-        lines.append(
-            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['seed']} | {fmt_pct(r['top1'])} | "
-            f"{fmt_pct(r['best_val_acc'])} | {r['diverged_step'] or '-'} | {r['epochs']} | {r['steps']} | {t} | "
-            f"{r['status']} |"
-        )
+    lines = ["## Runs", "", *md_table(header, rows)]
     notes = [f"{r['name']}: {r['diverged_message']}" for r in runs if r["diverged"] and r.get("diverged_message")]
     notes += list(results.get("notes", []))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return lines
-
-
-def _reproduce_section(command: str) -> list[str]:
-    return ["", "## Reproduce", "", "```bash", command, "```", ""]
 
 
 def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> str:
@@ -689,164 +633,9 @@ def compare_markdown(results: Mapping, out: str | os.PathLike | None = None) -> 
         *_norms_section(results),
         *_attention_sections(results),
         *_compare_runs_section(results),
-        *_reproduce_section(command),
+        *reproduce_section(command),
         "Each run directory holds its resolved `config.yaml`, `metrics.jsonl` (epochs, steps, norms), "
         "`checkpoints/last.pt` and `summary.json`; `results.json` holds every number above.",
         "",
     ]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- #
-# Scale sweep (polyattn sweep): the paper's Figure 1
-# --------------------------------------------------------------------------- #
-def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
-    """Top-1 against k (the activation is x^P/k, log axis), one line per sequence length.
-
-    Error bars: one std over seeds; a k where every seed diverged is an x on
-    the bottom edge; dashed lines: the softmax run of the same length.
-    """
-    plt = pyplot()
-    s = results["settings"]
-    base = "x" if s["power"] == 1 else f"x^{s['power']}"
-    table = results["table"]
-    values = [
-        100 * c["mean"]
-        for r in table
-        for c in [*r["cells"].values(), r["softmax"] or {"mean": None}]
-        if c["mean"] is not None
-    ]
-    lo = 0.0 if not values else max(0.0, 10 * math.floor((min(values) - 5) / 10))
-    fig, ax = plt.subplots(figsize=(6.6, 4.4))
-    for i, r in enumerate(table):
-        color = f"C{i}"
-        ks = [float(k) for k in r["cells"]]
-        means = [None if c["mean"] is None else 100 * c["mean"] for c in r["cells"].values()]
-        errs = [0.0 if c["std"] is None else 100 * c["std"] for c in r["cells"].values()]
-        pts = [(k, m, e) for k, m, e in zip(ks, means, errs, strict=True) if m is not None]
-        label = f"{r['tokens']} patches (patch {r['patch_size']})"
-        if pts:
-            xs, ms, es = zip(*pts, strict=True)
-            ax.errorbar(xs, ms, yerr=es, color=color, marker="o", markersize=4, capsize=3, label=label)
-        else:
-            ax.plot([], [], color=color, marker="o", label=label)
-        dead = [k for k, c in zip(ks, r["cells"].values(), strict=True) if c["mean"] is None and c["diverged"]]
-        if dead:
-            ax.plot(dead, [lo] * len(dead), "x", color=color, markersize=9, markeredgewidth=2, clip_on=False)
-        if r["softmax"] and r["softmax"]["mean"] is not None:
-            ax.axhline(100 * r["softmax"]["mean"], color=color, linestyle="--", linewidth=1.0, alpha=0.8)
-    ks_all = [float(k) for k in s["scales"]]
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks_all, [f"1/{k:g}" for k in ks_all])
-    ax.minorticks_off()
-    ax.set_ylim(lo, 100.0)
-    ax.set_xlabel(f"scale of {base} (activation {base}/k, log axis)")
-    ax.set_ylabel("top-1 accuracy (%)" + (f", axis from {lo:.0f}%" if lo > 0 else ""))
-    extra = "; dashed: softmax" if s.get("baseline") else ""
-    ax.set_title(
-        f"{s['model']} on {s['dataset']}, {s['epochs']} epochs, {len(s['seeds'])} seed(s){extra}; x: diverged",
-        fontsize=9,
-    )
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return save_figure(fig, out_png)
-
-
-def _sweep_base(settings: Mapping) -> str:
-    return "x" if settings["power"] == 1 else f"x^{settings['power']}"
-
-
-def _sweep_intro(results: Mapping) -> list[str]:
-    s = results["settings"]
-    base = _sweep_base(s)
-    return [
-        f"# Scale sweep of {base}: {s['model']} on {s['dataset']} (the paper's Figure 1 at CPU scale)",
-        "",
-        f"Activation {base}/k for k in {', '.join(f'{k:g}' for k in s['scales'])}"
-        + (" and softmax as reference" if s["baseline"] else "")
-        + f", at patch sizes {', '.join(map(str, s['patch_sizes']))} on {s['image_size'][0]}x{s['image_size'][1]} "
-        f"images; {len(s['seeds'])} seed(s), {s['epochs']} epochs per run; base config: {s['config']}"
-        + _overrides_note(s)
-        + _machine_note(results.get("machine", {}))
-        + "."
-        + _precision_note(s)
-        + (f" Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else ""),
-        "",
-        "The paper (Figure 1, ViT-Tiny on Tiny-ImageNet, 8 to 256 tokens) reports that the scale needed for good "
-        "accuracy shrinks (k grows) with the sequence length, as the theory's 1/sqrt(N) predicts. Here the "
-        "sequence length is set by the patch size.",
-        "",
-    ]
-
-
-def _sweep_cell(c: Mapping | None) -> str:
-    if c is None:
-        return "-"
-    if c["mean"] is None:
-        return "div" if c["diverged"] else "-"
-    std = "" if c["std"] is None else f" ± {100 * c['std']:.1f}"
-    return f"{100 * c['mean']:.1f}{std}{'`*`' if c['diverged'] else ''}"
-
-
-def _sweep_table(results: Mapping) -> list[str]:
-    base = _sweep_base(results["settings"])
-    ks = [f"{k:g}" for k in results["settings"]["scales"]]
-    lines = [
-        f"Top-1 (%): {results['metric']}; mean over the seeds that did not diverge. *div*: every seed diverged; "
-        "`*`: some did. *best k*: the k with the highest mean.",
-        "",
-        "| patches (+ class token) | "
-        + " | ".join(f"{base}/{k}" if k != "1" else base for k in ks)
-        + " | softmax | best k |",
-        "| --- | " + " | ".join("---" for _ in ks) + " | --- | --- |",
-    ]
-    for r in results["table"]:
-        lines.append(
-            f"| {r['tokens']} (patch {r['patch_size']}) | "
-            + " | ".join(_sweep_cell(r["cells"][k]) for k in ks)
-            + f" | {_sweep_cell(r['softmax'])} | {r['best_k'] or '-'} |"
-        )
-    return lines
-
-
-def _sweep_runs_section(results: Mapping) -> list[str]:
-    lines = [
-        "## Runs",
-        "",
-        "| run | activation | patches | seed | top-1 | diverged at step | time | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results["runs"]:
-        t = "-" if r.get("time_s") is None else f"{r['time_s']:.0f} s"
-        lines.append(
-            f"| [{r['name']}]({r['run_dir']}) | {r['activation']} | {r['tokens']} | {r['seed']} | "
-            f"{fmt_pct(r['top1'])} | {r['diverged_step'] or '-'} | {t} | {r['status']} |"
-        )
-    return lines
-
-
-def sweep_command(settings: Mapping, out: str | os.PathLike) -> str:
-    """The ``polyattn sweep`` command line that makes these results."""
-    cmd = ["polyattn", "sweep", "--out", str(out), "--scales", ",".join(f"{k:g}" for k in settings["scales"])]
-    cmd += ["--patch-sizes", ",".join(map(str, settings["patch_sizes"])), "--power", str(settings["power"])]
-    cmd += ["--seeds", _seeds_arg(settings["seeds"]), "--epochs", str(settings["epochs"])]
-    if not settings["baseline"]:
-        cmd.append("--no-baseline")
-    cmd += _source_args(settings)
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
-    """report.md of a scale sweep: settings, the table, the plot, every run, the command."""
-    return "\n".join(
-        [
-            *_sweep_intro(results),
-            *_sweep_table(results),
-            "",
-            f"![accuracy against the scale]({results['figures']['sweep']})",
-            "",
-            *_sweep_runs_section(results),
-            *_reproduce_section(sweep_command(results["settings"], out)),
-        ]
-    )
