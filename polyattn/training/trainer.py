@@ -22,6 +22,12 @@ resume are applied (optimizer settings, schedule, step budget, logging) or
 refused (model, data, batch size, seed, amp, model selection: see
 ``_fixed_on_resume``); applied ones are recorded as a "resume" row with the step
 they took effect at.
+
+This module holds ``train`` and the run it drives (setup, resume, epochs, steps, the summary);
+the pieces it uses live by job: ``schedule`` (parameter groups, cosine and one-cycle),
+``mixing`` (Mixup/CutMix, EMA), ``model_build`` (the model a config builds), ``loaders``
+(samplers, batches, evaluation) and ``run_files`` (the directory, metrics.jsonl, best.pt,
+summary.json, ``load_run``).
 """
 
 from __future__ import annotations
@@ -190,6 +196,84 @@ class _Run:
         if self.env.is_main:
             tqdm.write(text, file=sys.stderr)
 
+    # -- the run, top level --
+    def run(self) -> dict:
+        try:
+            summary = self._run()
+        except KeyboardInterrupt:
+            self._release(discard=False)
+            raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
+        except OSError as e:
+            self._release(discard=True)
+            if e.errno in WRITE_ERRNOS:
+                raise RunDirError(write_failed_message(e, self.run_dir, self.last_good_epoch)) from None
+            raise
+        except BaseException:
+            # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
+            self._release(discard=True)
+            raise
+        self._release(discard=False)
+        return summary
+
+    def _release(self, discard: bool) -> None:
+        if self.lock is not None:
+            self.lock.discard() if discard else self.lock.release()
+
+    def _run(self) -> dict:
+        self.t_start, self.time_before, self.segments = time.perf_counter(), 0.0, 1
+        self.backends: dict[str, str] | None = None
+        self.backend_recorder: BackendRecorder | None = None
+        self.diverged: dict | None = None
+        self.last_good_epoch: int | None = None
+        self.checkpoint_step: int | None = None
+        self.setup()
+        if self.resume:
+            self.restore()
+            self.checkpoint_step = self.step
+        elif self.env.is_main:
+            self.metrics.truncate_to(0, 0)
+            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
+        if self.env.is_main:
+            atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
+        if self.progress:  # narration, not a warning: quiet runs (and parallel grid workers) skip it
+            self.log(
+                f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{self.env.world_size} process(es) on {self.env.device})"
+            )
+            self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
+        recorder = self._norm_recorder()
+        self.backend_recorder = BackendRecorder(self.model)
+        try:
+            while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
+                result = self.train_epoch(recorder)
+                if result is None:
+                    break
+                self.end_epoch(result)
+        finally:
+            if recorder is not None:
+                recorder.detach()
+            if self.backend_recorder is not None:
+                self.backend_recorder.detach()
+        if self.diverged is not None:
+            self.log(self.diverged["message"])
+        summary = self.summary()
+        if self.env.is_main:
+            write_summary(self.metrics, summary, self.run_dir)
+        return summary
+
+    def _norm_recorder(self):
+        every = self.cfg["diagnostics"]["every"]
+        if every <= 0 or not self.env.is_main:
+            return None
+        try:
+            from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
+        except ImportError as e:
+            raise ConfigError(f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})") from None
+        recorder = NormRecorder(self.model, every=every)
+        recorder.attach()
+        return recorder
+
     # -- setup --
     def setup(self) -> None:
         """Data, model, optimizer, loaders, schedule, precision, mixing and EMA, in an order that fixes
@@ -262,6 +346,7 @@ class _Run:
             self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps, tc["schedule"]
         )
 
+    # -- resume and checkpoints --
     def restore(self) -> None:
         ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
         old = _with_new_defaults(ckpt["config"])
@@ -483,24 +568,50 @@ class _Run:
         self._set_beta1()
 
     def end_epoch(self, result: dict) -> None:
-        tc = self.tc
-        sums = result["sums"]
+        """Evaluate (every train.eval_every epochs and after the last), log the epoch, write the checkpoints."""
         self.epoch += 1
-        last = self.epoch >= tc["epochs"] or self.step >= self.total_steps
+        last = self.epoch >= self.tc["epochs"] or self.step >= self.total_steps
         val, val_ema, improved = None, None, False
-        if self.epoch % tc["eval_every"] == 0 or last:
-            val = evaluate(self.model, self.val_loader, self.env, self.dtype)
-            if self.ema is not None:
-                val_ema = evaluate(self.ema.module, self.val_loader, self.env, self.dtype)
-                val = {**val, "ema": val_ema}
-            self.last_val = val
-            # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
-            if self.best_val is None or val["acc"] > self.best_val:
-                self.best_val = val["acc"]
-                self.best = {"epoch": self.epoch, "step": self.step, "val": val}
-                improved = True
+        if self.epoch % self.tc["eval_every"] == 0 or last:
+            val, val_ema, improved = self._validate()
+        row = self._epoch_row(result, val, val_ema)
+        if self.progress:
+            val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
+            if val_ema is not None:
+                val_text += f"  val_acc_ema {val_ema['acc']:.4f}"
+            self.log(
+                f"epoch {self.epoch}/{self.tc['epochs']}  train_loss {row['train_loss']:.4f}  "
+                f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
+            )
+        self.metrics.write([row])
+        self.save_checkpoint()
+        if improved and self.tc["select"] == "best_val":
+            # After last.pt, so that a stop in between leaves a state restore_best can complete.
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._write_best(self.best_state)
+        for cb in self.callbacks:
+            cb(row)
+
+    def _validate(self) -> tuple[dict, dict | None, bool]:
+        """(validation scores, the EMA weights' or None, whether they beat the best so far); keeps the best."""
+        val = evaluate(self.model, self.val_loader, self.env, self.dtype)
+        val_ema = None
+        if self.ema is not None:
+            val_ema = evaluate(self.ema.module, self.val_loader, self.env, self.dtype)
+            val = {**val, "ema": val_ema}
+        self.last_val = val
+        # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
+        if self.best_val is None or val["acc"] > self.best_val:
+            self.best_val = val["acc"]
+            self.best = {"epoch": self.epoch, "step": self.step, "val": val}
+            return val, val_ema, True
+        return val, val_ema, False
+
+    def _epoch_row(self, result: dict, val: dict | None, val_ema: dict | None) -> dict:
+        """The "epoch" row of metrics.jsonl."""
+        sums = result["sums"]
         n = max(sums[2].item(), 1.0)
-        row = {
+        return {
             "kind": "epoch",
             "epoch": self.epoch,
             "step": self.step,
@@ -520,23 +631,8 @@ class _Run:
             "time_s": result["time_s"],
             "samples_per_s": sums[2].item() / max(result["time_s"], 1e-9),
         }
-        if self.progress:
-            val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
-            if val_ema is not None:
-                val_text += f"  val_acc_ema {val_ema['acc']:.4f}"
-            self.log(
-                f"epoch {self.epoch}/{tc['epochs']}  train_loss {row['train_loss']:.4f}  "
-                f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
-            )
-        self.metrics.write([row])
-        self.save_checkpoint()
-        if improved and tc["select"] == "best_val":
-            # After last.pt, so that a stop in between leaves a state _restore_best can complete.
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self._write_best(self.best_state)
-        for cb in self.callbacks:
-            cb(row)
 
+    # -- the result --
     def _selected(self) -> dict | None:
         """{"epoch", "val"} of the weights the run reports: the best evaluation, or the final weights."""
         if self.tc["select"] == "best_val":
@@ -619,80 +715,3 @@ class _Run:
             "data": self.bundle.info,
             "record": self.record(),
         }
-
-    def run(self) -> dict:
-        try:
-            summary = self._run()
-        except KeyboardInterrupt:
-            self._release(discard=False)
-            raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
-        except OSError as e:
-            self._release(discard=True)
-            if e.errno in WRITE_ERRNOS:
-                raise RunDirError(write_failed_message(e, self.run_dir, self.last_good_epoch)) from None
-            raise
-        except BaseException:
-            # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
-            self._release(discard=True)
-            raise
-        self._release(discard=False)
-        return summary
-
-    def _release(self, discard: bool) -> None:
-        if self.lock is not None:
-            self.lock.discard() if discard else self.lock.release()
-
-    def _run(self) -> dict:
-        self.t_start, self.time_before, self.segments = time.perf_counter(), 0.0, 1
-        self.backends: dict[str, str] | None = None
-        self.backend_recorder: BackendRecorder | None = None
-        self.diverged: dict | None = None
-        self.last_good_epoch: int | None = None
-        self.checkpoint_step: int | None = None
-        self.setup()
-        if self.resume:
-            self.restore()
-            self.checkpoint_step = self.step
-        elif self.env.is_main:
-            self.metrics.truncate_to(0, 0)
-            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
-        if self.env.is_main:
-            atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
-        if self.progress:  # narration, not a warning: quiet runs (and parallel grid workers) skip it
-            self.log(
-                f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
-                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                f"{self.env.world_size} process(es) on {self.env.device})"
-            )
-            self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
-        recorder = self._norm_recorder()
-        self.backend_recorder = BackendRecorder(self.model)
-        try:
-            while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
-                result = self.train_epoch(recorder)
-                if result is None:
-                    break
-                self.end_epoch(result)
-        finally:
-            if recorder is not None:
-                recorder.detach()
-            if self.backend_recorder is not None:
-                self.backend_recorder.detach()
-        if self.diverged is not None:
-            self.log(self.diverged["message"])
-        summary = self.summary()
-        if self.env.is_main:
-            write_summary(self.metrics, summary, self.run_dir)
-        return summary
-
-    def _norm_recorder(self):
-        every = self.cfg["diagnostics"]["every"]
-        if every <= 0 or not self.env.is_main:
-            return None
-        try:
-            from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
-        except ImportError as e:
-            raise ConfigError(f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})") from None
-        recorder = NormRecorder(self.model, every=every)
-        recorder.attach()
-        return recorder
