@@ -206,7 +206,9 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> di
     return metrics
 
 
-def _build_training(cfg: dict, n_train: int, num_classes: int, env: DistEnv) -> tuple:
+def _build_training(
+    cfg: dict, n_train: int, num_classes: int, env: DistEnv
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """(detector, its DDP wrapper or itself, AdamW, the step schedule), the same weights on every process."""
     t = cfg["train"]
     seed_everything(t["seed"])  # the same initial weights on every process
@@ -220,7 +222,15 @@ def _build_training(cfg: dict, n_train: int, num_classes: int, env: DistEnv) -> 
     return model, net, opt, sched
 
 
-def _save_checkpoint(out: Path, cfg: dict, model, opt, sched, history: list[dict], env: DistEnv) -> None:
+def _save_checkpoint(
+    out: Path,
+    cfg: dict,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    history: list[dict],
+    env: DistEnv,
+) -> None:
     """checkpoints/last.pt and history.json after an epoch (``history[-1]``); every rank calls it."""
     states = gather_rng_states(env)  # a collective
     if env.is_main:
