@@ -18,11 +18,13 @@ import torch
 
 from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError
+from .distributed import DistEnv, gather_objects
 
 __all__ = [
     "CHECKPOINT",
     "config_changes",
     "divergence_advice",
+    "gather_rng_states",
     "read_checkpoint",
     "refuse_changes",
     "rng_state",
@@ -63,6 +65,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(env: DistEnv) -> list[dict]:
+    """Every process's :func:`rng_state`, in rank order, for the checkpoint (a collective: every rank calls it)."""
+    return gather_objects(rng_state(env.device), env)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -8,12 +8,16 @@ single process (world size 1) without a process group.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..utils import seed_everything
+from ..utils.threads import torch_threads
 
 T = TypeVar("T")
 
@@ -25,6 +29,10 @@ __all__ = [
     "broadcast_object",
     "gather_objects",
     "on_main",
+    "distributed_run",
+    "wrap_ddp",
+    "seed_rank",
+    "RANK_SEED_STRIDE",
 ]
 
 
@@ -126,3 +134,39 @@ def on_main(work: Callable[[], T], env: DistEnv) -> T | None:
     if error is not None:
         raise error
     return result
+
+
+@contextmanager
+def distributed_run(device_preference: str, num_threads: int | None) -> Iterator[DistEnv]:
+    """One run's process: joined to torchrun's group (if any) with ``num_threads`` intra-op threads.
+
+    The threads are restored and the group left afterwards, so that a grid worker or a notebook
+    running several runs in one process gets its own settings back.
+    """
+    env = init_distributed(device_preference)
+    try:
+        with torch_threads(num_threads):
+            yield env
+    finally:
+        cleanup_distributed(env)
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel under torchrun (on this rank's GPU, or on CPU), else itself."""
+    if not env.distributed:
+        return model
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# A prime: the streams of ranks 1, 2, ... stay apart from those of nearby seeds.
+RANK_SEED_STRIDE = 7919
+
+
+def seed_rank(seed: int, env: DistEnv) -> None:
+    """Own random streams (dropout, augmentation, sampling) for every rank but 0, which keeps ``seed``'s.
+
+    Called after the model is built, so that every process starts from the same weights.
+    """
+    if env.rank > 0:
+        seed_everything(seed + RANK_SEED_STRIDE * env.rank)

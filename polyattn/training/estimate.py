@@ -55,7 +55,9 @@ def probe_run(cfg: dict, steps: int = 2) -> RunEstimate:
     """Time ``steps`` training steps (after one warm-up) of the run ``cfg`` describes, on the CPU or GPU
     it would use, at its precision (``train.amp`` already resolved) and thread count; nothing is written."""
     from ..core.diagnostics import NormRecorder
-    from .trainer import _flat, _forward, build_model, model_kwargs, param_groups
+    from .loaders import flatten_tokens, model_forward
+    from .model_build import build_model, model_kwargs
+    from .schedule import param_groups
 
     tc, every = cfg["train"], cfg["diagnostics"]["every"]
     device = run_device(tc["device"])
@@ -76,8 +78,8 @@ def probe_run(cfg: dict, steps: int = 2) -> RunEstimate:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = _forward(model, x)
-                loss = F.cross_entropy(*_flat(logits.float(), y))
+                    logits = model_forward(model, x)
+                loss = F.cross_entropy(*flatten_tokens(logits.float(), y))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -22,72 +22,77 @@ resume are applied (optimizer settings, schedule, step budget, logging) or
 refused (model, data, batch size, seed, amp, model selection: see
 ``_fixed_on_resume``); applied ones are recorded as a "resume" row with the step
 they took effect at.
+
+This module holds ``train`` and the run it drives (setup, resume, epochs, steps, the summary);
+the pieces it uses live by job: ``schedule`` (parameter groups, cosine and one-cycle),
+``mixing`` (Mixup/CutMix, EMA), ``model_build`` (the model a config builds), ``loaders``
+(samplers, batches, evaluation) and ``run_files`` (the directory, metrics.jsonl, best.pt,
+summary.json, ``load_run``).
 """
 
 from __future__ import annotations
 
 import copy
-import errno
-import json
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.registry import DataBundle, build_dataset
-from ..models.registry import create_model
-from ..utils import atomic_save, atomic_write_json, atomic_write_text, read_jsonl, seed_everything
-from ..utils.io import load_checkpoint
+from ..data.registry import build_dataset
+from ..utils import atomic_save, atomic_write_text, read_jsonl, seed_everything
 from ..utils.record import BackendRecorder, run_record
-from ..utils.rundir import RunDirError, RunDirLock
+from ..utils.rundir import RunDirError
 from .checkpoint import (
     CHECKPOINT,
     config_changes,
-    divergence_advice,
+    gather_rng_states,
     read_checkpoint,
     refuse_changes,
-    rng_state,
     set_rng_state,
 )
 from .config import ConfigError, dump_config, resolve_config
-from .distributed import (
-    DistEnv,
-    all_reduce_sum,
-    broadcast_object,
-    cleanup_distributed,
-    gather_objects,
-    init_distributed,
-    on_main,
-)
+from .distributed import RANK_SEED_STRIDE, DistEnv, all_reduce_sum, distributed_run, seed_rank, wrap_ddp
+from .loaders import eval_loader, evaluate, flatten_tokens, model_forward, scored_count, to_device, train_loader
+from .mixing import apply_mixup, make_ema, make_mixer, mix_batch, mixed_batch, timm_mixup
+from .model_build import build_model, init_from, model_kwargs
 from .precision import amp_dtype, legacy_auto, precision_line, resolve_amp
+from .run_files import (
+    BEST_CHECKPOINT,
+    WRITE_ERRNOS,
+    MetricsLog,
+    RunExistsError,
+    divergence_message,
+    load_run,
+    open_run_dir,
+    restore_best,
+    write_best,
+    write_failed_message,
+    write_summary,
+)
+from .schedule import apply_optimizer_settings, lr_at, make_scheduler, onecycle_at, param_groups, set_beta1
 
+# What the trainer's users import from here; the pieces live in the modules named above.
 __all__ = [
     "train",
     "load_run",
     "build_model",
+    "model_kwargs",
     "lr_at",
     "onecycle_at",
+    "mix_batch",
+    "timm_mixup",
+    "apply_mixup",
     "BEST_CHECKPOINT",
+    "CHECKPOINT",
     "RunDirError",
     "RunExistsError",
     "TrainingInterrupted",
 ]
-
-BEST_CHECKPOINT = Path("checkpoints") / "best.pt"
-
-
-class RunExistsError(RunDirError):
-    """The output directory already holds a run and ``resume`` was not asked for."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -148,382 +153,7 @@ def _fixed_on_resume(key: str) -> bool:
     )
 
 
-# --- model and data -------------------------------------------------------------
-def _same(a: Any, b: Any) -> bool:
-    def norm(v):
-        if isinstance(v, (list, tuple)):
-            return tuple(v)
-        return v
-
-    na, nb = norm(a), norm(b)
-    # img_size 32 and [32, 32] describe the same square image.
-    if isinstance(na, tuple) and not isinstance(nb, tuple):
-        nb = (nb, nb)
-    if isinstance(nb, tuple) and not isinstance(na, tuple):
-        na = (na, na)
-    return na == nb
-
-
-def model_kwargs(cfg: dict, bundle: DataBundle) -> dict:
-    """model.overrides plus what the data dictates (image size, channels, classes); conflicts are errors."""
-    kwargs = dict(cfg["model"]["overrides"])
-    for key, value in bundle.model_overrides.items():
-        if key in kwargs and not _same(kwargs[key], value):
-            hint = " (set data.image_size to resize the data instead)" if key == "img_size" else ""
-            raise ConfigError(
-                f"model.overrides.{key}={kwargs[key]!r} conflicts with the data: dataset "
-                f"{cfg['data']['name']!r} gives {key}={value!r}{hint}"
-            )
-        kwargs[key] = value
-    return kwargs
-
-
-def build_model(name: str, activation: str, kwargs: dict) -> nn.Module:
-    """create_model with errors worded in config terms."""
-    try:
-        return create_model(name, activation=activation, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build model {name!r} with model.overrides {kwargs}: {e}") from None
-
-
-def _init_from(model: nn.Module, source: str, log: Callable[[str], None]) -> None:
-    """Load weights from a checkpoint file or run directory; a differently shaped head is skipped."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"model.init_from: no checkpoint at {path} (give a .pt file or a run directory)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and k != "pos_embed" and v.shape != own[k].shape]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    log(
-        f"init_from {path}: loaded {len(state)} tensors; skipped (shape differs) {skipped or 'none'}; "
-        f"missing {list(missing) or 'none'}; unexpected {list(unexpected) or 'none'}"
-    )
-
-
-# --- optimisation ---------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norms, positional embedding and class token are exempt."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup to lr, then cosine to min_lr."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# torch.optim.lr_scheduler.OneCycleLR's defaults, which the Nystromformer LRA code leaves in place.
-ONECYCLE_DIV_FACTOR, ONECYCLE_FINAL_DIV_FACTOR = 25.0, 1e4
-ONECYCLE_BASE_MOMENTUM, ONECYCLE_MAX_MOMENTUM = 0.85, 0.95
-
-
-def onecycle_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> tuple[float, float]:
-    """(learning rate, AdamW beta1) of update ``step`` (0-based) under one-cycle with linear annealing.
-
-    The arithmetic of ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr, total_steps=total_steps,
-    pct_start=warmup_steps / total_steps, anneal_strategy="linear")`` with its other defaults: the lr
-    rises from lr / 25 to lr over the warmup and falls to lr / 25 / 1e4 at the last update, while
-    beta1 (cycle_momentum) falls from 0.95 to 0.85 and rises back. Two cases where OneCycleLR would
-    divide by zero or extrapolate are pinned: a phase of one step takes its end value, and steps past
-    the last update keep the last update's values.
-    """
-    initial = lr / ONECYCLE_DIV_FACTOR
-    final = initial / ONECYCLE_FINAL_DIV_FACTOR
-    step = min(step, total_steps - 1)
-    pct_start = warmup_steps / total_steps
-    phases = (
-        (float(pct_start * total_steps) - 1, initial, lr, ONECYCLE_MAX_MOMENTUM, ONECYCLE_BASE_MOMENTUM),
-        (total_steps - 1, lr, final, ONECYCLE_BASE_MOMENTUM, ONECYCLE_MAX_MOMENTUM),
-    )
-    start = 0.0
-    for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
-        if step <= end or i == len(phases) - 1:
-            pct = (step - start) / (end - start) if end > start else 1.0
-            return (lr1 - lr0) * pct + lr0, (m1 - m0) * pct + m0
-        start = end
-    raise AssertionError("unreachable: the last phase always matches")
-
-
-def make_scheduler(
-    optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine"
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over ``lr_at`` (schedule ``cosine``) or ``onecycle_at`` (``onecycle_linear``; beta1 is
-    the caller's to set, see ``onecycle_at``)."""
-
-    # A closure, not an object: LambdaLR checkpoints an object's attributes and
-    # would restore the old total on a resume that extends train.epochs.
-    def factor(step: int) -> float:
-        if schedule == "onecycle_linear":
-            return onecycle_at(step, lr, warmup_steps, total_steps)[0] / lr
-        return lr_at(step, lr, min_lr, warmup_steps, total_steps) / lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# --- mixup / cutmix ---------------------------------------------------------------
-def mix_batch(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup (alpha ``mixup``) or CutMix (alpha ``cutmix``; half the batches when both are on).
-
-    Returns the mixed images and soft targets (B, num_classes).
-    """
-    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand(()) < 0.5))
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x.shape[0], device="cpu").to(x.device)
-    if use_cutmix:
-        h, w = x.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        x = x.clone()
-        x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        x = lam * x + (1.0 - lam) * x[perm]
-    one_hot = F.one_hot(y, num_classes).float()
-    return x, lam * one_hot + (1.0 - lam) * one_hot[perm]
-
-
-def timm_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
-    """``timm.data.Mixup`` (per-batch mode, switch probability 0.5 as in mix_batch); its soft targets
-    carry the label smoothing, so the loss must not smooth again. Draws from numpy's global RNG.
-    None when timm is not installed."""
-    try:
-        from timm.data import Mixup
-    except ImportError:
-        return None
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
-
-
-def apply_mixup(mixer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mixer(x, y)``; timm's Mixup wants an even batch, so an odd one (a short last batch, a
-    rank's share) is padded with a copy of its last example, which is dropped again afterwards."""
-    n = x.shape[0]
-    if n % 2 == 0:
-        return mixer(x, y)
-    xm, t = mixer(torch.cat([x, x[-1:]]), torch.cat([y, y[-1:]]))
-    return xm[:n], t[:n]
-
-
-class PlainEma:
-    """Fallback for ``timm.utils.ModelEmaV3`` without timm, for float32 weights the same update:
-    ``ema = ema.lerp(weight, 1 - decay)`` for floating tensors of the state dict, a copy for the rest."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval()
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.is_floating_point():
-                e.lerp_(m.to(e.dtype), 1.0 - self.decay)
-            else:
-                e.copy_(m)
-
-
-# --- loaders ---------------------------------------------------------------------
-def _seed_numpy_in_worker(worker_id: int) -> None:
-    # torch seeds python's random and its own RNG in each DataLoader worker, not numpy's (which
-    # timm's RandAugment draws from): without this, workers would share one numpy stream.
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + world, ...: every example evaluated exactly once across processes."""
-
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def train_loader(ds: Dataset, batch: int, seed: int, env: DistEnv, workers: int) -> DataLoader:
-    # DistributedSampler also for one process: its order depends only on
-    # (seed, epoch), which makes resume exact, and N processes see exactly the
-    # batches one process would (interleaved), which makes DDP match it.
-    sampler = DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
-    return DataLoader(
-        ds,
-        batch_size=batch,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=env.device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=_seed_numpy_in_worker if workers > 0 else None,
-    )
-
-
-def eval_loader(ds: Dataset, batch: int, env: DistEnv, workers: int) -> DataLoader:
-    sampler = ShardSampler(len(ds), env.rank, env.world_size)
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda")
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
-    return x.to(device, non_blocking=True)
-
-
-def _forward(model: nn.Module, x: Any) -> torch.Tensor:
-    return model(**x) if isinstance(x, dict) else model(x)
-
-
-def _batch_size(y: torch.Tensor) -> int:
-    """Scored targets in a batch: one per example for class labels, the answers (label != -100) for tokens."""
-    return int((y != -100).sum())
-
-
-def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level logits (B, T, C) and targets (B, T) as (B*T, C) and (B*T,); cross_entropy skips -100."""
-    if logits.dim() == 3 and y.dim() == 2:
-        return logits.flatten(0, 1), y.flatten()
-    return logits, y
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, dtype: torch.dtype | None) -> dict:
-    """Mean cross-entropy and accuracy over the whole split (summed across processes)."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=env.device)
-    for x, y in loader:
-        x, y = _to_device(x, env.device), y.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = _forward(model, x)
-        logits, y = _flat(logits.float(), y)
-        sums += torch.stack(
-            [
-                F.cross_entropy(logits, y, reduction="sum").double(),
-                (logits.argmax(-1) == y).sum().double(),
-                torch.tensor(float(_batch_size(y)), dtype=torch.float64, device=env.device),
-            ]
-        )
-    all_reduce_sum(sums, env)
-    model.train(was_training)
-    loss, correct, n = sums.tolist()
-    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
-
-
-# --- run directory -------------------------------------------------------------
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-") or "run"
-
-
-def default_run_dir(cfg: dict) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    m = cfg["model"]
-    return Path("runs") / f"{_slug(m['name'])}_{_slug(cfg['data']['name'])}_{_slug(m['activation'])}_{stamp}"
-
-
-class MetricsLog:
-    """metrics.jsonl: append-only rows, written by rank 0 only."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def truncate_to(self, epoch: int, step: int) -> None:
-        """Keep the rows a run had written when its checkpoint at (epoch, step) was saved."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = []
-        for row in read_jsonl(self.path):
-            kind = row.get("kind")
-            # "step" rows count updates done; "norms" rows carry the step index
-            # of the forward they measured, i.e. the updates done before it.
-            if (
-                (kind == "epoch" and row.get("epoch", 0) <= epoch)
-                or (kind in ("step", "resume") and row.get("step", 0) <= step)
-                or (kind == "norms" and row.get("step", 0) < step)
-            ):
-                keep.append(row)
-        atomic_write_text("".join(_json_line(r) for r in keep), self.path)
-
-    def write(self, rows: Iterable[dict]) -> None:
-        if not self.enabled:
-            return
-        text = "".join(_json_line(r) for r in rows)
-        if text:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-
-
-def _json_line(row: dict) -> str:
-    return json.dumps(row) + "\n"
-
-
-def _open_run_dir(cfg: dict, out_dir, resume: bool, env: DistEnv) -> tuple[Path, RunDirLock | None]:
-    """The run directory, locked by rank 0 for the whole run (the lock is None on other ranks)."""
-    if out_dir is None:
-        if resume:
-            raise ValueError("resume=True needs the run directory to resume")
-        out_dir = default_run_dir(cfg) if env.is_main else None
-        out_dir = broadcast_object(out_dir, env)
-    run_dir = Path(out_dir)
-
-    def lock_dir() -> RunDirLock:
-        if resume and not run_dir.is_dir():
-            raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
-        lock = RunDirLock(run_dir, "polyattn train", command="train").acquire()
-        if not resume and (run_dir / CHECKPOINT).exists():
-            lock.release()
-            raise RunExistsError(
-                f"{run_dir} already holds a run ({CHECKPOINT}); resume it with --resume {run_dir} "
-                "or choose another --out"
-            )
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        return lock
-
-    # Every rank raises rank 0's error, so that none waits in a collective for a run that never starts.
-    lock = on_main(lock_dir, env)
-    return run_dir, lock
-
-
 # --- the loop ----------------------------------------------------------------------
-# Write failures that are the machine's, not the run's: a clear error naming what survives, no traceback.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _divergence_message(what: str, step: int, epoch: int, cfg: dict, last_good: int | None, run_dir: Path) -> str:
-    act = cfg["model"]["activation"]
-    clip = cfg["train"]["grad_clip"]
-    kept = (
-        f"{run_dir / CHECKPOINT} keeps the weights after epoch {last_good}"
-        if last_good
-        else "no checkpoint was written yet (it diverged in the first epoch)"
-    )
-    advice = divergence_advice(act)
-    clipping = f"a smaller train.grad_clip (it is {clip:g} now)" if clip > 0 else "train.grad_clip > 0 (it is off now)"
-    return (
-        f"diverged: {what} at step {step} (epoch {epoch}, activation {act}); stopping. {kept}. "
-        f"Try {advice}a lower train.lr (it is {cfg['train']['lr']:g} now), or {clipping}."
-    )
-
-
 def train(
     cfg: dict,
     out_dir: str | Path | None = None,
@@ -540,17 +170,13 @@ def train(
     Under torchrun, every process calls this; only rank 0 writes files.
     """
     cfg = resolve_config(cfg)
-    env = init_distributed(cfg["train"]["device"])
-    # The run records the precision it computes in (auto resolved for this device), so that its
-    # config.yaml says what ran and a resume on the same machine compares like with like.
-    requested = cfg["train"]["amp"]
-    cfg["train"]["amp"] = resolve_amp(requested, env.device)
-    threads = torch.get_num_threads()
-    try:
+    # train.num_threads applies to this run only: the previous setting is back when it returns.
+    with distributed_run(cfg["train"]["device"], cfg["train"]["num_threads"]) as env:
+        # The run records the precision it computes in (auto resolved for this device), so that its
+        # config.yaml says what ran and a resume on the same machine compares like with like.
+        requested = cfg["train"]["amp"]
+        cfg["train"]["amp"] = resolve_amp(requested, env.device)
         return _Run(cfg, env, out_dir, resume, progress, callbacks, requested).run()
-    finally:
-        torch.set_num_threads(threads)  # train.num_threads applies to this run only
-        cleanup_distributed(env)
 
 
 class _Run:
@@ -561,9 +187,7 @@ class _Run:
         self.amp_setting = amp_setting
         self.tc = cfg["train"]
         self.progress = progress and env.is_main
-        if self.tc["num_threads"]:
-            torch.set_num_threads(self.tc["num_threads"])
-        self.run_dir, self.lock = _open_run_dir(cfg, out_dir, resume, env)
+        self.run_dir, self.lock = open_run_dir(cfg, out_dir, resume, env)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
         self.resume = resume
         self.resume_rows: list[dict] = []
@@ -572,44 +196,145 @@ class _Run:
         if self.env.is_main:
             tqdm.write(text, file=sys.stderr)
 
+    # -- the run, top level --
+    def run(self) -> dict:
+        try:
+            summary = self._run()
+        except KeyboardInterrupt:
+            self._release(discard=False)
+            raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
+        except OSError as e:
+            self._release(discard=True)
+            if e.errno in WRITE_ERRNOS:
+                raise RunDirError(write_failed_message(e, self.run_dir, self.last_good_epoch)) from None
+            raise
+        except BaseException:
+            # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
+            self._release(discard=True)
+            raise
+        self._release(discard=False)
+        return summary
+
+    def _release(self, discard: bool) -> None:
+        if self.lock is not None:
+            self.lock.discard() if discard else self.lock.release()
+
+    def _run(self) -> dict:
+        self.t_start, self.time_before, self.segments = time.perf_counter(), 0.0, 1
+        self.backends: dict[str, str] | None = None
+        self.backend_recorder: BackendRecorder | None = None
+        self.diverged: dict | None = None
+        self.last_good_epoch: int | None = None
+        self.checkpoint_step: int | None = None
+        self.setup()
+        if self.resume:
+            self.restore()
+            self.checkpoint_step = self.step
+        elif self.env.is_main:
+            self.metrics.truncate_to(0, 0)
+            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
+        if self.env.is_main:
+            atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
+        if self.progress:  # narration, not a warning: quiet runs (and parallel grid workers) skip it
+            self.log(
+                f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{self.env.world_size} process(es) on {self.env.device})"
+            )
+            self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
+        recorder = self._norm_recorder()
+        self.backend_recorder = BackendRecorder(self.model)
+        try:
+            while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
+                result = self.train_epoch(recorder)
+                if result is None:
+                    break
+                self.end_epoch(result)
+        finally:
+            if recorder is not None:
+                recorder.detach()
+            if self.backend_recorder is not None:
+                self.backend_recorder.detach()
+        if self.diverged is not None:
+            self.log(self.diverged["message"])
+        summary = self.summary()
+        if self.env.is_main:
+            write_summary(self.metrics, summary, self.run_dir)
+        return summary
+
+    def _norm_recorder(self):
+        every = self.cfg["diagnostics"]["every"]
+        if every <= 0 or not self.env.is_main:
+            return None
+        try:
+            from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
+        except ImportError as e:
+            raise ConfigError(f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})") from None
+        recorder = NormRecorder(self.model, every=every)
+        recorder.attach()
+        return recorder
+
     # -- setup --
     def setup(self) -> None:
-        cfg, tc, env = self.cfg, self.tc, self.env
+        """Data, model, optimizer, loaders, schedule, precision, mixing and EMA, in an order that fixes
+        the initial weights and every random stream (a resume and DDP depend on it)."""
+        tc, env = self.tc, self.env
+        self._check_setup()
+        seed_everything(tc["seed"])  # the same initial weights on every process
+        self.bundle = build_dataset(self.cfg["data"], tc["seed"])
+        self._build_model()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=tc["eps"]
+        )
+        self._build_loaders()
+        self._build_schedule()
+        self.dtype = amp_dtype(tc["amp"])
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.mixer = make_mixer(tc, self.bundle, self.log)
+        self.ema = make_ema(self.model, tc, self.log)
+        seed_rank(tc["seed"], env)  # other processes draw their own dropout and augmentation randomness
+        self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
+        self._set_beta1()
+        # The best evaluation so far ({"epoch", "step", "val"}) and, with select=best_val, its weights (CPU).
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+        self.last_good_epoch: int | None = None
+
+    def _check_setup(self) -> None:
+        tc = self.tc
         if tc["schedule"] == "onecycle_linear" and tc["min_lr"] > 0:
             raise ConfigError(
                 f"train.min_lr={tc['min_lr']:g} applies to train.schedule=cosine only; onecycle_linear ends at "
                 "train.lr / 25 / 1e4 as torch's OneCycleLR does: set train.min_lr=0"
             )
-        if tc["batch_size"] % env.world_size:
+        if tc["batch_size"] % self.env.world_size:
             raise ConfigError(
                 f"train.batch_size ({tc['batch_size']}) is the global batch and must be divisible by the "
-                f"number of processes ({env.world_size})"
+                f"number of processes ({self.env.world_size})"
             )
-        seed_everything(tc["seed"])  # the same initial weights on every process
-        self.bundle = build_dataset(cfg["data"], tc["seed"])
-        kwargs = model_kwargs(cfg, self.bundle)
-        self.model_args = {
-            "name": cfg["model"]["name"],
-            "activation": cfg["model"]["activation"],
-            "kwargs": kwargs,
-        }
-        model = build_model(cfg["model"]["name"], cfg["model"]["activation"], kwargs)
-        if cfg["model"]["init_from"] and not self.resume:
-            _init_from(model, cfg["model"]["init_from"], self.log)
-        self.model = model.to(env.device)
-        self.net = self.model
-        if env.distributed:
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]), eps=tc["eps"]
-        )
-        workers = cfg["data"]["num_workers"]
+
+    def _build_model(self) -> None:
+        """self.model (on the device, with init_from's weights on a fresh run) and self.net (DDP or the model)."""
+        m = self.cfg["model"]
+        kwargs = model_kwargs(self.cfg, self.bundle)
+        self.model_args = {"name": m["name"], "activation": m["activation"], "kwargs": kwargs}
+        model = build_model(m["name"], m["activation"], kwargs)
+        if m["init_from"] and not self.resume:
+            init_from(model, m["init_from"], self.log)
+        self.model = model.to(self.env.device)
+        self.net = wrap_ddp(self.model, self.env)
+
+    def _build_loaders(self) -> None:
+        tc, env, workers = self.tc, self.env, self.cfg["data"]["num_workers"]
         per_rank = tc["batch_size"] // env.world_size
         eval_batch = max(1, (tc["eval_batch_size"] or tc["batch_size"]) // env.world_size)
         self.train_loader = train_loader(self.bundle.train, per_rank, tc["seed"], env, workers)
         self.val_loader = eval_loader(self.bundle.val, eval_batch, env, workers)
         self.test_loader = None if self.bundle.test is None else eval_loader(self.bundle.test, eval_batch, env, workers)
+
+    def _build_schedule(self) -> None:
+        """The step budget, the warmup and the scheduler (train.max_steps caps the epochs' steps)."""
+        tc = self.tc
         self.steps_per_epoch = len(self.train_loader)
         total = tc["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, tc["max_steps"]) if tc["max_steps"] else total
@@ -620,45 +345,8 @@ class _Run:
         self.scheduler = make_scheduler(
             self.optimizer, tc["lr"], tc["min_lr"], self.warmup_steps, self.total_steps, tc["schedule"]
         )
-        self.dtype = amp_dtype(tc["amp"])
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        if tc["mixup"] > 0 or tc["cutmix"] > 0:
-            x0, y0 = self.bundle.train[0]
-            if not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and torch.as_tensor(y0).dim() == 0):
-                raise ConfigError(
-                    "train.mixup / train.cutmix need float image tensors with one class label each; this dataset "
-                    "yields other examples (tokens, dicts or per-token labels): set them to 0"
-                )
-        self.mixer = None
-        if (tc["mixup"] > 0 or tc["cutmix"] > 0) and tc["mixup_impl"] == "timm":
-            self.mixer = timm_mixup(tc["mixup"], tc["cutmix"], tc["label_smoothing"], self.bundle.num_classes)
-            if self.mixer is None:
-                self.log("train.mixup_impl=timm: timm is not installed (pip install polyattn[timm]); using mix_batch")
-        self.ema = self._make_ema()
-        # Other processes draw their own dropout and augmentation randomness.
-        if env.rank > 0:
-            seed_everything(tc["seed"] + 7919 * env.rank)
-        self.epoch, self.step, self.best_val, self.last_val = 0, 0, None, None
-        self._set_beta1()
-        # The best evaluation so far ({"epoch", "step", "val"}) and, with select=best_val, its weights (CPU).
-        self.best: dict | None = None
-        self.best_state: dict | None = None
-        self.last_good_epoch: int | None = None
 
-    def _make_ema(self):
-        """timm's ModelEmaV3 of the model (a copy updated after every optimizer step), or None."""
-        decay = self.tc["ema_decay"]
-        if decay <= 0:
-            return None
-        if self.tc["select"] == "best_val":
-            raise ConfigError("train.ema_decay > 0 with train.select=best_val is not supported; use select=last")
-        try:
-            from timm.utils import ModelEmaV3
-        except ImportError:
-            self.log("train.ema_decay: timm is not installed (pip install polyattn[timm]); using PlainEma")
-            return PlainEma(self.model, decay)
-        return ModelEmaV3(self.model, decay=decay)
-
+    # -- resume and checkpoints --
     def restore(self) -> None:
         ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
         old = _with_new_defaults(ckpt["config"])
@@ -692,10 +380,10 @@ class _Run:
         self.backends = (ckpt.get("record") or {}).get("backends")
         self.last_good_epoch = self.epoch
         if any(f"train.{k}" in applied for k in (*_OPTIMIZER_KEYS, *_SCHEDULE_KEYS)):
-            self._apply_optimizer_settings()
+            apply_optimizer_settings(self.optimizer, self.scheduler, self.tc)
         self._set_beta1()
         if self.tc["select"] == "best_val" and self.best is not None:
-            self.best_state = self._restore_best(ckpt)
+            self.best_state = restore_best(self.run_dir, self.best, ckpt, self._write_best)
         states = ckpt["rng"]
         if len(states) == self.env.world_size:
             set_rng_state(states[self.env.rank], self.env.device)
@@ -704,7 +392,7 @@ class _Run:
                 f"resuming with {self.env.world_size} processes from a checkpoint of {len(states)}: "
                 "RNG streams are reseeded, so the run will not match an uninterrupted one bit for bit"
             )
-            seed_everything(self.tc["seed"] + 7919 * self.env.rank + self.epoch)
+            seed_everything(self.tc["seed"] + RANK_SEED_STRIDE * self.env.rank + self.epoch)
         self.metrics.truncate_to(self.epoch, self.step)
         if self.env.is_main and self.metrics.path.exists():
             self.resume_rows = [r for r in read_jsonl(self.metrics.path) if r.get("kind") == "resume"]
@@ -716,69 +404,15 @@ class _Run:
             self.log(f"resuming with changed config keys, in force from step {self.step}:\n  {listed}")
         self.log(f"resumed {self.run_dir} at epoch {self.epoch}, step {self.step}")
 
-    def _apply_optimizer_settings(self) -> None:
-        """Put the config's lr, weight decay, betas and eps into the restored optimizer and schedule.
-
-        The optimizer's state dict carries the old values; the schedule continues at the current step
-        as if the new lr had been the base all along.
-        """
-        tc = self.tc
-        groups = self.optimizer.param_groups
-        for i, g in enumerate(groups):
-            g["weight_decay"] = tc["weight_decay"] if i == 0 else 0.0  # group 1 is exempt from decay
-            g["betas"], g["eps"], g["initial_lr"] = tuple(tc["betas"]), tc["eps"], tc["lr"]
-        self.scheduler.base_lrs = [tc["lr"]] * len(groups)
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for g in groups:
-            g["lr"] = tc["lr"] * factor
-        self.scheduler._last_lr = [g["lr"] for g in groups]
-
     def _set_beta1(self) -> None:
-        """Under onecycle_linear, AdamW's beta1 of the next update, as OneCycleLR's cycle_momentum sets it."""
-        if self.tc["schedule"] != "onecycle_linear":
-            return
-        beta1 = onecycle_at(self.step, self.tc["lr"], self.warmup_steps, self.total_steps)[1]
-        for g in self.optimizer.param_groups:
-            g["betas"] = (beta1, g["betas"][1])
-
-    def _restore_best(self, ckpt: dict) -> dict:
-        """The weights of the best evaluation that last.pt records, from best.pt.
-
-        last.pt is written before best.pt, so a run stopped between the two has a best.pt one
-        evaluation behind; the missing weights are then last.pt's own, and best.pt is rewritten.
-        """
-        path, best = self.run_dir / BEST_CHECKPOINT, self.best
-        if path.is_file():
-            saved = load_checkpoint(path, ("model", "epoch", "step"), f"delete it and {CHECKPOINT} to start again")
-            if (saved["epoch"], saved["step"]) == (best["epoch"], best["step"]):
-                return saved["model"]
-        if (best["epoch"], best["step"]) != (ckpt["epoch"], ckpt["step"]):
-            raise RunDirError(
-                f"cannot resume {self.run_dir}: {path} does not hold the weights of the best evaluation "
-                f"(epoch {best['epoch']}, step {best['step']}) that {CHECKPOINT} records, so train.select=best_val "
-                "cannot report them; restore that file, or train into a new --out"
-            )
-        state = {k: v.detach().to("cpu", copy=True) for k, v in ckpt["model"].items()}
-        self._write_best(state)
-        return state
+        set_beta1(self.optimizer, self.tc, self.step, self.warmup_steps, self.total_steps)
 
     def _write_best(self, state: dict) -> None:
-        if not self.env.is_main:
-            return
-        atomic_save(
-            {
-                "model": state,
-                "epoch": self.best["epoch"],
-                "step": self.best["step"],
-                "val": self.best["val"],
-                "config": self.cfg,
-                "model_args": self.model_args,
-            },
-            self.run_dir / BEST_CHECKPOINT,
-        )
+        if self.env.is_main:
+            write_best(self.run_dir, self.best, state, self.cfg, self.model_args)
 
     def save_checkpoint(self) -> None:
-        states = gather_objects(rng_state(self.env.device), self.env)  # collective: every rank calls it
+        states = gather_rng_states(self.env)  # collective: every rank calls it
         if not self.env.is_main:
             return
         atomic_save(
@@ -834,7 +468,7 @@ class _Run:
 
     def train_step(self, x, y, sums: torch.Tensor, recorder, t0: float, bar) -> bool:
         """One update; False (and self.diverged set) when the loss or the gradient is not finite."""
-        x, y = _to_device(x, self.env.device), y.to(self.env.device, non_blocking=True)
+        x, y = to_device(x, self.env.device), y.to(self.env.device, non_blocking=True)
         if recorder is not None:
             recorder.set_step(self.step)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -883,15 +517,10 @@ class _Run:
     def _forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, logits, gradient norm before clipping); gradients are left in the parameters."""
         tc, env = self.tc, self.env
-        target, smoothing = y, tc["label_smoothing"]
-        if self.mixer is not None:
-            x, target = apply_mixup(self.mixer, x, y)
-            smoothing = 0.0  # already in timm's soft targets
-        elif tc["mixup"] > 0 or tc["cutmix"] > 0:
-            x, target = mix_batch(x, y, self.bundle.num_classes, tc["mixup"], tc["cutmix"])
+        x, target, smoothing = mixed_batch(self.mixer, x, y, tc, self.bundle.num_classes)
         with torch.autocast(env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = _forward(self.net, x)
-        loss = F.cross_entropy(*_flat(logits.float(), target), label_smoothing=smoothing)
+            logits = model_forward(self.net, x)
+        loss = F.cross_entropy(*flatten_tokens(logits.float(), target), label_smoothing=smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -903,7 +532,7 @@ class _Run:
 
     def _batch_stats(self, loss, logits, grad_norm, y) -> list[float]:
         """[loss * n, correct, n, loss not finite, gradient not finite], summed over processes."""
-        n = _batch_size(y)
+        n = scored_count(y)
         stats = torch.stack(
             [
                 loss.detach().double() * n,
@@ -923,7 +552,7 @@ class _Run:
         self.diverged = {
             "step": step,
             "epoch": epoch,
-            "message": _divergence_message(what, step, epoch, self.cfg, self.last_good_epoch, self.run_dir),
+            "message": divergence_message(what, step, epoch, self.cfg, self.last_good_epoch, self.run_dir),
         }
 
     def _update(self) -> None:
@@ -939,24 +568,50 @@ class _Run:
         self._set_beta1()
 
     def end_epoch(self, result: dict) -> None:
-        tc = self.tc
-        sums = result["sums"]
+        """Evaluate (every train.eval_every epochs and after the last), log the epoch, write the checkpoints."""
         self.epoch += 1
-        last = self.epoch >= tc["epochs"] or self.step >= self.total_steps
+        last = self.epoch >= self.tc["epochs"] or self.step >= self.total_steps
         val, val_ema, improved = None, None, False
-        if self.epoch % tc["eval_every"] == 0 or last:
-            val = evaluate(self.model, self.val_loader, self.env, self.dtype)
-            if self.ema is not None:
-                val_ema = evaluate(self.ema.module, self.val_loader, self.env, self.dtype)
-                val = {**val, "ema": val_ema}
-            self.last_val = val
-            # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
-            if self.best_val is None or val["acc"] > self.best_val:
-                self.best_val = val["acc"]
-                self.best = {"epoch": self.epoch, "step": self.step, "val": val}
-                improved = True
+        if self.epoch % self.tc["eval_every"] == 0 or last:
+            val, val_ema, improved = self._validate()
+        row = self._epoch_row(result, val, val_ema)
+        if self.progress:
+            val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
+            if val_ema is not None:
+                val_text += f"  val_acc_ema {val_ema['acc']:.4f}"
+            self.log(
+                f"epoch {self.epoch}/{self.tc['epochs']}  train_loss {row['train_loss']:.4f}  "
+                f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
+            )
+        self.metrics.write([row])
+        self.save_checkpoint()
+        if improved and self.tc["select"] == "best_val":
+            # After last.pt, so that a stop in between leaves a state restore_best can complete.
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._write_best(self.best_state)
+        for cb in self.callbacks:
+            cb(row)
+
+    def _validate(self) -> tuple[dict, dict | None, bool]:
+        """(validation scores, the EMA weights' or None, whether they beat the best so far); keeps the best."""
+        val = evaluate(self.model, self.val_loader, self.env, self.dtype)
+        val_ema = None
+        if self.ema is not None:
+            val_ema = evaluate(self.ema.module, self.val_loader, self.env, self.dtype)
+            val = {**val, "ema": val_ema}
+        self.last_val = val
+        # Strictly better: of equal accuracies the earliest is kept, as the Nystromformer LRA code does.
+        if self.best_val is None or val["acc"] > self.best_val:
+            self.best_val = val["acc"]
+            self.best = {"epoch": self.epoch, "step": self.step, "val": val}
+            return val, val_ema, True
+        return val, val_ema, False
+
+    def _epoch_row(self, result: dict, val: dict | None, val_ema: dict | None) -> dict:
+        """The "epoch" row of metrics.jsonl."""
+        sums = result["sums"]
         n = max(sums[2].item(), 1.0)
-        row = {
+        return {
             "kind": "epoch",
             "epoch": self.epoch,
             "step": self.step,
@@ -976,23 +631,8 @@ class _Run:
             "time_s": result["time_s"],
             "samples_per_s": sums[2].item() / max(result["time_s"], 1e-9),
         }
-        if self.progress:
-            val_text = "" if val is None else f"  val_loss {val['loss']:.4f}  val_acc {val['acc']:.4f}"
-            if val_ema is not None:
-                val_text += f"  val_acc_ema {val_ema['acc']:.4f}"
-            self.log(
-                f"epoch {self.epoch}/{tc['epochs']}  train_loss {row['train_loss']:.4f}  "
-                f"train_acc {row['train_acc']:.4f}{val_text}  ({row['samples_per_s']:.0f} img/s)"
-            )
-        self.metrics.write([row])
-        self.save_checkpoint()
-        if improved and tc["select"] == "best_val":
-            # After last.pt, so that a stop in between leaves a state _restore_best can complete.
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self._write_best(self.best_state)
-        for cb in self.callbacks:
-            cb(row)
 
+    # -- the result --
     def _selected(self) -> dict | None:
         """{"epoch", "val"} of the weights the run reports: the best evaluation, or the final weights."""
         if self.tc["select"] == "best_val":
@@ -1075,120 +715,3 @@ class _Run:
             "data": self.bundle.info,
             "record": self.record(),
         }
-
-    def run(self) -> dict:
-        try:
-            summary = self._run()
-        except KeyboardInterrupt:
-            self._release(discard=False)
-            raise TrainingInterrupted(self.run_dir, self.last_good_epoch, self.checkpoint_step) from None
-        except OSError as e:
-            self._release(discard=True)
-            if e.errno in _WRITE_ERRNOS:
-                raise RunDirError(self._write_failed(e)) from None
-            raise
-        except BaseException:
-            # A bad input found in setup leaves no empty directory behind; a run that wrote files keeps them.
-            self._release(discard=True)
-            raise
-        self._release(discard=False)
-        return summary
-
-    def _write_failed(self, e: OSError) -> str:
-        """One line for a write the disk refused: what happened, what survives, how to go on."""
-        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}.get(e.errno, e.strerror)
-        where = e.filename or self.run_dir
-        if self.last_good_epoch:
-            kept = (
-                f"{self.run_dir / CHECKPOINT} still holds the run after epoch {self.last_good_epoch} (checkpoints "
-                "are written to a temporary file and renamed, so a failed write leaves the last one whole); "
-                f"free space, then continue with: polyattn train --resume {self.run_dir}"
-            )
-        else:
-            kept = "no checkpoint was written yet; free space and start the run again"
-        return f"cannot write {where}: {why}. {kept}"
-
-    def _release(self, discard: bool) -> None:
-        if self.lock is not None:
-            self.lock.discard() if discard else self.lock.release()
-
-    def _run(self) -> dict:
-        self.t_start, self.time_before, self.segments = time.perf_counter(), 0.0, 1
-        self.backends: dict[str, str] | None = None
-        self.backend_recorder: BackendRecorder | None = None
-        self.diverged: dict | None = None
-        self.last_good_epoch: int | None = None
-        self.checkpoint_step: int | None = None
-        self.setup()
-        if self.resume:
-            self.restore()
-            self.checkpoint_step = self.step
-        elif self.env.is_main:
-            self.metrics.truncate_to(0, 0)
-            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # a previous run's, never this one's
-        if self.env.is_main:
-            atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
-        if self.progress:  # narration, not a warning: quiet runs (and parallel grid workers) skip it
-            self.log(
-                f"run directory: {self.run_dir}  ({self.bundle.info.get('train', '?')} training examples, "
-                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                f"{self.env.world_size} process(es) on {self.env.device})"
-            )
-            self.log(precision_line(self.amp_setting, self.tc["amp"], self.env.device))
-        recorder = self._norm_recorder()
-        self.backend_recorder = BackendRecorder(self.model)
-        try:
-            while self.epoch < self.tc["epochs"] and self.step < self.total_steps:
-                result = self.train_epoch(recorder)
-                if result is None:
-                    break
-                self.end_epoch(result)
-        finally:
-            if recorder is not None:
-                recorder.detach()
-            if self.backend_recorder is not None:
-                self.backend_recorder.detach()
-        if self.diverged is not None:
-            self.log(self.diverged["message"])
-        summary = self.summary()
-        if self.env.is_main:
-            # The record (command line, threads, segments) is summary.json's: metrics.jsonl stays the same
-            # for a resumed run and an uninterrupted one.
-            kept = {k: v for k, v in summary.items() if k not in ("data", "record")}
-            self.metrics.write([{"kind": "summary", **kept}])
-            atomic_write_json(summary, self.run_dir / "summary.json")
-        return summary
-
-    def _norm_recorder(self):
-        every = self.cfg["diagnostics"]["every"]
-        if every <= 0 or not self.env.is_main:
-            return None
-        try:
-            from ..core.diagnostics import NormRecorder  # lazy: optional at import time of the trainer
-        except ImportError as e:
-            raise ConfigError(f"diagnostics.every={every} needs polyattn.core.diagnostics.NormRecorder ({e})") from None
-        recorder = NormRecorder(self.model, every=every)
-        recorder.attach()
-        return recorder
-
-
-# --- loading a finished run --------------------------------------------------------
-def load_run(
-    run_dir: str | Path, map_location: str | torch.device = "cpu", checkpoint: str = "last"
-) -> tuple[nn.Module, dict]:
-    """(model in eval mode with the run's weights, the run's config) from a run directory.
-
-    ``checkpoint``: "last" (the final weights) or "best" (checkpoints/best.pt of a train.select=best_val run).
-    """
-    run_dir = Path(run_dir)
-    if checkpoint not in ("last", "best"):
-        raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
-    path = run_dir / (CHECKPOINT if checkpoint == "last" else BEST_CHECKPOINT)
-    if not path.is_file():
-        hint = " (it exists for runs with train.select=best_val)" if checkpoint == "best" else ""
-        raise FileNotFoundError(f"no checkpoint at {path}{hint}: is {run_dir} a polyattn run directory?")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    args = ckpt["model_args"]
-    model = build_model(args["name"], args["activation"], args["kwargs"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["config"]

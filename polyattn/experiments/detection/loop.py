@@ -30,9 +30,9 @@ from ...training.checkpoint import (
     CHECKPOINT,
     config_changes,
     divergence_advice,
+    gather_rng_states,
     read_checkpoint,
     refuse_changes,
-    rng_state,
     set_rng_state,
 )
 from ...training.config import ConfigError
@@ -40,10 +40,11 @@ from ...training.distributed import (
     DistEnv,
     all_reduce_sum,
     broadcast_object,
-    cleanup_distributed,
+    distributed_run,
     gather_objects,
-    init_distributed,
     on_main,
+    seed_rank,
+    wrap_ddp,
 )
 from ...utils import RunDirError, RunDirLock, atomic_save, atomic_write_json, atomic_write_text, seed_everything
 from ...utils.machine import machine_line
@@ -82,26 +83,21 @@ def run_detect(cfg: dict, out_dir: str | os.PathLike, resume: bool = False, prog
     Under torchrun every process calls this and gets the metrics; only rank 0 writes files and shows bars.
     """
     cfg = DETECT_CONFIG.resolve(cfg)
-    env = init_distributed(cfg["train"]["device"])
-    before = torch.get_num_threads()
-    if cfg["train"]["num_threads"]:
-        torch.set_num_threads(cfg["train"]["num_threads"])
-    lock = None
-    failed = True
-    try:
-        lock = on_main(lambda: RunDirLock(out_dir, "polyattn detect", command="detect").acquire(), env)
-        metrics = _run(cfg, Path(out_dir), resume, progress and env.is_main, env)
-        failed = False
-        return metrics
-    except KeyboardInterrupt:
-        failed = False  # the checkpoint of the finished epochs stays for --resume
-        raise
-    finally:
-        if lock is not None:
-            # A run that failed before writing anything of its own leaves no .lock-only --out behind.
-            lock.discard() if failed else lock.release()
-        torch.set_num_threads(before)
-        cleanup_distributed(env)
+    with distributed_run(cfg["train"]["device"], cfg["train"]["num_threads"]) as env:
+        lock = None
+        failed = True
+        try:
+            lock = on_main(lambda: RunDirLock(out_dir, "polyattn detect", command="detect").acquire(), env)
+            metrics = _run(cfg, Path(out_dir), resume, progress and env.is_main, env)
+            failed = False
+            return metrics
+        except KeyboardInterrupt:
+            failed = False  # the checkpoint of the finished epochs stays for --resume
+            raise
+        finally:
+            if lock is not None:
+                # A run that failed before writing anything of its own leaves no .lock-only --out behind.
+                lock.discard() if failed else lock.release()
 
 
 def _datasets(cfg: dict, out: Path, env: DistEnv) -> tuple[CocoDetection, CocoDetection]:
@@ -156,19 +152,8 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> di
             f"processes ({env.world_size}); change one of them"
         )
     train_ds, val_ds = _datasets(cfg, out, env)
-    seed_everything(t["seed"])  # the same initial weights on every process
     device = env.device
-    model = build_detector(cfg, train_ds.num_classes).to(device)
-    net = model
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if env.rank:
-        seed_everything(t["seed"] + 7919 * env.rank)  # each process its own flips and RoI samples
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-    steps_per_epoch = len(batches_of(list(range(len(train_ds))), t["batch_size"], 0, env.world_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    model, net, opt, sched = _build_training(cfg, len(train_ds), train_ds.num_classes, env)
     epoch, step, history = 0, 0, []
     if resume:
         ckpt = read_checkpoint(out, _CHECKPOINT_KEYS, "polyattn detect")
@@ -200,14 +185,7 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> di
         if t["eval_every"] and epoch % t["eval_every"] == 0 and epoch < t["epochs"]:
             row["val"] = {k: v["AP"] for k, v in _score(model, val_ds, env)[0].items()}
         history.append(row)
-        states = gather_objects(rng_state(device), env)  # a collective: every rank calls it
-        if env.is_main:
-            atomic_save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "epoch": epoch, "step": step, "rng": states, "history": history, "config": cfg},
-                out / CHECKPOINT,
-            )  # fmt: skip
-            atomic_write_json(history, out / "history.json")
+        _save_checkpoint(out, cfg, model, opt, sched, history, env)
     stats, outputs = _score(model, val_ds, env)
     metrics = {
         "activation": cfg["model"]["activation"],
@@ -224,12 +202,54 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> di
         "machine": machine_line(device.type),
     }
     if env.is_main:
-        atomic_write_json(metrics, out / "metrics.json")
-        from .report import detect_markdown, plot_predictions
-
-        plot_predictions(val_ds, outputs, out / "predictions.png")
-        atomic_write_text(detect_markdown(metrics, history, out), out / "report.md")
+        _write_results(out, metrics, history, val_ds, outputs)
     return metrics
+
+
+def _build_training(
+    cfg: dict, n_train: int, num_classes: int, env: DistEnv
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """(detector, its DDP wrapper or itself, AdamW, the step schedule), the same weights on every process."""
+    t = cfg["train"]
+    seed_everything(t["seed"])  # the same initial weights on every process
+    model = build_detector(cfg, num_classes).to(env.device)
+    net = wrap_ddp(model, env)
+    seed_rank(t["seed"], env)  # each process its own flips and RoI samples
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    steps_per_epoch = len(batches_of(list(range(n_train)), t["batch_size"], 0, env.world_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    return model, net, opt, sched
+
+
+def _save_checkpoint(
+    out: Path,
+    cfg: dict,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    history: list[dict],
+    env: DistEnv,
+) -> None:
+    """checkpoints/last.pt and history.json after an epoch (``history[-1]``); every rank calls it."""
+    states = gather_rng_states(env)  # a collective
+    if env.is_main:
+        last = history[-1]
+        atomic_save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "epoch": last["epoch"], "step": last["step"], "rng": states, "history": history, "config": cfg},
+            out / CHECKPOINT,
+        )  # fmt: skip
+        atomic_write_json(history, out / "history.json")
+
+
+def _write_results(out: Path, metrics: dict, history: list[dict], val_ds: CocoDetection, outputs: list[dict]) -> None:
+    """metrics.json, predictions.png and report.md (rank 0)."""
+    atomic_write_json(metrics, out / "metrics.json")
+    from .report import detect_markdown, plot_predictions
+
+    plot_predictions(val_ds, outputs, out / "predictions.png")
+    atomic_write_text(detect_markdown(metrics, history, out), out / "report.md")
 
 
 def _to(device: torch.device, images, targets) -> tuple[list, list]:
