@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import positive_int_list, str_list
+from . import at_least, fail, positive_int_list, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     p.add_argument(
-        "--threads", dest="num_threads", type=int, default=None, help="torch threads (default: torch's, all cores)"
+        "--threads",
+        dest="num_threads",
+        type=at_least(1),
+        default=None,
+        help="torch threads (default: torch's, all cores)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -190,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     progress = not args.no_progress
     if args.decode and args.hf:
         from ..experiments.bench_decode_hf import format_hf_decode_table, run_hf_decode_bench
@@ -232,8 +235,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             results = run_model_bench(cfg, out, progress=progress)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(e)
         print(format_model_table(results))
         print(f"\nwrote {Path(out) / 'results.json'}, report.txt, config.yaml")
         return 0
