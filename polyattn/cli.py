@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 # name -> (module, one-line help). Order is the order shown in --help.
@@ -106,6 +108,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bookkeeping(name: str) -> bool:
+    # What polyattn puts in a folder before any result: its marker, the lock, unfinished temporary files.
+    return name in (".polyattn", ".lock") or name.endswith(".tmp")
+
+
+class _OutBefore:
+    """What ``--out`` held before a command ran, to take back its bookkeeping when the command refuses."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        out = getattr(args, "out", None)
+        self.path = Path(out) if isinstance(out, str) and out else None
+        self.entries: set[str] | None = None  # None: the folder did not exist
+        if self.path is not None and self.path.is_dir():
+            self.entries = set(os.listdir(self.path))
+
+    def undo(self) -> None:
+        """Remove the marker, lock and temporary files the command added, and the folder when it made it.
+
+        Only when nothing else was added: a command that wrote results of its own (a checkpoint before a
+        full disk, say) keeps them, and its message says what they are good for.
+        """
+        p = self.path
+        if p is None or not p.is_dir() or os.environ.get("RANK", "0") != "0":
+            return
+        try:
+            added = set(os.listdir(p)) - (self.entries or set())
+            if not all(_bookkeeping(n) and (p / n).is_file() for n in added):
+                return
+            for n in added:
+                (p / n).unlink()
+            if self.entries is None:
+                p.rmdir()
+        except OSError:
+            pass  # a folder it cannot clean is no worse than before; the error line already went out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -113,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(args._module)
+    out = _OutBefore(args)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -122,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if not is_user_error(e):
             raise
         print(error_line(e), file=sys.stderr)
-        return 2
+        code = 2
+    if code == 2:  # a refused input leaves --out as it found it
+        out.undo()
+    return code
 
 
 if __name__ == "__main__":
