@@ -146,7 +146,10 @@ class _OutBefore:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a mistake argparse reported in one line: its status
+        return e.code if isinstance(e.code, int) else 0
     if args.command is None:
         parser.print_help()
         return 2

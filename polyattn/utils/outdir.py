@@ -49,7 +49,7 @@ LEGACY: dict[str, tuple[str, ...]] = {
     "data pathfinder": ("curv_*/metadata",),
     "data coco-shapes": ("annotations",),
     "kernels": ("kernels.json", "kernels.txt"),
-    "pinn --compare": ("comparison.md",),
+    "pinn --compare": ("comparison.md", "*.png"),
 }
 
 # The top-level names each command writes: the files a refusal names.
