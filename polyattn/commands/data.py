@@ -19,9 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ListOps TSV files (basic_train/val/test.tsv), LRA's generator specification",
         description="Generate ListOps into DIR/basic_{train,val,test}.tsv (header Source<TAB>Target).",
     )
-    lo.add_argument("--train", type=at_least(1), default=96000, help="training samples (default 96000)")
-    lo.add_argument("--val", type=at_least(1), default=2000, help="validation samples (default 2000)")
-    lo.add_argument("--test", type=at_least(1), default=2000, help="test samples (default 2000)")
+    lo.add_argument("--train", type=int, default=96000, help="training samples (default 96000)")
+    lo.add_argument("--val", type=int, default=2000, help="validation samples (default 2000)")
+    lo.add_argument("--test", type=int, default=2000, help="test samples (default 2000)")
     lo.add_argument("--min-length", type=int, default=500, help="keep length > this (default 500)")
     lo.add_argument("--max-length", type=int, default=2000, help="keep length < this (default 2000)")
     lo.add_argument("--max-depth", type=int, default=10)
