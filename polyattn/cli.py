@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # Commands that train say what their checkpoint keeps; the others rewrite their own folder in full.
+        partial = out.path is not None and out.path.is_dir() and any(out.path.iterdir())
+        tail = f": {out.path} may be incomplete; run the same command again to write it anew" if partial else ""
+        print(f"interrupted{tail}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:
         if not is_user_error(e):

@@ -150,11 +150,16 @@ def fx(tmp_path_factory) -> dict[str, str]:
     return {k: str(d / v) for k, v in names.items()}
 
 
-def one_line(err: str) -> str:
+def one_line_of(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:") and "Traceback" not in err
+    assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def one_line(err: str) -> str:
+    line = one_line_of(err)
+    assert line.startswith("error:")
+    return line
 
 
 @pytest.mark.parametrize(("command", "args", "word"), CASES, ids=[f"{c}-{' '.join(a)[:60]}" for c, a, _ in CASES])
@@ -224,8 +229,12 @@ def test_ctrl_c_is_exit_130_and_one_line(monkeypatch, tmp_path, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("polyattn.experiments.theory.run_theory", interrupted)
-    assert main(["theory", "--quick", "--out", str(tmp_path / "t"), Q]) == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
+    out = tmp_path / "t"
+    assert main(["theory", "--quick", "--out", str(out), Q]) == 130
+    expected = f"interrupted: {out} may be incomplete; run the same command again to write it anew"
+    assert one_line_of(capsys.readouterr().err) == expected
+    assert main(["theory", "--quick", "--out", str(out), Q]) == 130  # its own folder: the same command again
+    assert main(["activations", "--help"]) == 0 and main(["data", "--help"]) == 0
 
 
 def test_long_library_messages_become_one_line():
