@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "point", None) and not getattr(args, "config", None):
+        # Without a grid file the point would be ignored and the default run trained instead.
+        print(f"error: --point {args.point} names a run of a grid file: give --config FILE too", file=sys.stderr)
+        return 2
     module = importlib.import_module(args._module)
     out = _OutBefore(args)
     try:
