@@ -9,6 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+def fail(e: BaseException) -> int:
+    """Exit status 2 after ``e`` as one line on stderr (see :func:`polyattn.cli.error_line`)."""
+    from ..cli import error_line
+
+    print(error_line(e), file=sys.stderr)
+    return 2
+
+
 def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
     """``--set KEY=VALUE ...``: config overrides, the same flag in every command that trains."""
     p.add_argument(
@@ -61,6 +69,22 @@ def int_list(text: str, positive: bool = False) -> list[int]:
     return values
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type for a whole number >= ``minimum`` (a count: images, workers, threads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
+    return parse
+
+
 def str_list(text: str) -> list[str]:
     """argparse type for ``softmax,x^3/sqrt(N)``: comma-separated names, blanks dropped."""
     return [v.strip() for v in text.split(",") if v.strip()]
@@ -85,8 +109,7 @@ def print_points(config: str | None) -> int:
             raise ConfigError("--list-points needs --config FILE (a grid file such as configs/table2.yaml)")
         points = grid_points(config)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"{config}: {len(points)} points (run one with --point NAME)")
     for name in points:
         print(f"  {name}")
@@ -107,8 +130,7 @@ def run_training(work: Callable[[], Any], resume_command: str, errors: tuple[typ
     try:
         return work()
     except (ConfigError, DatasetError, RunDirError, FileNotFoundError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except TrainingInterrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(e.advice(resume_command.format(run_dir=e.run_dir)), file=sys.stderr)
@@ -129,8 +151,7 @@ def run_experiment(work: Callable[[], dict], out: str) -> dict | int:
     try:
         return work()
     except (GridError, ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print(
             f"interrupted: finished runs are kept; continue with the same command plus --resume (--out {out})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.activations import get_activation, list_activations
+from . import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             act = get_activation(spec)
         except ValueError as e:
-            print(f"error: {e}")
+            fail(e)
             status = 2
             continue
         kind = "row-normalised" if act.is_softmax else "elementwise"

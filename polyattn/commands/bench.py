@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import positive_int_list, str_list
+from . import at_least, fail, positive_int_list, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     p.add_argument(
-        "--threads", dest="num_threads", type=int, default=None, help="torch threads (default: torch's, all cores)"
+        "--threads",
+        dest="num_threads",
+        type=at_least(1),
+        default=None,
+        help="torch threads (default: torch's, all cores)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -219,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     kind = _kind(args)
     spec = _KINDS[kind]
     run_bench = getattr(importlib.import_module(f"polyattn.experiments.{spec.module}"), spec.run)
@@ -232,8 +235,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_bench(cfg, out, progress=not args.no_progress, **extra)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(table(results))
     files = spec.files if spec.files is not None else results.get("plots") or []
     print(f"\nwrote {', '.join([str(Path(out) / 'results.json'), 'report.txt', 'config.yaml', *files])}")

@@ -7,8 +7,9 @@ segmentation set in the COCO 2017 layout (needs pycocotools).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from . import at_least, fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,17 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Pathfinder PNG images + metadata in the layout of LRA's pathfinder32",
         description="Generate Pathfinder images into DIR/<curv_...>/imgs/<b>/sample_<i>.png + metadata/<b>.npy.",
     )
-    pf.add_argument("--num", type=int, default=200000, help="number of images (default 200000)")
+    pf.add_argument("--num", type=at_least(1), default=200000, help="number of images (default 200000)")
     pf.add_argument(
         "--difficulty",
         choices=["easy", "intermediate", "hard"],
         default="hard",
         help="contour length 6 / 9 / 14 (default hard, the LRA task)",
     )
-    pf.add_argument("--contour-length", type=int, help="paddles per target contour (overrides --difficulty)")
-    pf.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    pf.add_argument("--distractors", type=int, help="distractor contours (default 20 // (contour length // 3))")
-    pf.add_argument("--workers", type=int, default=0, help="processes (default 0 = all cores)")
+    pf.add_argument("--contour-length", type=at_least(1), help="paddles per target contour (overrides --difficulty)")
+    pf.add_argument("--size", type=at_least(8), default=32, help="image side in pixels (default 32)")
+    pf.add_argument("--distractors", type=at_least(0), help="distractor contours (default 20 // (contour length // 3))")
+    pf.add_argument("--workers", type=at_least(0), default=0, help="processes (default 0 = all cores)")
     for q in (lo, pf):
         q.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
         q.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -51,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         description="Generate DIR/annotations/instances_{train,val}2017.json + DIR/{train,val}2017/*.png.",
     )
     cs.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
-    cs.add_argument("--train", type=int, default=200, help="training images (default 200)")
-    cs.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    cs.add_argument("--train", type=at_least(1), default=200, help="training images (default 200)")
+    cs.add_argument("--val", type=at_least(1), default=50, help="validation images (default 50)")
     cs.add_argument("--size", type=int, metavar="PX", help="square images of this side (default: sides 64 to 128)")
     cs.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.dataset == "pathfinder":
             from ..data.lra.pathfinder import DIFFICULTIES, PathfinderSpec, write_pathfinder
 
-            contour = args.contour_length or DIFFICULTIES[args.difficulty][1]
+            contour = args.contour_length if args.contour_length is not None else DIFFICULTIES[args.difficulty][1]
             spec = PathfinderSpec(size=args.size, contour_length=contour, num_distractors=args.distractors)
             where = str(write_pathfinder(args.out, args.num, spec, args.seed, args.workers, not args.no_progress))
         else:
@@ -94,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
             info = generate_coco_shapes(args.out, args.train, args.val, size, args.seed)
             where = f"{info['root']} ({info['train']['num_images']} train + {info['val']['num_images']} val images)"
     except (ValueError, ImportError, RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     write_marker(args.out, command)
     print(f"wrote {where} in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from . import add_point_arguments, add_set_argument, print_points
+from . import add_point_arguments, add_set_argument, fail, print_points
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_detect_config(args.config, over, preset=args.preset, point=args.point)
         metrics = run_detect(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out}/checkpoints/last.pt keeps the last finished epoch; continue with "
               f"the same command plus --resume", file=sys.stderr)  # fmt: skip

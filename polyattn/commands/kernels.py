@@ -6,9 +6,8 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-from . import str_list
+from . import fail, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         problems,
         triton_missing_reason,
     )
-    from ..utils import atomic_write_json, atomic_write_text
+    from ..utils import atomic_write_json, atomic_write_text, prepare_out_dir
 
     reason = triton_missing_reason()
     if reason is not None:
@@ -43,11 +42,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         targets = [parse_target(t) for t in args.target]
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return fail(e)
+    if not targets:
+        print("error: --target names no GPU target: give one or more, e.g. --target sm_80,sm_90", file=sys.stderr)
         return 2
     if args.jobs < 1:
         print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
+    # Minutes of compiling go nowhere if the folder cannot take the results: check it first.
+    out = prepare_out_dir(args.out, "kernels")
 
     def progress(done: int, total: int) -> None:
         if not args.no_progress:
@@ -58,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     bad = problems(rows)
     table = format_kernel_table(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"targets": [f"sm_{t}" for t in targets], "quick": args.quick, "elapsed_s": elapsed}
     atomic_write_json({**summary, "problems": bad, "rows": rows}, out / "kernels.json")
     atomic_write_text(table + "\n", out / "kernels.txt")

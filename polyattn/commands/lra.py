@@ -115,15 +115,18 @@ def _print_result(r: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiments.lra import lra_table, run_lra
     from ..training.config import dump_config
+    from ..utils.io import atomic_write_text
+    from ..utils.outdir import check_out_file
 
     def work() -> dict | int:
         if args.list_points:
             return print_points(args.config)
         if args.table:
+            if args.out:
+                check_out_file(args.out, "lra --table")  # before reading the runs: a refusal writes nothing
             text = lra_table(args.table)
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text)
+                atomic_write_text(text, args.out)
             print(text, end="")
             return 0
         cfg = _config(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import add_point_arguments, add_set_argument, print_points
+from . import add_point_arguments, add_set_argument, fail, print_points
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,24 +66,25 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --out DIR (the run directory, or with --compare the report folder)", file=sys.stderr)
         return 2
     if args.compare:
+        from ..utils.outdir import check_out_dir, write_marker
+
         try:
+            check_out_dir(args.out, "pinn --compare")  # the user's own files in --out are never overwritten
             print(compare_runs(args.compare, args.out), end="")
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(e)
+        write_marker(args.out, "pinn --compare")
         print(f"wrote {args.out}/comparison.md and one PNG per PDE")
         return 0
 
     try:
         cfg = resolve_pinn_config(args.config, _overrides(args), quick=args.quick, point=args.point)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     try:
         metrics = run_pinn(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print(
             f"interrupted: {args.out}/checkpoints/last.pt keeps the last checkpoint (every "

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from . import int_list, str_list
+from . import fail, int_list, str_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,15 +78,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     from ..utils import OutDirError, prepare_out_dir
 
     try:
         prepare_out_dir(args.out, "theory")
     except OutDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     results = run_theory(cfg, args.out, progress=not args.no_progress, plots=not args.no_plots)
     print(format_report(results))
     t = results["timing"]

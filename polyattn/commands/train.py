@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import add_point_arguments, add_set_argument, print_points, run_training
+from . import add_point_arguments, add_set_argument, fail, print_points, run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +81,7 @@ def _all_points(args: argparse.Namespace, out: str | None, resume: bool) -> int:
     try:
         result = run_experiment(work, out)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if isinstance(result, int):
         return result
     width = max(len(r["name"]) for r in result["runs"])

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.activations import Activation, get_activation
+from ..core.activations import MAX_POWER, Activation, get_activation
 from ..training.config import load_config
 from ..training.grid import (
     GridError,
@@ -145,8 +145,8 @@ def sweep(
     returns the results. All argument errors come before any training.
     """
     t0 = time.perf_counter()
-    if isinstance(power, bool) or not isinstance(power, int) or power < 1:
-        raise GridError(f"--power must be an integer >= 1, got {power!r}")
+    if isinstance(power, bool) or not isinstance(power, int) or not 1 <= power <= MAX_POWER:
+        raise GridError(f"--power must be an integer in 1..{MAX_POWER}, got {power!r}")
     ks = _check_scales(scales)
     seed_list = parse_seeds(seeds)
     n_jobs = check_jobs(jobs)

@@ -217,7 +217,7 @@ def load_run(
     if not path.is_file():
         hint = " (it exists for runs with train.select=best_val)" if checkpoint == "best" else ""
         raise FileNotFoundError(f"no checkpoint at {path}{hint}: is {run_dir} a polyattn run directory?")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(path, ("model_args", "model", "config"), map_location=map_location)
     args = ckpt["model_args"]
     model = build_model(args["name"], args["activation"], args["kwargs"])
     model.load_state_dict(ckpt["model"])

@@ -61,7 +61,9 @@ def _os_error_behind(e: BaseException) -> OSError | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike, needed: tuple[str, ...] = (), fix: str = "") -> dict:
+def load_checkpoint(
+    path: str | os.PathLike, needed: tuple[str, ...] = (), fix: str = "", map_location: Any = "cpu"
+) -> dict:
     """torch.load of a checkpoint dict; RunDirError naming the file (and ``fix``) when it is missing,
     truncated, not a checkpoint, or lacks one of the ``needed`` keys."""
     from .rundir import RunDirError
@@ -71,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike, needed: tuple[str, ...] = (), fix: 
     if not p.is_file():
         raise RunDirError(f"{p} not found{tail}")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file raises any of several types
         raise RunDirError(
             f"{p} is unreadable, truncated or not a polyattn checkpoint ({type(e).__name__}: {str(e)[:200]}){tail}"

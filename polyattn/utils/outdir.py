@@ -25,6 +25,7 @@ __all__ = [
     "MARKER",
     "OutDirError",
     "check_out_dir",
+    "check_out_file",
     "marked_command",
     "prepare_out_dir",
     "write_marker",
@@ -47,6 +48,8 @@ LEGACY: dict[str, tuple[str, ...]] = {
     "data listops": ("basic_train.tsv",),
     "data pathfinder": ("curv_*/metadata",),
     "data coco-shapes": ("annotations",),
+    "kernels": ("kernels.json", "kernels.txt"),
+    "pinn --compare": ("comparison.md", "*.png"),
 }
 
 # The top-level names each command writes: the files a refusal names.
@@ -63,6 +66,13 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "data listops": ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"),
     "data pathfinder": ("curv_baseline", "curv_contour_length_9", "curv_contour_length_14"),
     "data coco-shapes": ("annotations", "train2017", "val2017"),
+    "kernels": ("kernels.json", "kernels.txt"),
+    "pinn --compare": ("comparison.md", "convection.png", "reaction.png", "wave.png"),
+}
+
+# Commands whose --out is one file: how the file polyattn wrote begins (it carries no marker of its own).
+FILE_HEADS: dict[str, str] = {
+    "lra --table": "| task | activation | seed |",
 }
 
 COMMANDS = tuple(LEGACY)
@@ -124,11 +134,7 @@ def check_out_dir(directory: str | os.PathLike, command: str) -> bool:
     if d.exists() and not d.is_dir():
         raise OutDirError(f"{d} is a file, not a run directory: {_fix(command)}")
     if not d.exists():
-        parent = next((p for p in d.parents if p.exists()), Path("."))
-        if not parent.is_dir():
-            raise OutDirError(f"cannot create --out {d}: {parent} is a file; choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutDirError(f"cannot create --out {d}: {parent} is not writable; choose another --out")
+        _check_parent(d, "--out")
         return True
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutDirError(f"--out {d} is not writable: make it writable or choose another --out")
@@ -144,6 +150,42 @@ def check_out_dir(directory: str | os.PathLike, command: str) -> bool:
     named = ", ".join((clash or entries)[:6]) + (" ..." if len(clash or entries) > 6 else "")
     what = f"would overwrite {named}" if clash else f"holds {named}"
     raise OutDirError(f"--out {d} is not empty and not a polyattn {command} run (polyattn {what}): {_fix(command)}")
+
+
+def _check_parent(path: Path, what: str) -> None:
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise OutDirError(f"cannot create {what} {path}: {parent} is a file; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutDirError(f"cannot create {what} {path}: {parent} is not writable; choose another --out")
+
+
+def check_out_file(path: str | os.PathLike, command: str) -> None:
+    """Raise :class:`OutDirError` unless ``polyattn command`` may write its one output file ``path``.
+
+    The file rule mirrors the folder rule: a new file, or one this command wrote before (recognised by
+    how it begins, ``FILE_HEADS``), which it writes again; anything else is the user's and is refused.
+    """
+    if command not in FILE_HEADS:
+        raise ValueError(f"unknown command {command!r}; one of {', '.join(FILE_HEADS)}")
+    p = Path(path)
+    if p.is_dir():
+        raise OutDirError(f"--out {p} is a folder: polyattn {command} writes one file; name a file")
+    if not p.exists():
+        _check_parent(p, "--out")
+        return
+    try:
+        with open(p, encoding="utf-8") as f:
+            head = f.read(len(FILE_HEADS[command]))
+    except (OSError, UnicodeDecodeError):
+        head = ""
+    if head != FILE_HEADS[command]:
+        raise OutDirError(
+            f"--out {p} exists and is not a table polyattn {command} wrote (polyattn would overwrite it): "
+            "choose another --out (a new file)"
+        )
+    if not os.access(p, os.W_OK):
+        raise OutDirError(f"--out {p} is not writable: make it writable or choose another --out")
 
 
 def write_marker(directory: str | os.PathLike, command: str) -> bool:

@@ -251,6 +251,11 @@ class PathfinderSpec:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
         if self.contour_length < 1:
             raise ValueError(f"contour_length must be >= 1, got {self.contour_length}")
+        if (self.num_distractors or 0) < 0 or (self.distractor_length or 0) < 0:
+            raise ValueError(
+                f"num_distractors and distractor_length must be >= 0, got {self.num_distractors}, "
+                f"{self.distractor_length}"
+            )
         if min(self.paddle_length, self.paddle_thickness, self.marker_radius) <= 0 or self.margin < 0:
             raise ValueError("paddle_length, paddle_thickness, marker_radius must be > 0 and margin >= 0")
         if any(c < 0 for c in self.margin_choices):
@@ -542,6 +547,8 @@ def write_pathfinder(
     spec.check()
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per CPU core), got {workers}")
     level_dir = Path(out_dir) / level_folder(spec.contour_length)
     (level_dir / "metadata").mkdir(parents=True, exist_ok=True)
     jobs = []
