@@ -36,7 +36,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..core.activations import get_activation
-from ..training.config import ConfigError, dump_config, load_config, resolve_config
+from ..training.checkpoint import config_changes
+from ..training.config import REUSABLE, ConfigError, dump_config, load_config, resolve_config, trainer_schema
 from ..training.estimate import GridClock, fmt_duration, probe_run
 from ..training.precision import PRECISION_WORDS, legacy_auto, resolve_run_precision, silence_emulation_warning
 from ..training.trainer import CHECKPOINT, train
@@ -104,8 +105,6 @@ BASE_CONFIG: dict[str, Any] = {
 }
 BASE_CONFIG_NAME = "built-in digits + vit_micro (= configs/digits_vit_micro.yaml)"
 
-# Keys whose change does not change a run's numbers: a resumed comparison may differ in them.
-_RESUME_IGNORED = {"description", "train.num_threads", "data.num_workers", "train.device"}
 # Keys the comparison sets per run; --set must not fight over them.
 _OWNED_KEYS = {"model.activation": "--activations", "train.seed": "--seeds"}
 
@@ -235,14 +234,10 @@ class PlannedRun:
     state: str  # "new": train; "resume": continue from its checkpoint; "done": reuse summary.json
 
 
-def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = []
-        for k in sorted(set(old) | set(new), key=str):
-            keys += _changed(old.get(k), new.get(k), f"{prefix}{k}.")
-        return keys
-    key = prefix.rstrip(".")
-    return [] if old == new or key in _RESUME_IGNORED else [f"{key}: {old!r} (on disk) vs {new!r} (now)"]
+def _changed(old: dict, new: dict) -> list[str]:
+    # A resumed comparison reuses a run only when it differs in keys that change no number (free ones).
+    _, refused = config_changes(old, new, trainer_schema(), allowed=REUSABLE)
+    return [f"{key}: {a!r} (on disk) vs {b!r} (now)" for key, (a, b) in refused.items()]
 
 
 def _normalised(cfg: dict) -> dict:
