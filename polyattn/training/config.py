@@ -82,8 +82,8 @@ class ConfigError(ValueError):
 RESUME_RULES: dict[str, str] = {
     "free": "changes no number of the run: a resume takes the new value silently, and a finished run is "
     "reused whatever its value",
-    "applied": "changes the steps still to come: a resume applies it from its first step and records the "
-    "change; a finished run with another value is not reused",
+    "applied": "changes the steps still to come: a resume applies it from its first step on (the trainer "
+    "records the change as a `resume` row); a finished run with another value is not reused",
     "fixed": "belongs to the steps already taken: a resume refuses a change",
 }
 # What a resume of a run may change; a finished run is reused by a grid only when it differs in free keys.
@@ -224,20 +224,37 @@ def register_config_section(name: str, defaults: dict, resume: str = "applied") 
         section[key] = _key_from_default(value, resume)
 
 
-def _data_keys(given: dict) -> dict[str, Key]:
-    """The keys of the ``data`` section for the dataset it names (the default dataset when none).
+class _DataKeys:
+    """The trainer's ``data`` section: the keys of the dataset it names (the default dataset when none).
 
     Their choices and range checks are the dataset's own, tested by ``check_data_values``.
     """
-    name = given.get("name", COMMON_DATA_KEYS["name"])
-    if not isinstance(name, str):
-        raise ConfigError(f"data.name must be a string, got {name!r}")
-    if name not in list_datasets():
-        raise ConfigError(f"data.name: unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    rules = dataset_resume_rules(name)
-    keys = {k: _key_from_default(v, rules[k]) for k, v in dataset_defaults(name).items()}
-    keys["root"] = Key(None, "str", nullable=True, resume=rules["root"])
-    return keys
+
+    def __call__(self, given: dict) -> dict[str, Key]:
+        name = given.get("name", COMMON_DATA_KEYS["name"])
+        if not isinstance(name, str):
+            raise ConfigError(f"data.name must be a string, got {name!r}")
+        if name not in list_datasets():
+            raise ConfigError(f"data.name: unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+        rules = dataset_resume_rules(name)
+        keys = {k: _key_from_default(v, rules[k]) for k, v in dataset_defaults(name).items()}
+        keys["root"] = Key(None, "str", nullable=True, resume=rules["root"])
+        return keys
+
+    @staticmethod
+    def by_rule() -> dict[str, list[str]]:
+        """Rule -> the section's keys under it, for the docs: the common keys, then each dataset's own."""
+        rules = dataset_resume_rules(COMMON_DATA_KEYS["name"])
+        out = {rule: [f"`{k}`" for k in COMMON_DATA_KEYS if rules[k] == rule] for rule in RESUME_RULES}
+        for dataset in list_datasets():
+            for key, rule in dataset_resume_rules(dataset).items():
+                if key not in COMMON_DATA_KEYS and rule != "fixed":
+                    out[rule].append(f"`{key}` ({dataset})")
+        out["fixed"].append("every other key of a dataset")
+        return out
+
+
+_data_keys = _DataKeys()
 
 
 def trainer_schema() -> ConfigSchema:
@@ -800,12 +817,16 @@ def _require_rules(kind: str, keys: dict[str, Key]) -> None:
         raise ValueError(f"{kind}: keys {missing} declare no resume rule (Key.resume: one of {list(RESUME_RULES)})")
 
 
-def resume_table(schema: ConfigSchema, cfg: dict | None = None) -> str:
-    """A markdown table of every key of ``schema`` and its resume rule (docs/training.md prints these).
+def resume_table(schema: ConfigSchema) -> str:
+    """A markdown table of the keys of ``schema`` by section and resume rule (docs/training.md's tables)."""
 
-    ``cfg`` picks the keys of dynamic sections (the trainer's ``data`` section by ``data.name``).
-    """
-    keys = schema.keys(cfg)
-    lines = ["| key | on resume |", "|---|---|"]
-    lines += [f"| `{key}` | {spec.resume} |" for key, spec in keys.items()]
+    def by_rule(keys: dict[str, Key]) -> dict[str, list[str]]:
+        return {rule: [f"`{k}`" for k, spec in keys.items() if spec.resume == rule] for rule in RESUME_RULES}
+
+    rows = {"(top level)": by_rule(schema.top)} if schema.top else {}
+    for name, keys in schema.sections.items():
+        rows[name] = keys.by_rule() if hasattr(keys, "by_rule") else by_rule(keys)
+    lines = ["| section | " + " | ".join(RESUME_RULES) + " |", "|---" * (len(RESUME_RULES) + 1) + "|"]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(", ".join(cells[rule]) for rule in RESUME_RULES) + " |")
     return "\n".join(lines)
