@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,43 +29,45 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.decode import LinearState
 from ..core.functional import attention
-from ..training.config import settings_from_dict
+from ..training.config import at_least, ints_at_least, list_of, setting, settings_from_dict
 from ..utils.machine import machine_line
 from .bench import bench_results, write_bench_dir
 
 __all__ = ["DecodeBenchConfig", "format_decode_table", "run_decode_bench"]
 
 
+def _is_spec(a: Any) -> bool:
+    return isinstance(a, str)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive(default: int) -> Any:
+    return setting(default, check=at_least(1), requirement=">= 1")
+
+
 @dataclass
 class DecodeBenchConfig:
-    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
-    activations: list[str] = field(default_factory=lambda: ["x/sqrt(N)", "x^2/sqrt(N)"])
-    heads: int = 8
-    d: int = 64
-    batch: int = 1
-    steps: int = 20
-    warmup: int = 3
+    contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
+    activations: list[str] = setting(["x/sqrt(N)", "x^2/sqrt(N)"], **list_of(_is_spec, "activation specs"))
+    heads: int = _positive(8)
+    d: int = _positive(64)
+    batch: int = _positive(1)
+    steps: int = _positive(20)
+    warmup: int = setting(3, check=at_least(0), requirement=">= 0")
     device: str = "auto"
-    dtype: str = "float32"
-    num_threads: int | None = None
+    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> DecodeBenchConfig:
         cfg = settings_from_dict(DecodeBenchConfig, data, "decode bench config")
-        if not cfg.contexts or any(int(n) < 1 for n in cfg.contexts):
-            raise ValueError(f"contexts must be positive token counts, got {cfg.contexts}")
         for spec in cfg.activations:
             if not get_activation(spec).is_polynomial:
                 raise ValueError(f"--decode compares x^p activations with softmax, got {spec!r}; e.g. x^2/sqrt(N)")
-        if min(cfg.heads, cfg.d, cfg.batch, cfg.steps) < 1 or cfg.warmup < 0:
-            raise ValueError("heads, d, batch and steps must be >= 1 and warmup >= 0")
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
         return cfg
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _device(cfg: DecodeBenchConfig) -> torch.device:

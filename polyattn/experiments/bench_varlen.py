@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
-from ..training.config import settings_from_dict
+from ..training.config import at_least, ints_at_least, list_of, setting, settings_from_dict
 from ..utils.machine import machine_line
 from .bench import _proc_status, _rss_peak_supported, bench_results, write_bench_dir
 
@@ -45,33 +45,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 LAYOUTS = ("packed", "padded", "block mask")
 
 
+def _is_spec(a: Any) -> bool:
+    return isinstance(a, str)
+
+
 @dataclass
 class VarlenBenchConfig:
-    lengths: list[int] = field(default_factory=lambda: [1024, 256, 4096, 512, 2048, 768, 3072, 1536])
-    activations: list[str] = field(default_factory=lambda: ["x^3/sqrt(N)", "x^2/sqrt(N)"])
-    heads: int = 4
-    d: int = 64
+    lengths: list[int] = setting([1024, 256, 4096, 512, 2048, 768, 3072, 1536], **ints_at_least(1))
+    activations: list[str] = setting(["x^3/sqrt(N)", "x^2/sqrt(N)"], **list_of(_is_spec, "activation specs"))
+    heads: int = setting(4, check=at_least(1), requirement=">= 1")
+    d: int = setting(64, check=at_least(1), requirement=">= 1")
     causal: bool = True
-    repeats: int = 3
-    device: str = "auto"
-    dtype: str = "float32"
-    num_threads: int | None = None
+    repeats: int = setting(3, check=at_least(1), requirement=">= 1")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
     memory: bool = True
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> VarlenBenchConfig:
         cfg = settings_from_dict(VarlenBenchConfig, data, "varlen bench config")
-        if not cfg.lengths or any(int(n) < 1 for n in cfg.lengths):
-            raise ValueError(f"lengths must be positive document lengths, got {cfg.lengths}")
         for spec in cfg.activations:
             get_activation(spec)  # a clear error for a malformed spec
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
-        if cfg.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-        if cfg.repeats < 1 or cfg.heads < 1 or cfg.d < 1:
-            raise ValueError("repeats, heads and d must be >= 1")
         return cfg
 
 

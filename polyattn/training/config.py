@@ -50,12 +50,15 @@ __all__ = [
     "at_least",
     "canonical_activation",
     "check_amp_device",
+    "check_settings",
     "default_config",
     "dump_config",
     "get_key",
     "grid_points",
+    "ints_at_least",
     "is_grid_file",
     "greater_than",
+    "list_of",
     "load_config",
     "merge_configs",
     "non_negative",
@@ -65,7 +68,9 @@ __all__ = [
     "register_config_section",
     "resolve_config",
     "resume_table",
+    "setting",
     "settings_from_dict",
+    "subset_of",
     "trainer_schema",
 ]
 
@@ -678,9 +683,56 @@ def dump_config(cfg: dict) -> str:
     return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
-# --- other kinds of config ---------------------------------------------------------
-def settings_from_dict(cls: type, data: Any, what: str) -> Any:
-    """``cls(**data)`` for a dataclass of flat settings (bench, theory), with errors naming ``what``.
+# --- flat settings (bench, theory) ----------------------------------------------------
+def setting(default: Any, kind: str | None = None, **spec: Any) -> Any:
+    """A field of a flat settings dataclass (bench, theory), declared as a :class:`Key`.
+
+    ``kind`` defaults to the default's type; ``spec`` holds the Key's ``nullable``, ``choices``,
+    ``check`` and ``requirement``. :func:`check_settings` validates the field through it.
+    """
+    key = Key(default, kind or _key_from_default(default).kind, **spec)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"key": key})
+    return field(default=default, metadata={"key": key})
+
+
+def list_of(ok: Callable[[Any], bool], words: str, empty: bool = False) -> dict[str, Any]:
+    """``setting`` arguments for a list (non-empty unless ``empty``) whose items pass ``ok``."""
+    return {
+        "check": lambda v: (empty or len(v) > 0) and all(ok(x) for x in v),
+        "requirement": f"a {'' if empty else 'non-empty '}list of {words}",
+    }
+
+
+def ints_at_least(lo: int) -> dict[str, Any]:
+    """``setting`` arguments for a non-empty list of integers >= lo."""
+    return list_of(lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= lo, f"integers >= {lo}")
+
+
+def subset_of(choices: Sequence[str], empty: bool = False) -> dict[str, Any]:
+    """``setting`` arguments for a list of some of ``choices``."""
+    return list_of(lambda x: x in choices, "some of " + ", ".join(map(str, choices)), empty)
+
+
+def _settings_key(f: dataclasses.Field) -> Key:
+    if "key" in f.metadata:
+        return f.metadata["key"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return _key_from_default(default)
+
+
+def check_settings(obj: Any, what: str, label: Callable[[str], str] = str) -> None:
+    """Validate every field of a settings dataclass through its Key, storing the coerced values.
+
+    A bad value raises ConfigError "<what>: <label(field)> must be ..., got ..." (``label`` gives the
+    spelling a user typed, e.g. the command-line option next to the field).
+    """
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(f"{what}: {label(f.name)}", _settings_key(f), getattr(obj, f.name)))
+
+
+def settings_from_dict(cls: type, data: Any, what: str, label: Callable[[str], str] = str) -> Any:
+    """``cls(**data)`` for a dataclass of flat settings (bench, theory), validated by :func:`check_settings`.
 
     Not a mapping, or a key the dataclass lacks (with the closest known one), is a ConfigError.
     """
@@ -692,9 +744,12 @@ def settings_from_dict(cls: type, data: Any, what: str) -> Any:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"{what}: unknown key(s) {unknown}{hint}; allowed keys: {known}")
-    return cls(**data)
+    out = cls(**data)
+    check_settings(out, what, label)
+    return out
 
 
+# --- kinds of config ---------------------------------------------------------------------
 Section = dict[str, Key] | Callable[[dict], dict[str, Key]]
 
 
