@@ -46,8 +46,8 @@ from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.functional import attention
 from ..training.config import (
-    at_least,
     check_settings,
+    int_setting,
     ints_at_least,
     list_of,
     setting,
@@ -86,21 +86,21 @@ class BenchConfig:
     ns: list[int] = setting([256, 512, 1024, 2048, 4096, 8192, 16384], **ints_at_least(1))
     ds: list[int] = setting([32, 64], **ints_at_least(1))
     ps: list[int] = setting([1, 2, 3], **ints_at_least(1))
-    heads: int = setting(4, check=at_least(1), requirement=">= 1")
-    batch: int = setting(1, check=at_least(1), requirement=">= 1")
+    heads: int = int_setting(4)
+    batch: int = int_setting(1)
     # the activation is x^p/<divisor>
     divisor: str = setting("sqrt(N)", check=_is_divisor, requirement="'sqrt(N)', 'N', 'none' or a positive number")
     backends: list[str] = setting(
         ["auto", "chunked", "linear", "reference"], **subset_of(("auto", *sorted(BACKENDS)), empty=True)
     )
-    repeats: int = setting(3, check=at_least(1), requirement=">= 1")
+    repeats: int = int_setting(3)
     # "auto": cuda when available, else cpu
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     # "auto": float32 on CPU, bfloat16 on GPU
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
     memory: bool = True
     # torch threads on CPU (default: torch's own, all cores)
-    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
     # A backend is skipped (and the skip reported) when the cost model puts it
     # above skip_factor x the fastest supported backend and above min_skip_s,

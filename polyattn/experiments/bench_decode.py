@@ -29,36 +29,28 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.decode import LinearState
 from ..core.functional import attention
-from ..training.config import at_least, ints_at_least, list_of, setting, settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from ..utils.machine import machine_line
 from .bench import bench_results, write_bench_dir
 
 __all__ = ["DecodeBenchConfig", "format_decode_table", "run_decode_bench"]
 
 
-def _is_spec(a: Any) -> bool:
-    return isinstance(a, str)
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _positive(default: int) -> Any:
-    return setting(default, check=at_least(1), requirement=">= 1")
 
 
 @dataclass
 class DecodeBenchConfig:
     contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
-    activations: list[str] = setting(["x/sqrt(N)", "x^2/sqrt(N)"], **list_of(_is_spec, "activation specs"))
-    heads: int = _positive(8)
-    d: int = _positive(64)
-    batch: int = _positive(1)
-    steps: int = _positive(20)
-    warmup: int = setting(3, check=at_least(0), requirement=">= 0")
+    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    heads: int = int_setting(8)
+    d: int = int_setting(64)
+    batch: int = int_setting(1)
+    steps: int = int_setting(20)
+    warmup: int = int_setting(3, 0)
     device: str = "auto"
     dtype: str = setting("float32", choices=tuple(_DTYPES))
-    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod

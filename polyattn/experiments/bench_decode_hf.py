@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.activations import get_activation
-from ..training.config import at_least, ints_at_least, list_of, setting, settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from ..utils.machine import machine_line
 from .bench import bench_results, write_bench_dir
 
@@ -34,29 +34,21 @@ __all__ = ["HFDecodeBenchConfig", "format_hf_decode_table", "run_hf_decode_bench
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _positive(default: int) -> Any:
-    return setting(default, check=at_least(1), requirement=">= 1")
-
-
-def _is_spec(a: Any) -> bool:
-    return isinstance(a, str)
-
-
 @dataclass
 class HFDecodeBenchConfig:
     contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
-    activations: list[str] = setting(["x/sqrt(N)", "x^2/sqrt(N)"], **list_of(_is_spec, "activation specs"))
-    layers: int = _positive(2)
-    heads: int = _positive(4)
-    kv_heads: int = _positive(2)
-    d: int = _positive(32)
-    mlp: int = _positive(256)
-    vocab: int = _positive(256)
-    batch: int = _positive(1)
-    new_tokens: int = setting(32, check=at_least(2), requirement=">= 2 (the first one comes with the prefill)")
+    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    layers: int = int_setting(2)
+    heads: int = int_setting(4)
+    kv_heads: int = int_setting(2)
+    d: int = int_setting(32)
+    mlp: int = int_setting(256)
+    vocab: int = int_setting(256)
+    batch: int = int_setting(1)
+    new_tokens: int = int_setting(32, 2, ">= 2 (the first one comes with the prefill)")
     device: str = "auto"
     dtype: str = setting("float32", choices=tuple(_DTYPES))
-    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod

@@ -31,7 +31,7 @@ from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.layers import PolyAttention
 from ..core.module import attention_modules
-from ..training.config import at_least, setting, settings_from_dict, subset_of
+from ..training.config import int_setting, setting, settings_from_dict, subset_of
 from ..training.precision import AMP_CHOICES, amp_dtype, resolve_amp
 from ..utils.machine import machine_line
 from .bench import bench_results, write_bench_dir
@@ -51,11 +51,11 @@ class ModelBenchConfig:
     in_chans: int = 3
     num_classes: int = 200
     amp: list[str] = setting(["auto"], **subset_of(AMP_CHOICES))
-    batch_size: int = setting(32, check=at_least(1), requirement=">= 1")
-    steps: int = setting(5, check=at_least(1), requirement=">= 1")
+    batch_size: int = int_setting(32)
+    steps: int = int_setting(5)
     warmup_steps: int = 1
     device: str = "auto"
-    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
-from ..training.config import at_least, ints_at_least, list_of, setting, settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from ..utils.machine import machine_line
 from .bench import _proc_status, _rss_peak_supported, bench_results, write_bench_dir
 
@@ -45,21 +45,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 LAYOUTS = ("packed", "padded", "block mask")
 
 
-def _is_spec(a: Any) -> bool:
-    return isinstance(a, str)
-
-
 @dataclass
 class VarlenBenchConfig:
     lengths: list[int] = setting([1024, 256, 4096, 512, 2048, 768, 3072, 1536], **ints_at_least(1))
-    activations: list[str] = setting(["x^3/sqrt(N)", "x^2/sqrt(N)"], **list_of(_is_spec, "activation specs"))
-    heads: int = setting(4, check=at_least(1), requirement=">= 1")
-    d: int = setting(64, check=at_least(1), requirement=">= 1")
+    activations: list[str] = specs_setting(["x^3/sqrt(N)", "x^2/sqrt(N)"])
+    heads: int = int_setting(4)
+    d: int = int_setting(64)
     causal: bool = True
-    repeats: int = setting(3, check=at_least(1), requirement=">= 1")
+    repeats: int = int_setting(3)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     dtype: str = setting("float32", choices=tuple(_DTYPES))
-    num_threads: int | None = setting(None, "int", nullable=True, check=at_least(0), requirement=">= 0")
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     memory: bool = True
     seed: int = 0
 

@@ -45,13 +45,13 @@ from ..core.activations import Activation, get_activation
 from ..core.backends.reference import attention_weights
 from ..core.diagnostics import attention_norms
 from ..training.config import (
-    at_least,
     check_settings,
     greater_than,
+    int_setting,
     ints_at_least,
-    list_of,
     setting,
     settings_from_dict,
+    specs_setting,
 )
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.record import run_record
@@ -81,28 +81,20 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return out
 
 
-def _positive(default: int) -> Any:
-    return setting(default, check=at_least(1), requirement="a positive integer")
-
-
-def _is_spec(a: Any) -> bool:
-    return isinstance(a, str)
-
-
 @dataclass
 class TheoryConfig:
     """Settings of ``polyattn theory``; every field is also a command-line option."""
 
-    seed: int = setting(0, check=at_least(0), requirement="an integer >= 0")
+    seed: int = int_setting(0, 0, "an integer >= 0")
     # Theorem 4.1
     bound_n: list[int] = setting(_powers_of_two(2, 4096), **ints_at_least(2))
-    bound_samples: int = _positive(2)  # matrices per family and N
+    bound_samples: int = int_setting(2, 1, "a positive integer")  # matrices per family and N
     # Theorems 4.2 / 4.4 and their corollaries
     n_grid: list[int] = setting(_powers_of_two(8, 1024), **ints_at_least(2))
     # Monte Carlo draws of (X, Q, K) per N
-    samples: int = setting(100, check=at_least(2), requirement="at least 2 (for an interval)")
-    D: int = _positive(64)  # model width (columns of X)
-    d: int = _positive(16)  # head width (columns of Q and K)
+    samples: int = int_setting(100, 2, "at least 2 (for an interval)")
+    D: int = int_setting(64, 1, "a positive integer")  # model width (columns of X)
+    d: int = int_setting(16, 1, "a positive integer")  # head width (columns of Q and K)
     # standard deviation of the entries of X
     sigma_x: float = setting(1.0, check=greater_than(0), requirement="a positive number")
     # standard deviation of Q, K; None = 1/sqrt(D) (unit-variance scores)
@@ -112,10 +104,8 @@ class TheoryConfig:
     # Intra-op threads while running. The work is many small memory-bound
     # tensor ops, which gain little from threads and slow down badly when the
     # cores are shared with other jobs.
-    num_threads: int = _positive(1)
-    activations: list[str] = setting(
-        ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"], **list_of(_is_spec, "activation spec strings")
-    )
+    num_threads: int = int_setting(1, 1, "a positive integer")
+    activations: list[str] = specs_setting(["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"])
 
     def resolved(self) -> TheoryConfig:
         """A validated copy with sigma_t filled in; raises ValueError naming the bad field and its option."""

@@ -55,6 +55,7 @@ __all__ = [
     "dump_config",
     "get_key",
     "grid_points",
+    "int_setting",
     "ints_at_least",
     "is_grid_file",
     "greater_than",
@@ -70,6 +71,7 @@ __all__ = [
     "resume_table",
     "setting",
     "settings_from_dict",
+    "specs_setting",
     "subset_of",
     "trainer_schema",
 ]
@@ -694,6 +696,16 @@ def setting(default: Any, kind: str | None = None, **spec: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"key": key})
     return field(default=default, metadata={"key": key})
+
+
+def int_setting(default: int | None, lo: int = 1, requirement: str = "", nullable: bool = False) -> Any:
+    """A settings field for an integer >= lo (``requirement``: the words of its error, ">= lo" by default)."""
+    return setting(default, "int", nullable=nullable, check=at_least(lo), requirement=requirement or f">= {lo}")
+
+
+def specs_setting(default: list[str]) -> Any:
+    """A settings field for a non-empty list of activation spec strings (each parsed where it is used)."""
+    return setting(default, **list_of(lambda a: isinstance(a, str), "activation spec strings"))
 
 
 def list_of(ok: Callable[[Any], bool], words: str, empty: bool = False) -> dict[str, Any]:
