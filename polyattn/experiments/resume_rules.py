@@ -2,7 +2,7 @@
 
     python -m polyattn.experiments.resume_rules    # the markdown between the docs' markers
 
-tests/test_resume_rules.py checks that the docs hold exactly this text.
+tests/test_config_keys.py checks that the docs hold exactly this text.
 """
 
 from __future__ import annotations

@@ -431,6 +431,8 @@ def _coerce(full_key: str, spec: Key, value: Any) -> Any:
     elif kind == "dict" and not isinstance(value, dict):
         bad = "a mapping"
     if bad:
+        if spec.requirement.startswith(("a ", "an ")):  # "a positive integer" says the type too
+            bad = spec.requirement
         raise ConfigError(f"{full_key} must be {bad}, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{full_key} must be one of {list(spec.choices)}, got {value!r}")
@@ -705,7 +707,11 @@ def int_setting(default: int | None, lo: int = 1, requirement: str = "", nullabl
 
 def specs_setting(default: list[str]) -> Any:
     """A settings field for a non-empty list of activation spec strings (each parsed where it is used)."""
-    return setting(default, **list_of(lambda a: isinstance(a, str), "activation spec strings"))
+    return setting(
+        default,
+        check=lambda v: len(v) > 0 and all(isinstance(a, str) for a in v),
+        requirement="a list of activation spec strings, at least one",
+    )
 
 
 def list_of(ok: Callable[[Any], bool], words: str, empty: bool = False) -> dict[str, Any]:

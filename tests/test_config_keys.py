@@ -1,25 +1,32 @@
-"""The resume-rule table: every key of every kind of run declares free, applied or fixed, every resume reads it."""
+"""One key declaration for every kind of config: the resume-rule table every resume reads (every key of every
+kind of run declares free, applied or fixed), and the bench/theory settings checked through the same Keys."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 from synthetic_setting import small_vit, synthetic_run
 
-from polyattn.data.registry import list_datasets
+from polyattn.data.errors import DatasetError
+from polyattn.data.registry import build_dataset, list_datasets
+from polyattn.experiments.bench import BenchConfig
 from polyattn.experiments.detection.config import DETECT_CONFIG
 from polyattn.experiments.pinn.config import PINN_CONFIG
 from polyattn.experiments.resume_rules import resume_docs
+from polyattn.experiments.theory import TheoryConfig
 from polyattn.training import load_config, train
 from polyattn.training.checkpoint import config_changes
 from polyattn.training.config import (
     RESUME_RULES,
     REUSABLE,
+    ConfigError,
     ConfigSchema,
     Key,
+    check_amp_device,
     resolve_config,
     trainer_schema,
 )
@@ -107,3 +114,39 @@ def test_a_trainer_resume_takes_a_free_change_silently_and_records_an_applied_on
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "resume"]
     assert [r["changed"] for r in rows] == [{"train.epochs": [1, 2]}]
     assert s["config_changes"] == [{"epoch": 1, "step": 4, "changed": {"train.epochs": [1, 2]}}]
+
+
+def test_settings_fields_are_keys_checked_by_the_config_code():
+    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    assert fields["sdpa_backend"].metadata["key"].choices == ("auto", "flash", "efficient", "cudnn", "math")
+    cfg = BenchConfig.from_dict({"ns": [64], "skip_factor": 4, "divisor": 14})
+    assert cfg.skip_factor == 4.0 and isinstance(cfg.skip_factor, float) and cfg.activation(3) == "x^3/14"
+    for bad, words in (
+        ({"ns": [0]}, "bench config: ns must be a non-empty list of integers >= 1, got [0]"),
+        ({"repeats": True}, "bench config: repeats must be an integer, got True"),
+        ({"device": "tpu"}, "bench config: device must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"),
+        ({"divisor": "q"}, "bench config: divisor must be 'sqrt(N)', 'N', 'none' or a positive number, got 'q'"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            BenchConfig.from_dict(bad)
+        assert str(e.value) == words
+    # A theory error names the command-line option next to the field, as a CLI user typed it.
+    with pytest.raises(ConfigError, match=r"theory config: D \(--D\) must be a positive integer, got 0"):
+        TheoryConfig(D=0).resolved()
+
+
+def test_fp16_on_a_cpu_is_refused_by_one_check():
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs a GPU"):
+        load_config(None, ["train.device=cpu", "train.amp=fp16"])
+    check_amp_device("fp16", "auto")  # the device is not known yet: the run checks again
+    check_amp_device("bf16", "cpu")
+
+
+def test_a_datasets_choices_and_ranges_are_checked_by_one_function():
+    words = r"data.augment must be one of \[.*\] for dataset 'digits', got 'wild'"
+    with pytest.raises(ConfigError, match=words):  # at config time, before any run directory exists
+        load_config(None, ["data.augment=wild"])
+    with pytest.raises(DatasetError, match=words):
+        build_dataset({"name": "digits", "augment": "wild"}, 0)
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \(0, 1\), got 1.5"):
+        load_config(None, ["data.val_fraction=1.5"])
