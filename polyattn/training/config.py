@@ -10,6 +10,13 @@ first, in order, then this file on top (nested dicts merge key by key).
 Overrides ``a.b=value`` parse ``value`` as YAML and apply last. Every key is
 documented in docs/training.md; an unknown key or a bad value raises
 ``ConfigError`` naming the key and what is allowed.
+
+Every kind of config declares its keys the same way: a :class:`Key` (type, default, choices,
+range check, resume rule) per key, gathered in a :class:`ConfigSchema` (the trainer's is
+:func:`trainer_schema`; PINN_CONFIG and DETECT_CONFIG in experiments/), or, for the flat bench
+and theory settings, in dataclass fields declared with :func:`setting`. A key's resume rule
+(RESUME_RULES: free, applied, fixed) is the one table every resume reads
+(``checkpoint.config_changes``).
 """
 
 from __future__ import annotations
