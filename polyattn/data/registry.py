@@ -5,7 +5,9 @@ A builder is ``fn(cfg_data: dict, seed: int) -> DataBundle`` registered with
 declares the config keys the dataset accepts besides the common ones (``name``,
 ``root``, ``seed``, ``num_workers``), so that ``data.<key>`` is validated per dataset;
 ``checks`` maps a key to ``(predicate, requirement)``, e.g.
-``{"val_fraction": in_range(0, 1)}``, tested before the builder runs.
+``{"val_fraction": in_range(0, 1)}``, tested (with ``choices``) by :func:`check_data_values`, at config
+time and before the builder runs. A resume may change only the keys that change no number (``root``,
+``num_workers`` and the dataset's ``free`` keys, such as a generator's worker count).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ __all__ = [
     "DataBundle",
     "IMAGE_SIZE",
     "build_dataset",
+    "check_data_values",
     "dataset_checks",
     "dataset_choices",
     "dataset_defaults",
+    "dataset_resume_rules",
     "in_range",
     "int_at_least",
     "list_datasets",
@@ -40,6 +44,8 @@ __all__ = [
 # splits independently of ``train.seed``, so runs with different training seeds
 # are scored on the same validation set.
 COMMON_DATA_KEYS: dict[str, Any] = {"name": "digits", "root": None, "seed": 0, "num_workers": 0}
+# Of those, the ones that change no number: where the files are and how many workers load them.
+_FREE_COMMON = ("root", "num_workers")
 
 
 @dataclass
@@ -101,13 +107,16 @@ def register_dataset(
     defaults: dict | None = None,
     choices: dict[str, tuple] | None = None,
     checks: dict[str, Check] | None = None,
+    free: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``fn(cfg_data, seed) -> DataBundle`` as dataset ``name``.
 
     ``defaults``: dataset-specific config keys and their default values.
-    ``choices``: allowed values for some of those keys, checked by the config loader.
+    ``choices``: allowed values for some of those keys.
     ``checks``: ``key -> (predicate, requirement)`` for keys whose values have a
-    range (fractions, sizes); checked by :func:`build_dataset` before the builder runs.
+    range (fractions, sizes). Both are tested by :func:`check_data_values`.
+    ``free``: keys that change no number of a run (e.g. a generator's worker count), so a resume
+    may change them; every other dataset key is fixed on resume (it chose the data).
     """
     defaults = dict(defaults or {})
     choices = {k: tuple(v) for k, v in (choices or {}).items()}
@@ -118,11 +127,11 @@ def register_dataset(
     clash = set(defaults) & set(COMMON_DATA_KEYS)
     if clash:
         raise ValueError(f"dataset {name!r}: keys {sorted(clash)} are common data keys and cannot be redefined")
-    for what, keys in (("choices", choices), ("checks", checks)):
+    for what, keys in (("choices", choices), ("checks", checks), ("free", free)):
         unknown = set(keys) - set(defaults) - set(COMMON_DATA_KEYS)
         if unknown:
             raise ValueError(f"dataset {name!r}: {what} given for undeclared keys {sorted(unknown)}")
-    return _DATASETS.register(name, defaults=defaults, choices=choices, checks=checks)
+    return _DATASETS.register(name, defaults=defaults, choices=choices, checks=checks, free=tuple(free))
 
 
 def list_datasets() -> list[str]:
@@ -148,14 +157,29 @@ def dataset_checks(name: str) -> dict[str, Check]:
     return dict(_DATASETS.entry(name).meta["checks"])
 
 
-def _check_value(name: str, key: str, check: Check, value: Any) -> None:
-    predicate, requirement = check
-    try:
-        ok = bool(predicate(value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise DatasetError(f"data.{key} must be {requirement}, got {value!r} (dataset {name!r})")
+def dataset_resume_rules(name: str) -> dict[str, str]:
+    """``key -> "free" | "fixed"`` for every key of dataset ``name`` (the resume rule of ``data.<key>``)."""
+    free = (*_FREE_COMMON, *_DATASETS.entry(name).meta["free"])
+    return {key: "free" if key in free else "fixed" for key in dataset_defaults(name)}
+
+
+def check_data_values(cfg_data: dict) -> None:
+    """Raise DatasetError for a value outside the dataset's ``choices`` or ``checks``.
+
+    The one test of those values: the config loader runs it before any run directory exists,
+    :func:`build_dataset` before the builder runs. ``cfg_data`` holds every key (defaults filled in).
+    """
+    name = cfg_data["name"]
+    for key, allowed in dataset_choices(name).items():
+        if cfg_data[key] not in allowed:
+            raise DatasetError(f"data.{key} must be one of {list(allowed)} for dataset {name!r}, got {cfg_data[key]!r}")
+    for key, (predicate, requirement) in dataset_checks(name).items():
+        try:
+            ok = bool(predicate(cfg_data[key]))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DatasetError(f"data.{key} must be {requirement}, got {cfg_data[key]!r} (dataset {name!r})")
 
 
 def _check_splits(name: str, bundle: DataBundle) -> None:
@@ -193,11 +217,7 @@ def build_dataset(cfg_data: dict, seed: int) -> DataBundle:
             f"allowed: {', '.join(sorted(resolved))}"
         )
     resolved.update(cfg_data)
-    for key, allowed in dataset_choices(name).items():
-        if resolved[key] not in allowed:
-            raise DatasetError(f"data.{key} must be one of {list(allowed)} for dataset {name!r}, got {resolved[key]!r}")
-    for key, check in dataset_checks(name).items():
-        _check_value(name, key, check, resolved[key])
+    check_data_values(resolved)
     bundle = _DATASETS.get(name)(resolved, seed)
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")

@@ -31,7 +31,7 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -42,7 +42,15 @@ from ..core.activations import get_activation
 from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.functional import attention
-from ..training.config import settings_from_dict
+from ..training.config import (
+    check_settings,
+    int_setting,
+    ints_at_least,
+    list_of,
+    setting,
+    settings_from_dict,
+    subset_of,
+)
 from .bench_common import (
     SDPA,
     bench_results,
@@ -69,22 +77,37 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 _SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
+def _is_divisor(text: str) -> bool:
+    if text in ("sqrt(N)", "N", "none"):
+        return True
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 @dataclass
 class BenchConfig:
     """The grid and the measurement settings of one ``polyattn bench`` run."""
 
-    ns: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384])
-    ds: list[int] = field(default_factory=lambda: [32, 64])
-    ps: list[int] = field(default_factory=lambda: [1, 2, 3])
-    heads: int = 4
-    batch: int = 1
-    divisor: str = "sqrt(N)"  # the activation is x^p/<divisor>
-    backends: list[str] = field(default_factory=lambda: ["auto", "chunked", "linear", "reference"])
-    repeats: int = 3
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU
+    ns: list[int] = setting([256, 512, 1024, 2048, 4096, 8192, 16384], **ints_at_least(1))
+    ds: list[int] = setting([32, 64], **ints_at_least(1))
+    ps: list[int] = setting([1, 2, 3], **ints_at_least(1))
+    heads: int = int_setting(4)
+    batch: int = int_setting(1)
+    # the activation is x^p/<divisor>
+    divisor: str = setting("sqrt(N)", check=_is_divisor, requirement="'sqrt(N)', 'N', 'none' or a positive number")
+    backends: list[str] = setting(
+        ["auto", "chunked", "linear", "reference"], **subset_of(("auto", *sorted(BACKENDS)), empty=True)
+    )
+    repeats: int = int_setting(3)
+    # "auto": cuda when available, else cpu
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    # "auto": float32 on CPU, bfloat16 on GPU
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
     memory: bool = True
-    num_threads: int | None = None  # torch threads on CPU (default: torch's own, all cores)
+    # torch threads on CPU (default: torch's own, all cores)
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
     # A backend is skipped (and the skip reported) when the cost model puts it
     # above skip_factor x the fastest supported backend and above min_skip_s,
@@ -94,42 +117,20 @@ class BenchConfig:
     max_case_s: float = 60.0
     # Seconds of timed runs per case at most (slow cases run fewer repeats).
     case_budget_s: float = 12.0
-    causal: list[bool] = field(default_factory=lambda: [False])  # each case with and/or without causal masking
+    # each case with and/or without causal masking
+    causal: list[bool] = setting([False], **list_of(lambda c: isinstance(c, bool), "true/false"))
     # What is timed: "fwd" (the forward of a training step: inputs require grad), "bwd" (backward
     # alone, after an untimed forward) and "fwd+bwd"; memory is measured for fwd+bwd only.
-    modes: list[str] = field(default_factory=lambda: ["fwd+bwd"])
+    modes: list[str] = setting(["fwd+bwd"], **subset_of(MODES))
     # The SDPA softmax baseline's kernel: "auto" (PyTorch picks) or one of flash, efficient, cudnn, math.
-    sdpa_backend: str = "auto"
+    sdpa_backend: str = setting("auto", choices=_SDPA_KERNELS)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BenchConfig:
-        cfg = settings_from_dict(BenchConfig, data, "bench config")
-        cfg.validate()
-        return cfg
+        return settings_from_dict(BenchConfig, data, "bench config")
 
     def validate(self) -> None:
-        for name in ("ns", "ds", "ps"):
-            values = getattr(self, name)
-            if not values or not all(isinstance(x, int) and x >= 1 for x in values):
-                raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
-        allowed = set(BACKENDS) | {"auto"}
-        bad = [b for b in self.backends if b not in allowed]
-        if bad:
-            raise ValueError(f"unknown backend(s) {bad}; choose from {sorted(allowed)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
-        if self.divisor not in ("sqrt(N)", "N", "none") and not _is_number(self.divisor):
-            raise ValueError(f"divisor must be 'sqrt(N)', 'N', 'none' or a number, got {self.divisor!r}")
-        if self.repeats < 1 or self.heads < 1 or self.batch < 1:
-            raise ValueError("repeats, heads and batch must be >= 1")
-        if not self.causal or not all(isinstance(c, bool) for c in self.causal):
-            raise ValueError(f"causal must be a non-empty list of true/false, got {self.causal!r}")
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a non-empty list of {', '.join(MODES)}, got {self.modes!r}")
-        if self.sdpa_backend not in _SDPA_KERNELS:
-            raise ValueError(f"sdpa_backend must be one of {', '.join(_SDPA_KERNELS)}, got {self.sdpa_backend!r}")
+        check_settings(self, "bench config")
 
     def resolved(self) -> BenchConfig:
         cfg = BenchConfig(**asdict(self))
@@ -143,13 +144,6 @@ class BenchConfig:
 
     def activation(self, p: int) -> str:
         return bench_spec(p, self.divisor)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
 
 
 # The --quick grid: the headline shape (d = 64, x^3) at three lengths.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.decode import LinearState
 from ..core.functional import attention
-from ..training.config import settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from .bench_common import DTYPES as _DTYPES
 from .bench_common import bench_device, run_bench_kind, sync, time_in_turns
 from .report.bench import format_decode_table, plot_decode
@@ -41,30 +41,24 @@ __all__ = ["DecodeBenchConfig", "run_decode_bench"]
 
 @dataclass
 class DecodeBenchConfig:
-    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
-    activations: list[str] = field(default_factory=lambda: ["x/sqrt(N)", "x^2/sqrt(N)"])
-    heads: int = 8
-    d: int = 64
-    batch: int = 1
-    steps: int = 20
-    warmup: int = 3
+    contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
+    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    heads: int = int_setting(8)
+    d: int = int_setting(64)
+    batch: int = int_setting(1)
+    steps: int = int_setting(20)
+    warmup: int = int_setting(3, 0)
     device: str = "auto"
-    dtype: str = "float32"
-    num_threads: int | None = None
+    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> DecodeBenchConfig:
         cfg = settings_from_dict(DecodeBenchConfig, data, "decode bench config")
-        if not cfg.contexts or any(int(n) < 1 for n in cfg.contexts):
-            raise ValueError(f"contexts must be positive token counts, got {cfg.contexts}")
         for spec in cfg.activations:
             if not get_activation(spec).is_polynomial:
                 raise ValueError(f"--decode compares x^p activations with softmax, got {spec!r}; e.g. x^2/sqrt(N)")
-        if min(cfg.heads, cfg.d, cfg.batch, cfg.steps) < 1 or cfg.warmup < 0:
-            raise ValueError("heads, d, batch and steps must be >= 1 and warmup >= 0")
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
         return cfg
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.activations import get_activation
-from ..training.config import settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from .bench_common import DTYPES as _DTYPES
 from .bench_common import bench_device, run_bench_kind, sync
 from .report.bench import format_hf_decode_table, plot_decode
@@ -36,40 +36,32 @@ __all__ = ["HFDecodeBenchConfig", "run_hf_decode_bench"]
 
 @dataclass
 class HFDecodeBenchConfig:
-    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
-    activations: list[str] = field(default_factory=lambda: ["x/sqrt(N)", "x^2/sqrt(N)"])
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    d: int = 32
-    mlp: int = 256
-    vocab: int = 256
-    batch: int = 1
-    new_tokens: int = 32
+    contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
+    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    layers: int = int_setting(2)
+    heads: int = int_setting(4)
+    kv_heads: int = int_setting(2)
+    d: int = int_setting(32)
+    mlp: int = int_setting(256)
+    vocab: int = int_setting(256)
+    batch: int = int_setting(1)
+    new_tokens: int = int_setting(32, 2, ">= 2 (the first one comes with the prefill)")
     device: str = "auto"
-    dtype: str = "float32"
-    num_threads: int | None = None
+    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> HFDecodeBenchConfig:
         cfg = settings_from_dict(HFDecodeBenchConfig, data, "hf decode bench config")
-        if not cfg.contexts or any(int(n) < 1 for n in cfg.contexts):
-            raise ValueError(f"contexts must be positive token counts, got {cfg.contexts}")
         for spec in cfg.activations:
             if not get_activation(spec).is_polynomial:
                 raise ValueError(
                     f"--decode --hf compares x^p activations (which a StateCache can decode) with softmax, got "
                     f"{spec!r}; e.g. x^2/sqrt(N)"
                 )
-        if min(cfg.layers, cfg.heads, cfg.kv_heads, cfg.d, cfg.mlp, cfg.vocab, cfg.batch) < 1:
-            raise ValueError("layers, heads, kv_heads, d, mlp, vocab and batch must be >= 1")
         if cfg.heads % cfg.kv_heads:
             raise ValueError(f"heads ({cfg.heads}) must be a multiple of kv_heads ({cfg.kv_heads})")
-        if cfg.new_tokens < 2:
-            raise ValueError(f"new_tokens must be >= 2 (the first one comes with the prefill), got {cfg.new_tokens}")
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
         return cfg
 
 

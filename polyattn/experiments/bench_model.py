@@ -31,7 +31,7 @@ from ..core.backends import BACKENDS, call_info, choose_backend
 from ..core.backends.auto import estimate
 from ..core.layers import PolyAttention
 from ..core.module import attention_modules
-from ..training.config import settings_from_dict
+from ..training.config import int_setting, setting, settings_from_dict, subset_of
 from ..training.precision import AMP_CHOICES, amp_dtype, resolve_amp
 from .bench_common import bench_device, run_bench_kind, time_in_turns
 from .report.bench import format_model_table
@@ -43,31 +43,24 @@ __all__ = ["ModelBenchConfig", "run_model_bench"]
 class ModelBenchConfig:
     model: str = "vit_tiny"
     activations: list[str] = field(default_factory=lambda: ["softmax", "x^3/sqrt(N)"])
-    backends: list[str] = field(default_factory=lambda: ["auto", "chunked", "reference"])
+    backends: list[str] = setting(
+        ["auto", "chunked", "reference"], **subset_of(("auto", *sorted(BACKENDS)), empty=True)
+    )
     img_size: int = 64
     patch_size: int = 4
     in_chans: int = 3
     num_classes: int = 200
-    amp: list[str] = field(default_factory=lambda: ["auto"])
-    batch_size: int = 32
-    steps: int = 5
+    amp: list[str] = setting(["auto"], **subset_of(AMP_CHOICES))
+    batch_size: int = int_setting(32)
+    steps: int = int_setting(5)
     warmup_steps: int = 1
     device: str = "auto"
-    num_threads: int | None = None
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> ModelBenchConfig:
-        cfg = settings_from_dict(ModelBenchConfig, data, "model bench config")
-        bad = [b for b in cfg.backends if b != "auto" and b not in BACKENDS]
-        if bad:
-            raise ValueError(f"unknown backend(s) {bad}; choose from {['auto', *sorted(BACKENDS)]}")
-        if cfg.steps < 1 or cfg.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        bad = [a for a in cfg.amp if a not in AMP_CHOICES]
-        if bad or not cfg.amp:
-            raise ValueError(f"amp: unknown setting(s) {bad}; list some of {list(AMP_CHOICES)}")
-        return cfg
+        return settings_from_dict(ModelBenchConfig, data, "model bench config")
 
 
 def _set_backend(model: nn.Module, backend: str) -> int:

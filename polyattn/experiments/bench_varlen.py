@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..core.activations import get_activation
 from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
-from ..training.config import settings_from_dict
+from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
 from .bench_common import DTYPES as _DTYPES
 from .bench_common import (
     bench_device,
@@ -54,31 +54,23 @@ LAYOUTS = ("packed", "padded", "block mask")
 
 @dataclass
 class VarlenBenchConfig:
-    lengths: list[int] = field(default_factory=lambda: [1024, 256, 4096, 512, 2048, 768, 3072, 1536])
-    activations: list[str] = field(default_factory=lambda: ["x^3/sqrt(N)", "x^2/sqrt(N)"])
-    heads: int = 4
-    d: int = 64
+    lengths: list[int] = setting([1024, 256, 4096, 512, 2048, 768, 3072, 1536], **ints_at_least(1))
+    activations: list[str] = specs_setting(["x^3/sqrt(N)", "x^2/sqrt(N)"])
+    heads: int = int_setting(4)
+    d: int = int_setting(64)
     causal: bool = True
-    repeats: int = 3
-    device: str = "auto"
-    dtype: str = "float32"
-    num_threads: int | None = None
+    repeats: int = int_setting(3)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    num_threads: int | None = int_setting(None, 0, nullable=True)
     memory: bool = True
     seed: int = 0
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> VarlenBenchConfig:
         cfg = settings_from_dict(VarlenBenchConfig, data, "varlen bench config")
-        if not cfg.lengths or any(int(n) < 1 for n in cfg.lengths):
-            raise ValueError(f"lengths must be positive document lengths, got {cfg.lengths}")
         for spec in cfg.activations:
             get_activation(spec)  # a clear error for a malformed spec
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
-        if cfg.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-        if cfg.repeats < 1 or cfg.heads < 1 or cfg.d < 1:
-            raise ValueError("repeats, heads and d must be >= 1")
         return cfg
 
 

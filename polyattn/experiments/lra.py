@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from ..core.activations import get_activation
-from ..training.config import apply_overrides, dump_config, merge_configs, resolve_config
+from ..training.config import apply_overrides, dump_config, merge_configs, resolve_config, trainer_schema
 from ..utils import atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
 
@@ -333,11 +333,16 @@ def _task_of(cfg: dict) -> str:
     )
 
 
-# Keys that do not change what is trained or measured.
-_NEUTRAL = {
-    "data": {"root", "num_workers", "gen_workers"},
-    "train": {"num_threads", "device", "amp", "log_every", "eval_batch_size"},
-}
+# Keys that do not change what is trained or measured: the free keys of the resume table, and these,
+# which change the arithmetic (precision, evaluation batches) but not the setting.
+_NEUTRAL_TOO = {"train.amp", "train.eval_batch_size"}
+
+
+def _neutral(cfg: dict, section: str, key: str) -> bool:
+    dotted = f"{section}.{key}"
+    return dotted in _NEUTRAL_TOO or trainer_schema().resume_rule(dotted, cfg) == "free"
+
+
 # Keys a protocol sets: they change what is measured, not the scale of the run.
 _PROTOCOL_KEYS = {"data": set(), "train": {"schedule", "select"}}
 
@@ -352,7 +357,7 @@ def is_full_scale(cfg: dict) -> bool:
     full = lra_config(task, cfg["model"]["activation"])
     for section in ("data", "train"):
         for key, value in full[section].items():
-            if key in _NEUTRAL[section] or key in _PROTOCOL_KEYS[section] or key == "seed":
+            if _neutral(full, section, key) or key in _PROTOCOL_KEYS[section] or key == "seed":
                 continue
             if cfg[section].get(key) != value:
                 return False
@@ -428,9 +433,9 @@ def _setting(run_dir: Path) -> str:
     cfg.pop("description", None)
     cfg.get("model", {}).pop("activation", None)
     cfg.get("train", {}).pop("seed", None)
-    for section, keys in _NEUTRAL.items():
-        for key in keys:
-            cfg.get(section, {}).pop(key, None)
+    for section in ("data", "train"):
+        for key in [k for k in cfg.get(section, {}) if _neutral(cfg, section, k)]:
+            cfg[section].pop(key)
     return json.dumps(cfg, sort_keys=True, default=str)
 
 

@@ -34,7 +34,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,15 @@ import torch
 from ..core.activations import Activation, get_activation
 from ..core.backends.reference import attention_weights
 from ..core.diagnostics import attention_norms
-from ..training.config import settings_from_dict
+from ..training.config import (
+    check_settings,
+    greater_than,
+    int_setting,
+    ints_at_least,
+    setting,
+    settings_from_dict,
+    specs_setting,
+)
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.record import run_record
 from ..utils.threads import torch_threads
@@ -76,75 +84,49 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
 class TheoryConfig:
     """Settings of ``polyattn theory``; every field is also a command-line option."""
 
-    seed: int = 0
+    seed: int = int_setting(0, 0, "an integer >= 0")
     # Theorem 4.1
-    bound_n: list[int] = field(default_factory=lambda: _powers_of_two(2, 4096))
-    bound_samples: int = 2  # matrices per family and N
+    bound_n: list[int] = setting(_powers_of_two(2, 4096), **ints_at_least(2))
+    bound_samples: int = int_setting(2, 1, "a positive integer")  # matrices per family and N
     # Theorems 4.2 / 4.4 and their corollaries
-    n_grid: list[int] = field(default_factory=lambda: _powers_of_two(8, 1024))
-    samples: int = 100  # Monte Carlo draws of (X, Q, K) per N
-    D: int = 64  # model width (columns of X)
-    d: int = 16  # head width (columns of Q and K)
-    sigma_x: float = 1.0  # standard deviation of the entries of X
-    sigma_t: float | None = None  # standard deviation of Q, K; None = 1/sqrt(D) (unit-variance scores)
+    n_grid: list[int] = setting(_powers_of_two(8, 1024), **ints_at_least(2))
+    # Monte Carlo draws of (X, Q, K) per N
+    samples: int = int_setting(100, 2, "at least 2 (for an interval)")
+    D: int = int_setting(64, 1, "a positive integer")  # model width (columns of X)
+    d: int = int_setting(16, 1, "a positive integer")  # head width (columns of Q and K)
+    # standard deviation of the entries of X
+    sigma_x: float = setting(1.0, check=greater_than(0), requirement="a positive number")
+    # standard deviation of Q, K; None = 1/sqrt(D) (unit-variance scores)
+    sigma_t: float | None = setting(
+        None, "float", nullable=True, check=greater_than(0), requirement="a positive number"
+    )
     # Intra-op threads while running. The work is many small memory-bound
     # tensor ops, which gain little from threads and slow down badly when the
     # cores are shared with other jobs.
-    num_threads: int = 1
-    activations: list[str] = field(default_factory=lambda: ["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"])
+    num_threads: int = int_setting(1, 1, "a positive integer")
+    activations: list[str] = specs_setting(["softmax", "x", "x^3", "x/sqrt(N)", "x^3/sqrt(N)"])
 
     def resolved(self) -> TheoryConfig:
         """A validated copy with sigma_t filled in; raises ValueError naming the bad field and its option."""
         cfg = TheoryConfig(**asdict(self))
-        # Integers first: sigma_t's default is D ** -0.5, which fails (D = 0) or turns
-        # complex (D < 0) before sigma_t itself could be checked.
-        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-            raise ValueError(f"theory config: {_name('seed')} must be an integer >= 0, got {cfg.seed!r}")
-        for name in ("bound_samples", "samples", "D", "d", "num_threads"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"theory config: {_name(name)} must be a positive integer, got {v!r}")
-        if cfg.samples < 2:
-            raise ValueError(
-                f"theory config: {_name('samples')} must be at least 2 (for an interval), got {cfg.samples}"
-            )
-        for name, lo in (("bound_n", 2), ("n_grid", 2)):
-            v = getattr(cfg, name)
-            if (
-                not isinstance(v, (list, tuple))
-                or not v
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < lo for n in v)
-            ):
-                raise ValueError(
-                    f"theory config: {_name(name)} must be a non-empty list of integers >= {lo}, got {v!r}"
-                )
-            setattr(cfg, name, sorted(set(v)))
+        # Fields in order: D is checked before sigma_t's default D ** -0.5 is taken.
+        check_settings(cfg, "theory config", _name)
+        cfg.bound_n, cfg.n_grid = sorted(set(cfg.bound_n)), sorted(set(cfg.n_grid))
         if len(cfg.n_grid) < 2:
             raise ValueError(
                 f"theory config: {_name('n_grid')} needs at least two sizes to fit a slope, got {cfg.n_grid}"
             )
         if cfg.sigma_t is None:
             cfg.sigma_t = cfg.D**-0.5
-        for name in ("sigma_x", "sigma_t"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"theory config: {_name(name)} must be a positive number, got {v!r}")
-        acts = cfg.activations
-        if isinstance(acts, str) or not isinstance(acts, (list, tuple)) or not all(isinstance(a, str) for a in acts):
-            raise ValueError(
-                f"theory config: {_name('activations')} must be a list of activation spec strings, got {acts!r}"
-            )
-        if not acts:
-            raise ValueError(f"theory config: {_name('activations')} must name at least one activation spec")
         try:
-            cfg.activations = [get_activation(a).spec for a in acts]
+            cfg.activations = [get_activation(a).spec for a in cfg.activations]
         except ValueError as e:
             raise ValueError(f"theory config: {_name('activations')}: {e}") from None
         return cfg
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TheoryConfig:
-        return settings_from_dict(cls, data, "theory config")
+        return settings_from_dict(cls, data, "theory config", _name)
 
 
 # Command-line spelling of each setting, so that an error names what the user typed.

@@ -1,15 +1,16 @@
-"""Checkpoints and resume rules shared by every training loop (the trainer, the PINN loop).
+"""Checkpoints and resume rules shared by every training loop (the trainer, the PINN and detection loops).
 
 A resume reads ``RUN/checkpoints/last.pt`` and compares the config stored in it (what actually
-ran) with the config asked for now: each changed key is either applied from the current step on
-or refused, by a rule each loop states. Missing, truncated and foreign checkpoints, and refused
-changes, raise :class:`~polyattn.utils.rundir.RunDirError` naming the file or the keys and the fix.
+ran) with the config asked for now: each changed key is taken silently, applied from the current
+step on, or refused, by the resume rule its schema declares (``Key.resume``: free, applied, fixed).
+Missing, truncated and foreign checkpoints, and refused changes, raise
+:class:`~polyattn.utils.rundir.RunDirError` naming the file or the keys and the fix.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from ..utils.io import load_checkpoint
 from ..utils.rundir import RunDirError
+from .config import RESUMABLE, ConfigError, ConfigSchema, Key
 from .distributed import DistEnv, gather_objects
 
 __all__ = [
@@ -72,27 +74,45 @@ def gather_rng_states(env: DistEnv) -> list[dict]:
     return gather_objects(rng_state(env.device), env)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def _flat(d: dict, keys: dict[str, Key], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        # model.overrides and pde.params are one key each: their entries change together.
-        if isinstance(v, dict) and v and k not in ("overrides", "params"):
-            out.update(_flat(v, f"{prefix}{k}."))
+        # A mapping the schema declares as one key (model.overrides, pde.params) changes as one.
+        if isinstance(v, dict) and v and f"{prefix}{k}" not in keys:
+            out.update(_flat(v, keys, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def config_changes(old: dict, new: dict, fixed: Callable[[str], bool]) -> tuple[dict[str, list], dict[str, list]]:
-    """(changes a resume applies, changes it refuses) between a checkpoint's config and a new one.
+def _keys_of(schema: ConfigSchema, cfg: dict) -> dict[str, Key]:
+    try:
+        return schema.keys(cfg)
+    except ConfigError:  # a dataset unknown here: its keys compare one by one, and are refused
+        return {}
 
-    Each maps a dotted key to ``[old, new]``; ``fixed(key)`` says whether a key may not change.
+
+def config_changes(
+    old: dict, new: dict, schema: ConfigSchema, allowed: Sequence[str] = RESUMABLE
+) -> tuple[dict[str, list], dict[str, list]]:
+    """(changes to apply and record, changes to refuse) from the config ``old`` to ``new``.
+
+    Each maps a dotted key to ``[old, new]``. A key's resume rule (``schema.resume_rule``) decides:
+    a rule not in ``allowed`` refuses the change; an allowed "applied" key is returned to be applied
+    and recorded; an allowed "free" key changes no number and is left out. A resume allows free and
+    applied keys; reusing a finished run (a grid's ``--resume``) allows free keys only.
     """
-    a, b = _flat(old), _flat(new)
+    keys = {**_keys_of(schema, old), **_keys_of(schema, new)}
+    a, b = _flat(old, keys), _flat(new, keys)
     applied, refused = {}, {}
     for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            (refused if fixed(key) else applied)[key] = [a.get(key), b.get(key)]
+        if a.get(key) == b.get(key):
+            continue
+        rule = schema.resume_rule(key, new)
+        if rule not in allowed:
+            refused[key] = [a.get(key), b.get(key)]
+        elif rule == "applied":
+            applied[key] = [a.get(key), b.get(key)]
     return applied, refused
 
 

@@ -10,6 +10,13 @@ first, in order, then this file on top (nested dicts merge key by key).
 Overrides ``a.b=value`` parse ``value`` as YAML and apply last. Every key is
 documented in docs/training.md; an unknown key or a bad value raises
 ``ConfigError`` naming the key and what is allowed.
+
+Every kind of config declares its keys the same way: a :class:`Key` (type, default, choices,
+range check, resume rule) per key, gathered in a :class:`ConfigSchema` (the trainer's is
+:func:`trainer_schema`; PINN_CONFIG and DETECT_CONFIG in experiments/), or, for the flat bench
+and theory settings, in dataclass fields declared with :func:`setting`. A key's resume rule
+(RESUME_RULES: free, applied, fixed) is the one table every resume reads
+(``checkpoint.config_changes``).
 """
 
 from __future__ import annotations
@@ -27,31 +34,53 @@ from typing import Any
 import yaml
 
 from ..core.activations import get_activation
-from ..data.registry import COMMON_DATA_KEYS, dataset_checks, dataset_choices, dataset_defaults, list_datasets
+from ..data.errors import DatasetError
+from ..data.registry import (
+    COMMON_DATA_KEYS,
+    check_data_values,
+    dataset_defaults,
+    dataset_resume_rules,
+    list_datasets,
+)
 from ..models.registry import TIMM_PREFIX, is_known_model, list_models
 from ..utils.io import read_yaml_mapping
 
 __all__ = [
     "GRID_KEY",
+    "RESUMABLE",
+    "RESUME_RULES",
+    "REUSABLE",
     "ConfigError",
     "ConfigSchema",
     "Key",
     "apply_overrides",
     "at_least",
     "canonical_activation",
+    "check_amp_device",
+    "check_settings",
     "default_config",
     "dump_config",
     "get_key",
     "grid_points",
+    "int_setting",
+    "ints_at_least",
     "is_grid_file",
     "greater_than",
+    "list_of",
     "load_config",
     "merge_configs",
+    "non_negative",
     "parse_override",
+    "positive_int",
     "read_config_file",
     "register_config_section",
     "resolve_config",
+    "resume_table",
+    "setting",
     "settings_from_dict",
+    "specs_setting",
+    "subset_of",
+    "trainer_schema",
 ]
 
 META_KEYS = ("inherit", "description")
@@ -62,9 +91,26 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key and the fix."""
 
 
+# What a resume may do with a changed key. Every key of a run's schema (trainer, PINN, detection)
+# declares one; docs/training.md's table is printed from them (resume_table).
+RESUME_RULES: dict[str, str] = {
+    "free": "changes no number of the run: a resume takes the new value silently, and a finished run is "
+    "reused whatever its value",
+    "applied": "changes the steps still to come: a resume applies it from its first step on (the trainer "
+    "records the change as a `resume` row); a finished run with another value is not reused",
+    "fixed": "belongs to the steps already taken: a resume refuses a change",
+}
+# What a resume of a run may change; a finished run is reused by a grid only when it differs in free keys.
+RESUMABLE = ("free", "applied")
+REUSABLE = ("free",)
+
+
 @dataclass(frozen=True)
 class Key:
-    """Schema of one config key: its default and the values it accepts."""
+    """Schema of one config key: its default, the values it accepts and what a resume may do with it.
+
+    ``resume`` is one of RESUME_RULES; keys of settings that never resume (bench, theory) leave it None.
+    """
 
     default: Any
     kind: str  # "int", "float", "bool", "str", "list", "dict", "any"
@@ -72,6 +118,11 @@ class Key:
     choices: tuple | None = None
     check: Callable[[Any], bool] | None = None
     requirement: str = ""  # words for the error message, e.g. ">= 1"
+    resume: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.resume is not None and self.resume not in RESUME_RULES:
+            raise ValueError(f"Key.resume must be one of {list(RESUME_RULES)}, got {self.resume!r}")
 
 
 def at_least(lo: float) -> Callable[[Any], bool]:
@@ -82,50 +133,66 @@ def greater_than(lo: float) -> Callable[[Any], bool]:
     return lambda v: v > lo
 
 
+def positive_int(default: int | None, resume: str | None = None, nullable: bool = False) -> Key:
+    """An int key that must be >= 1."""
+    return Key(default, "int", nullable, check=at_least(1), requirement=">= 1", resume=resume)
+
+
+def non_negative(default: float, resume: str | None = None, requirement: str = ">= 0") -> Key:
+    """A float key that must be >= 0."""
+    return Key(default, "float", check=at_least(0), requirement=requirement, resume=resume)
+
+
+# The trainer's sections besides ``data`` (whose keys each dataset declares: data/registry.py).
+# Resume rules: model keys built the weights and data keys drew the batches, so both are fixed; in
+# train, what orders or batches the data (batch_size, seed), the numerics of the steps taken (amp) and
+# which weights the run reports (select: best_val must have seen every evaluation) are fixed.
 _BUILTIN: dict[str, dict[str, Key]] = {
     "model": {
-        "name": Key("vit_micro", "str"),
-        "activation": Key("softmax", "str"),
-        "overrides": Key({}, "dict"),
-        "init_from": Key(None, "str", nullable=True),
+        "name": Key("vit_micro", "str", resume="fixed"),
+        "activation": Key("softmax", "str", resume="fixed"),
+        "overrides": Key({}, "dict", resume="fixed"),
+        "init_from": Key(None, "str", nullable=True, resume="fixed"),
     },
     "train": {
-        "epochs": Key(10, "int", check=at_least(1), requirement=">= 1"),
-        "batch_size": Key(64, "int", check=at_least(1), requirement=">= 1"),
-        "eval_batch_size": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
-        "lr": Key(1e-3, "float", check=greater_than(0), requirement="> 0"),
-        "min_lr": Key(0.0, "float", check=at_least(0), requirement=">= 0"),
-        "weight_decay": Key(0.05, "float", check=at_least(0), requirement=">= 0"),
+        "epochs": positive_int(10, "applied"),
+        "batch_size": positive_int(64, "fixed"),
+        "eval_batch_size": positive_int(None, "applied", nullable=True),
+        "lr": Key(1e-3, "float", check=greater_than(0), requirement="> 0", resume="applied"),
+        "min_lr": non_negative(0.0, "applied"),
+        "weight_decay": non_negative(0.05, "applied"),
         "betas": Key(
             [0.9, 0.999],
             "list",
             check=lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
             requirement="two numbers in [0, 1)",
+            resume="applied",
         ),
-        "eps": Key(1e-8, "float", check=greater_than(0), requirement="> 0"),
-        "warmup_epochs": Key(1.0, "float", check=at_least(0), requirement=">= 0"),
-        "warmup_steps": Key(None, "int", nullable=True, check=at_least(0), requirement=">= 0"),
-        "label_smoothing": Key(0.1, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
-        "grad_clip": Key(1.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
-        "mixup": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
-        "cutmix": Key(0.0, "float", check=at_least(0), requirement=">= 0 (0 = off)"),
+        "eps": Key(1e-8, "float", check=greater_than(0), requirement="> 0", resume="applied"),
+        "warmup_epochs": non_negative(1.0, "applied"),
+        "warmup_steps": Key(None, "int", nullable=True, check=at_least(0), requirement=">= 0", resume="applied"),
+        "label_smoothing": Key(0.1, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1)", resume="applied"),
+        "grad_clip": non_negative(1.0, "applied", ">= 0 (0 = off)"),
+        "mixup": non_negative(0.0, "applied", ">= 0 (0 = off)"),
+        "cutmix": non_negative(0.0, "applied", ">= 0 (0 = off)"),
         # Which Mixup/CutMix: polyattn's mix_batch (torch RNG) or timm.data.Mixup (numpy RNG; pip install
         # polyattn[timm]); both checkpointed, so either resumes exactly.
-        "mixup_impl": Key("polyattn", "str", choices=("polyattn", "timm")),
+        "mixup_impl": Key("polyattn", "str", choices=("polyattn", "timm"), resume="applied"),
         # EMA of the weights (timm.utils.ModelEmaV3), updated after every optimizer step; 0 = off.
-        "ema_decay": Key(0.0, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1) (0 = off)"),
-        "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
-        "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16")),
-        "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
-        "max_steps": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
-        "schedule": Key("cosine", "str", choices=("cosine", "onecycle_linear")),
-        "select": Key("last", "str", choices=("last", "best_val")),
-        "eval_every": Key(1, "int", check=at_least(1), requirement=">= 1"),
-        "log_every": Key(10, "int", check=at_least(1), requirement=">= 1"),
-        "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "ema_decay": Key(0.0, "float", check=lambda v: 0 <= v < 1, requirement="in [0, 1) (0 = off)", resume="applied"),
+        "seed": Key(0, "int", check=at_least(0), requirement=">= 0", resume="fixed"),
+        "amp": Key("auto", "str", choices=("auto", "off", "bf16", "fp16"), resume="fixed"),
+        "device": Key("auto", "str", choices=("auto", "cpu", "cuda"), resume="free"),
+        "max_steps": positive_int(None, "applied", nullable=True),
+        "schedule": Key("cosine", "str", choices=("cosine", "onecycle_linear"), resume="applied"),
+        "select": Key("last", "str", choices=("last", "best_val"), resume="fixed"),
+        "eval_every": positive_int(1, "applied"),
+        "log_every": positive_int(10, "free"),
+        "num_threads": positive_int(None, "free", nullable=True),
     },
     "diagnostics": {
-        "every": Key(0, "int", check=at_least(0), requirement=">= 0 (0 = off)"),
+        # The norms rows are part of what a run measures (the comparison's report reads them).
+        "every": Key(0, "int", check=at_least(0), requirement=">= 0 (0 = off)", resume="applied"),
     },
 }
 
@@ -133,9 +200,9 @@ _BUILTIN: dict[str, dict[str, Key]] = {
 _EXTRA: dict[str, dict[str, Key]] = {}
 
 
-def _key_from_default(value: Any) -> Key:
+def _key_from_default(value: Any, resume: str | None = None) -> Key:
     if value is None:
-        return Key(None, "any", nullable=True)
+        return Key(None, "any", nullable=True, resume=resume)
     for kind, types in (
         ("bool", bool),
         ("int", int),
@@ -145,14 +212,15 @@ def _key_from_default(value: Any) -> Key:
         ("dict", dict),
     ):
         if isinstance(value, types):
-            return Key(copy.deepcopy(value), kind)
-    return Key(copy.deepcopy(value), "any")
+            return Key(copy.deepcopy(value), kind, resume=resume)
+    return Key(copy.deepcopy(value), "any", resume=resume)
 
 
-def register_config_section(name: str, defaults: dict) -> None:
+def register_config_section(name: str, defaults: dict, resume: str = "applied") -> None:
     """Add a config section (or new keys to one) with the given defaults.
 
-    A key's type is taken from its default (``None``: any value). Registering
+    A key's type is taken from its default (``None``: any value); ``resume`` is the keys' resume rule
+    (one of RESUME_RULES: by default a resume applies and records a change). Registering
     the same key again with the same default is a no-op; with another default
     it is an error, as is touching the ``data`` section (datasets declare their
     keys with ``register_dataset(name, defaults=...)``).
@@ -167,33 +235,56 @@ def register_config_section(name: str, defaults: dict) -> None:
             if old.default != value:
                 raise ValueError(f"config key {name}.{key} is already registered with default {old.default!r}")
             continue
-        section[key] = _key_from_default(value)
+        section[key] = _key_from_default(value, resume)
 
 
-def _schema(section: str) -> dict[str, Key]:
-    return {**_BUILTIN.get(section, {}), **_EXTRA.get(section, {})}
+class _DataKeys:
+    """The trainer's ``data`` section: the keys of the dataset it names (the default dataset when none).
+
+    Their choices and range checks are the dataset's own, tested by ``check_data_values``.
+    """
+
+    def __call__(self, given: dict) -> dict[str, Key]:
+        name = given.get("name", COMMON_DATA_KEYS["name"])
+        if not isinstance(name, str):
+            raise ConfigError(f"data.name must be a string, got {name!r}")
+        if name not in list_datasets():
+            raise ConfigError(f"data.name: unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+        rules = dataset_resume_rules(name)
+        keys = {k: _key_from_default(v, rules[k]) for k, v in dataset_defaults(name).items()}
+        keys["root"] = Key(None, "str", nullable=True, resume=rules["root"])
+        return keys
+
+    @staticmethod
+    def by_rule() -> dict[str, list[str]]:
+        """Rule -> the section's keys under it, for the docs: the common keys, then each dataset's own."""
+        rules = dataset_resume_rules(COMMON_DATA_KEYS["name"])
+        out = {rule: [f"`{k}`" for k in COMMON_DATA_KEYS if rules[k] == rule] for rule in RESUME_RULES}
+        for dataset in list_datasets():
+            for key, rule in dataset_resume_rules(dataset).items():
+                if key not in COMMON_DATA_KEYS and rule != "fixed":
+                    out[rule].append(f"`{key}` ({dataset})")
+        out["fixed"].append("every other key of a dataset")
+        return out
+
+
+_data_keys = _DataKeys()
+
+
+def trainer_schema() -> ConfigSchema:
+    """The schema of ``polyattn train`` configs: the built-in sections, ``data`` by the dataset it
+    names, then the sections other modules registered (sorted)."""
+    sections: dict[str, dict[str, Key] | Callable[[dict], dict[str, Key]]] = {
+        "model": _BUILTIN["model"],
+        "data": _data_keys,
+    }
+    for name in ["train", "diagnostics", *sorted(set(_EXTRA) - set(_BUILTIN))]:
+        sections[name] = {**_BUILTIN.get(name, {}), **_EXTRA.get(name, {})}
+    return ConfigSchema(kind="config", sections=sections, check=_check_semantics)
 
 
 def _sections() -> list[str]:
-    return ["model", "data", "train", "diagnostics"] + sorted(set(_EXTRA) - set(_BUILTIN))
-
-
-def _data_schema(name: str) -> dict[str, Key]:
-    try:
-        defaults = dataset_defaults(name)
-    except ValueError as e:
-        raise ConfigError(f"data.name: {e}") from None
-    choices = dataset_choices(name)
-    keys = {k: _key_from_default(v) for k, v in defaults.items()}
-    keys["name"] = Key(name, "str")
-    keys["root"] = Key(None, "str", nullable=True)
-    for k, allowed in choices.items():
-        keys[k] = Key(keys[k].default, keys[k].kind, keys[k].nullable, choices=allowed)
-    # The dataset's range checks run at config time too, before any run directory exists.
-    for k, (predicate, requirement) in dataset_checks(name).items():
-        if k in keys:
-            keys[k] = Key(keys[k].default, keys[k].kind, keys[k].nullable, keys[k].choices, predicate, requirement)
-    return keys
+    return list(trainer_schema().sections)
 
 
 # --- reading and merging ----------------------------------------------------
@@ -231,7 +322,7 @@ def _merge_data(base: dict, layer: dict) -> dict:
     if new_name is not None and new_name != base.get("name"):
         if not isinstance(new_name, str):
             raise ConfigError(f"data.name must be a string, got {new_name!r}")
-        accepted = set(_data_schema(new_name))
+        accepted = set(_data_keys({"name": new_name}))
         base = {k: v for k, v in base.items() if k in accepted}
     return _merge(base, layer, "data.")
 
@@ -347,6 +438,8 @@ def _coerce(full_key: str, spec: Key, value: Any) -> Any:
     elif kind == "dict" and not isinstance(value, dict):
         bad = "a mapping"
     if bad:
+        if spec.requirement.startswith(("a ", "an ")):  # "a positive integer" says the type too
+            bad = spec.requirement
         raise ConfigError(f"{full_key} must be {bad}, got {value!r}")
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{full_key} must be one of {list(spec.choices)}, got {value!r}")
@@ -382,36 +475,10 @@ def resolve_config(cfg: dict | None = None) -> dict:
     activation specs are checked with ``polyattn.get_activation``, model and
     dataset names against their registries.
     """
-    cfg = copy.deepcopy(cfg or {})
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(cfg).__name__}")
     # Importing the registries' provider modules may register config sections too.
     list_datasets()
     list_models()
-    sections = _sections()
-    for key in cfg:
-        if key not in sections and key not in META_KEYS:
-            raise _unknown(str(key), sections + list(META_KEYS), "")
-    out: dict = {}
-    if cfg.get("description") is not None:
-        out["description"] = str(cfg["description"])
-    for name in sections:
-        if name == "data":
-            given = cfg.get("data") or {}
-            if not isinstance(given, dict):
-                raise ConfigError(f"config section 'data' must be a mapping of keys, got {given!r}")
-            data_name = given.get("name", COMMON_DATA_KEYS["name"])
-            if not isinstance(data_name, str):
-                raise ConfigError(f"data.name must be a string, got {data_name!r}")
-            if data_name not in list_datasets():
-                raise ConfigError(
-                    f"data.name: unknown dataset {data_name!r}; known datasets: {', '.join(list_datasets())}"
-                )
-            out["data"] = _resolve_section("data", _data_schema(data_name), given)
-        else:
-            out[name] = _resolve_section(name, _schema(name), cfg.get(name))
-    _check_semantics(out)
-    return out
+    return trainer_schema().resolve(cfg)
 
 
 def canonical_activation(model: dict) -> None:
@@ -434,11 +501,21 @@ def _check_semantics(cfg: dict) -> None:
         )
     if "activation" in model["overrides"]:
         raise ConfigError("model.overrides.activation: set the activation with model.activation")
+    try:
+        check_data_values(cfg["data"])
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
     train = cfg["train"]
     if train["min_lr"] > train["lr"]:
         raise ConfigError(f"train.min_lr ({train['min_lr']}) must not exceed train.lr ({train['lr']})")
-    if train["device"] == "cpu" and train["amp"] == "fp16":
-        raise ConfigError("train.amp=fp16 needs a GPU (train.device=cpu); use amp=off or amp=bf16 on CPU")
+    check_amp_device(train["amp"], train["device"])
+
+
+def check_amp_device(amp: str, device: str) -> None:
+    """fp16 autocast needs a GPU (its gradient scaler): checked when a config says train.device=cpu and
+    again when a run with train.device=auto finds no GPU (``device``: "auto", "cpu", "cuda", ...)."""
+    if amp == "fp16" and device not in ("auto", "cuda"):
+        raise ConfigError(f"train.amp=fp16 needs a GPU (the device is {device}); use amp=off or amp=bf16 on CPU")
 
 
 # --- public entry points ------------------------------------------------------
@@ -620,9 +697,70 @@ def dump_config(cfg: dict) -> str:
     return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
-# --- other kinds of config ---------------------------------------------------------
-def settings_from_dict(cls: type, data: Any, what: str) -> Any:
-    """``cls(**data)`` for a dataclass of flat settings (bench, theory), with errors naming ``what``.
+# --- flat settings (bench, theory) ----------------------------------------------------
+def setting(default: Any, kind: str | None = None, **spec: Any) -> Any:
+    """A field of a flat settings dataclass (bench, theory), declared as a :class:`Key`.
+
+    ``kind`` defaults to the default's type; ``spec`` holds the Key's ``nullable``, ``choices``,
+    ``check`` and ``requirement``. :func:`check_settings` validates the field through it.
+    """
+    key = Key(default, kind or _key_from_default(default).kind, **spec)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"key": key})
+    return field(default=default, metadata={"key": key})
+
+
+def int_setting(default: int | None, lo: int = 1, requirement: str = "", nullable: bool = False) -> Any:
+    """A settings field for an integer >= lo (``requirement``: the words of its error, ">= lo" by default)."""
+    return setting(default, "int", nullable=nullable, check=at_least(lo), requirement=requirement or f">= {lo}")
+
+
+def specs_setting(default: list[str]) -> Any:
+    """A settings field for a non-empty list of activation spec strings (each parsed where it is used)."""
+    return setting(
+        default,
+        check=lambda v: len(v) > 0 and all(isinstance(a, str) for a in v),
+        requirement="a list of activation spec strings, at least one",
+    )
+
+
+def list_of(ok: Callable[[Any], bool], words: str, empty: bool = False) -> dict[str, Any]:
+    """``setting`` arguments for a list (non-empty unless ``empty``) whose items pass ``ok``."""
+    return {
+        "check": lambda v: (empty or len(v) > 0) and all(ok(x) for x in v),
+        "requirement": f"a {'' if empty else 'non-empty '}list of {words}",
+    }
+
+
+def ints_at_least(lo: int) -> dict[str, Any]:
+    """``setting`` arguments for a non-empty list of integers >= lo."""
+    return list_of(lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= lo, f"integers >= {lo}")
+
+
+def subset_of(choices: Sequence[str], empty: bool = False) -> dict[str, Any]:
+    """``setting`` arguments for a list of some of ``choices``."""
+    return list_of(lambda x: x in choices, "some of " + ", ".join(map(str, choices)), empty)
+
+
+def _settings_key(f: dataclasses.Field) -> Key:
+    if "key" in f.metadata:
+        return f.metadata["key"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return _key_from_default(default)
+
+
+def check_settings(obj: Any, what: str, label: Callable[[str], str] = str) -> None:
+    """Validate every field of a settings dataclass through its Key, storing the coerced values.
+
+    A bad value raises ConfigError "<what>: <label(field)> must be ..., got ..." (``label`` gives the
+    spelling a user typed, e.g. the command-line option next to the field).
+    """
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(f"{what}: {label(f.name)}", _settings_key(f), getattr(obj, f.name)))
+
+
+def settings_from_dict(cls: type, data: Any, what: str, label: Callable[[str], str] = str) -> Any:
+    """``cls(**data)`` for a dataclass of flat settings (bench, theory), validated by :func:`check_settings`.
 
     Not a mapping, or a key the dataclass lacks (with the closest known one), is a ConfigError.
     """
@@ -634,26 +772,78 @@ def settings_from_dict(cls: type, data: Any, what: str) -> Any:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"{what}: unknown key(s) {unknown}{hint}; allowed keys: {known}")
-    return cls(**data)
+    out = cls(**data)
+    check_settings(out, what, label)
+    return out
+
+
+# --- kinds of config ---------------------------------------------------------------------
+Section = dict[str, Key] | Callable[[dict], dict[str, Key]]
 
 
 @dataclass(frozen=True)
 class ConfigSchema:
-    """A kind of config besides the trainer's (PINN runs, benchmarks), with the same file rules.
+    """A kind of config (the trainer's, PINN runs, detection runs), with the same file rules.
 
     The same YAML files, ``inherit`` chains, dotted ``--set`` overrides, typed keys and
-    did-you-mean errors as :func:`load_config`; ``sections`` maps section names to their keys,
-    ``top`` holds top-level keys (such as ``preset``), ``presets`` are partial configs layered
-    between the defaults and the file, ``check`` validates across keys (raise ConfigError), and
-    ``renamed`` maps an old dotted spelling to the current one.
+    did-you-mean errors as :func:`load_config`; ``sections`` maps section names to their keys
+    (or to a function of the given section that returns them: the trainer's ``data`` keys depend
+    on the dataset it names), ``top`` holds top-level keys, ``presets`` are partial configs layered
+    between the defaults and the file (they add the top-level key ``preset``, the first one by
+    default), ``check`` validates across keys (raise ConfigError), and ``renamed`` maps an old
+    dotted spelling to the current one. Every key states its resume rule (``Key.resume``).
     """
 
     kind: str
-    sections: dict[str, dict[str, Key]]
+    sections: dict[str, Section]
     top: dict[str, Key] = field(default_factory=dict)
     presets: dict[str, dict] = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
     renamed: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.presets and "preset" not in self.top:
+            # The preset's name changes no number: its values show in the keys it sets.
+            preset = Key(next(iter(self.presets)), "str", choices=tuple(self.presets), resume="free")
+            object.__setattr__(self, "top", {"preset": preset, **self.top})
+        static = {name: keys for name, keys in self.sections.items() if not callable(keys)}
+        _require_rules(self.kind, {**_dotted(static), **self.top})
+
+    def section_keys(self, name: str, given: Any = None) -> dict[str, Key]:
+        """The keys of section ``name`` for the given raw section (it matters to a dynamic section)."""
+        keys = self.sections[name]
+        if callable(keys):
+            keys = keys(given if isinstance(given, dict) else {})
+            _require_rules(self.kind, _dotted({name: keys}))
+        return keys
+
+    def keys(self, cfg: dict | None = None) -> dict[str, Key]:
+        """Every key of a config of this kind as ``{"train.lr": Key, ..., "preset": Key}``.
+
+        ``cfg`` picks the keys of dynamic sections (the trainer's ``data`` by ``data.name``).
+        """
+        cfg = cfg if isinstance(cfg, dict) else {}
+        sections = {name: self.section_keys(name, cfg.get(name)) for name in self.sections}
+        return {**_dotted(sections), **self.top}
+
+    def resume_rule(self, key: str, cfg: dict | None = None) -> str:
+        """The resume rule of a dotted key: "free", "applied" or "fixed".
+
+        An entry of a mapping key (``model.overrides.depth``) has its key's rule; ``description`` is
+        free; a key this schema does not know (removed since a run began) is fixed.
+        """
+        if key in META_KEYS:
+            return "free"
+        try:
+            keys = self.keys(cfg)
+        except ConfigError:  # an unknown dataset: none of its keys can be judged
+            return "fixed"
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            spec = keys.get(".".join(parts[:n]))
+            if spec is not None:
+                return spec.resume or "fixed"
+        return "fixed"
 
     def resolve(self, raw: dict | None) -> dict:
         raw = copy.deepcopy(raw or {})
@@ -672,8 +862,8 @@ class ConfigSchema:
             out["description"] = str(raw["description"])
         for key, spec in self.top.items():
             out[key] = _coerce(key, spec, raw.get(key, copy.deepcopy(spec.default)))
-        for name, keys in self.sections.items():
-            out[name] = _resolve_section(name, keys, raw.get(name))
+        for name in self.sections:
+            out[name] = _resolve_section(name, self.section_keys(name, raw.get(name)), raw.get(name))
         if self.check is not None:
             self.check(out)
         return out
@@ -698,3 +888,28 @@ class ConfigSchema:
         order = ["description", *self.top, *self.sections]
         ordered = {k: cfg[k] for k in order if k in cfg}
         return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _dotted(sections: dict[str, dict[str, Key]]) -> dict[str, Key]:
+    return {f"{name}.{key}": spec for name, keys in sections.items() for key, spec in keys.items()}
+
+
+def _require_rules(kind: str, keys: dict[str, Key]) -> None:
+    missing = [k for k, spec in keys.items() if spec.resume is None]
+    if missing:
+        raise ValueError(f"{kind}: keys {missing} declare no resume rule (Key.resume: one of {list(RESUME_RULES)})")
+
+
+def resume_table(schema: ConfigSchema) -> str:
+    """A markdown table of the keys of ``schema`` by section and resume rule (docs/training.md's tables)."""
+
+    def by_rule(keys: dict[str, Key]) -> dict[str, list[str]]:
+        return {rule: [f"`{k}`" for k, spec in keys.items() if spec.resume == rule] for rule in RESUME_RULES}
+
+    rows = {"(top level)": by_rule(schema.top)} if schema.top else {}
+    for name, keys in schema.sections.items():
+        rows[name] = keys.by_rule() if hasattr(keys, "by_rule") else by_rule(keys)
+    lines = ["| section | " + " | ".join(RESUME_RULES) + " |", "|---" * (len(RESUME_RULES) + 1) + "|"]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(", ".join(cells[rule]) for rule in RESUME_RULES) + " |")
+    return "\n".join(lines)

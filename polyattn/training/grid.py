@@ -38,7 +38,8 @@ from ..utils import atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
 from ..utils.machine import cpu_class, machine_info
 from ..utils.record import run_facts, run_record, runs_digest
-from .config import ConfigError, dump_config, load_config, parse_override, resolve_config
+from .checkpoint import config_changes
+from .config import REUSABLE, ConfigError, dump_config, load_config, parse_override, resolve_config, trainer_schema
 from .estimate import GridClock, fmt_duration, probe_run
 from .precision import PRECISION_WORDS, legacy_auto, resolve_run_precision, silence_emulation_warning
 from .trainer import CHECKPOINT, train
@@ -68,9 +69,6 @@ __all__ = [
     "usable_cores",
     "write_results",
 ]
-
-# Keys whose change does not change a run's numbers: a resumed grid may differ in them.
-_RESUME_IGNORED = {"description", "train.num_threads", "data.num_workers", "train.device"}
 
 
 class GridError(ValueError):
@@ -318,14 +316,10 @@ def _check_saved(run_dir: Path, cfg: dict, out_dir: str | os.PathLike) -> None:
         )
 
 
-def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = []
-        for k in sorted(set(old) | set(new), key=str):
-            keys += _changed(old.get(k), new.get(k), f"{prefix}{k}.")
-        return keys
-    key = prefix.rstrip(".")
-    return [] if old == new or key in _RESUME_IGNORED else [f"{key}: {old!r} (on disk) vs {new!r} (now)"]
+def _changed(old: dict, new: dict) -> list[str]:
+    # A resumed grid reuses a run only when it differs in keys that change no number (free ones).
+    _, refused = config_changes(old, new, trainer_schema(), allowed=REUSABLE)
+    return [f"{key}: {a!r} (on disk) vs {b!r} (now)" for key, (a, b) in refused.items()]
 
 
 def _normalised(cfg: dict) -> dict:

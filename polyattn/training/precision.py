@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..utils.machine import cpu_bf16_native, cpu_class
-from .config import ConfigError
+from .config import ConfigError, check_amp_device
 
 __all__ = [
     "AMP_CHOICES",
@@ -60,8 +60,7 @@ def resolve_amp(setting: str, device: torch.device | str, warn: bool = True) -> 
         raise ConfigError(f"train.amp must be one of {list(AMP_CHOICES)}, got {setting!r}")
     if setting == "auto":
         return "bf16" if device_bf16_native(device) else "off"
-    if setting == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a GPU; use amp=off or amp=bf16 on CPU")
+    check_amp_device(setting, device.type)
     if setting == "bf16" and device.type == "cpu" and warn and not cpu_bf16_native():
         _warn_emulated()
     return setting

@@ -18,10 +18,10 @@ Resuming (``resume=True``) restores all of it, drops metric rows written
 after the checkpoint, and continues so that the result is bitwise the run
 that was never interrupted (CPU; the sampler order depends only on the seed
 and the epoch, the RNG states come from the checkpoint). Config changes on
-resume are applied (optimizer settings, schedule, step budget, logging) or
-refused (model, data, batch size, seed, amp, model selection: see
-``_fixed_on_resume``); applied ones are recorded as a "resume" row with the step
-they took effect at.
+resume are taken silently (threads, device, data workers, logging), applied
+(optimizer settings, schedule, step budget) or refused (model, data, batch size,
+seed, amp, model selection), by each key's resume rule (``Key.resume``); applied
+ones are recorded as a "resume" row with the step they took effect at.
 
 This module holds ``train`` and the run it drives (setup, resume, epochs, steps, the summary);
 the pieces it uses live by job: ``schedule`` (parameter groups, cosine and one-cycle),
@@ -55,7 +55,7 @@ from .checkpoint import (
     refuse_changes,
     set_rng_state,
 )
-from .config import ConfigError, dump_config, resolve_config
+from .config import ConfigError, dump_config, resolve_config, trainer_schema
 from .distributed import RANK_SEED_STRIDE, DistEnv, all_reduce_sum, distributed_run, seed_rank, wrap_ddp
 from .loaders import eval_loader, evaluate, flatten_tokens, model_forward, scored_count, to_device, train_loader
 from .mixing import apply_mixup, make_ema, make_mixer, mix_batch, mixed_batch, timm_mixup
@@ -118,12 +118,16 @@ class TrainingInterrupted(KeyboardInterrupt):
         )
 
 
-# Keys a resume may change, and how: everything in ``train`` and ``diagnostics`` is read afresh each
-# step or applied to the restored optimizer below, except these, which fix the data order, the batches
-# or the numerics of the steps already taken, or (select) which weights the run reports: best_val
-# must have seen every evaluation of the run. In ``model`` and ``data`` only these may change.
-_RESUME_FIXED_TRAIN = ("batch_size", "seed", "amp", "select")
-_RESUME_FREE_DATA = ("root", "num_workers")
+def _resume_changes(old: dict, new: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """(changes to apply and record, changes to refuse) when resuming a run of config ``old`` as ``new``.
+
+    Each key's resume rule decides (Key.resume in training/config.py; the table in docs/training.md):
+    model and data keys, train.batch_size, seed, amp and select are fixed; threads, device, data
+    workers and root, and log cadence are free (taken silently); the rest applies from the resume step.
+    """
+    return config_changes(old, new, trainer_schema())
+
+
 _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps")
 # Changing any of these moves the learning rate (and, for onecycle_linear, beta1) of the next update.
 _SCHEDULE_KEYS = ("schedule", "min_lr", "warmup_epochs", "warmup_steps", "epochs", "max_steps")
@@ -142,15 +146,6 @@ def _with_new_defaults(cfg: dict) -> dict:
     except ConfigError:  # a key since removed or renamed: compare as written, so the diff names it
         return copy.deepcopy(cfg)
     return legacy_auto(out)
-
-
-def _fixed_on_resume(key: str) -> bool:
-    section, _, name = key.partition(".")
-    return (
-        section == "model"
-        or (section == "data" and name not in _RESUME_FREE_DATA)
-        or (section == "train" and name in _RESUME_FIXED_TRAIN)
-    )
 
 
 # --- the loop ----------------------------------------------------------------------
@@ -350,7 +345,7 @@ class _Run:
     def restore(self) -> None:
         ckpt = read_checkpoint(self.run_dir, ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config"))
         old = _with_new_defaults(ckpt["config"])
-        applied, refused = config_changes(old, self.cfg, _fixed_on_resume)
+        applied, refused = _resume_changes(old, self.cfg)
         refuse_changes(self.run_dir, refused)
         try:
             self.model.load_state_dict(ckpt["model"])

@@ -730,7 +730,7 @@ _CHECKS = {
 }
 
 
-@register_dataset("lra_pathfinder", _DEFAULTS, {"difficulty": tuple(DIFFICULTIES)}, _CHECKS)
+@register_dataset("lra_pathfinder", _DEFAULTS, {"difficulty": tuple(DIFFICULTIES)}, _CHECKS, free=("gen_workers",))
 def build_lra_pathfinder(cfg: dict, seed: int) -> DataBundle:
     """Pathfinder from ``data.root`` (release layout), or generated into the cache when root is unset."""
     if cfg["root"]:

@@ -12,60 +12,65 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ...training.config import ConfigError, ConfigSchema, Key, at_least, canonical_activation, greater_than
+from ...training.config import (
+    ConfigError,
+    ConfigSchema,
+    Key,
+    at_least,
+    canonical_activation,
+    greater_than,
+    non_negative,
+    positive_int,
+)
 
 __all__ = ["DETECT_CONFIG", "PRESETS", "resolve_detect_config"]
 
 
-def _positive_int(default: int) -> Key:
-    return Key(default, "int", check=at_least(1), requirement=">= 1")
-
-
-def _non_negative(default: float) -> Key:
-    return Key(default, "float", check=at_least(0), requirement=">= 0")
-
-
 # The paper's Table 3: Mask R-CNN, XCiT-S12/16, COCO, 36 epochs (the 3x schedule), AdamW lr 1e-4,
 # weight decay 0.05, batch 16; images resized to a shorter side of 800 (max 1333) and flipped.
+# Resume rules: a resume may train longer (epochs), score more or less often, thread differently,
+# run on another device or read the data from another place; everything else is fixed.
 _SECTIONS: dict[str, dict[str, Key]] = {
     "model": {
-        "activation": Key("softmax", "str"),
-        "backbone": Key("xcit_small_12_p16_224", "str"),
-        "out_indices": Key([3, 5, 7, 11], "list"),
-        "fpn_channels": _positive_int(256),
+        "activation": Key("softmax", "str", resume="fixed"),
+        "backbone": Key("xcit_small_12_p16_224", "str", resume="fixed"),
+        "out_indices": Key([3, 5, 7, 11], "list", resume="fixed"),
+        "fpn_channels": positive_int(256, "fixed"),
         # Extra keyword arguments of the timm XCiT (embed_dim, depth, ...), for small CPU models.
-        "backbone_kwargs": Key({}, "dict"),
+        "backbone_kwargs": Key({}, "dict", resume="fixed"),
         # One anchor size per FPN level (strides 4 ... 64); mmdet's 8 x stride by default.
-        "anchor_sizes": Key([32, 64, 128, 256, 512], "list"),
+        "anchor_sizes": Key([32, 64, 128, 256, 512], "list", resume="fixed"),
         # Keyword arguments of torchvision's MaskRCNN (box_batch_size_per_image, rpn_*_nms_top_n_*, ...).
-        "detector_kwargs": Key({}, "dict"),
+        "detector_kwargs": Key({}, "dict", resume="fixed"),
     },
     "data": {
-        "root": Key(None, "str", nullable=True),
-        "train_split": Key("train", "str"),
-        "val_split": Key("val", "str"),
-        "short_side": Key([800], "list"),
-        "max_size": _positive_int(1333),
-        "flip": Key(0.5, "float", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]"),
+        "root": Key(None, "str", nullable=True, resume="free"),
+        "train_split": Key("train", "str", resume="fixed"),
+        "val_split": Key("val", "str", resume="fixed"),
+        "short_side": Key([800], "list", resume="fixed"),
+        "max_size": positive_int(1333, "fixed"),
+        "flip": Key(0.5, "float", check=lambda v: 0 <= v <= 1, requirement="in [0, 1]", resume="fixed"),
         # generated data (polyattn data coco-shapes) when root is null
-        "gen_train": _positive_int(200),
-        "gen_val": _positive_int(50),
-        "gen_size": _positive_int(96),
+        "gen_train": positive_int(200, "fixed"),
+        "gen_val": positive_int(50, "fixed"),
+        "gen_size": positive_int(96, "fixed"),
     },
     "train": {
-        "epochs": _positive_int(36),
-        "batch_size": _positive_int(16),
-        "lr": Key(1.0e-4, "float", check=greater_than(0), requirement="> 0"),
-        "weight_decay": _non_negative(0.05),
-        "warmup_steps": Key(500, "int", check=at_least(0), requirement=">= 0"),
+        "epochs": positive_int(36, "applied"),
+        "batch_size": positive_int(16, "fixed"),
+        "lr": Key(1.0e-4, "float", check=greater_than(0), requirement="> 0", resume="fixed"),
+        "weight_decay": non_negative(0.05, "fixed"),
+        "warmup_steps": Key(500, "int", check=at_least(0), requirement=">= 0", resume="fixed"),
         # The 3x schedule divides the lr by 10 at epochs 27 and 33 of 36.
-        "lr_steps": Key([27, 33], "list"),
-        "grad_clip": _non_negative(0.0),
-        "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
-        "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "lr_steps": Key([27, 33], "list", resume="fixed"),
+        "grad_clip": non_negative(0.0, "fixed"),
+        "seed": Key(0, "int", check=at_least(0), requirement=">= 0", resume="fixed"),
+        "num_threads": positive_int(None, "free", nullable=True),
         # auto: the GPU of this process's local rank when there is one (torchrun: one GPU per process)
-        "device": Key("auto", "str", choices=("auto", "cpu", "cuda")),
-        "eval_every": Key(0, "int", check=at_least(0), requirement=">= 0 (0: only after the last epoch)"),
+        "device": Key("auto", "str", choices=("auto", "cpu", "cuda"), resume="free"),
+        "eval_every": Key(
+            0, "int", check=at_least(0), requirement=">= 0 (0: only after the last epoch)", resume="applied"
+        ),
     },
 }
 
@@ -110,13 +115,7 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"train.lr_steps must be increasing epochs >= 1 (lr / 10 at each), got {steps}")
 
 
-DETECT_CONFIG = ConfigSchema(
-    kind="detect config",
-    sections=_SECTIONS,
-    top={"preset": Key("paper", "str", choices=tuple(PRESETS))},
-    presets=PRESETS,
-    check=_validate,
-)
+DETECT_CONFIG = ConfigSchema("detect config", _SECTIONS, presets=PRESETS, check=_validate)
 
 
 def resolve_detect_config(

@@ -55,8 +55,6 @@ from .model import build_mask_rcnn
 __all__ = ["build_detector", "run_detect"]
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "history", "config")
-# What a resume may change: how long it trains, how often it scores, its threads, where the data lives.
-_FREE_ON_RESUME = ("train.epochs", "train.eval_every", "train.num_threads", "train.device", "data.root", "preset")
 
 
 def build_detector(cfg: dict, num_classes: int) -> torch.nn.Module:
@@ -157,7 +155,7 @@ def _run(cfg: dict, out: Path, resume: bool, progress: bool, env: DistEnv) -> di
     epoch, step, history = 0, 0, []
     if resume:
         ckpt = read_checkpoint(out, _CHECKPOINT_KEYS, "polyattn detect")
-        _, refused = config_changes(ckpt["config"], cfg, lambda key: key not in _FREE_ON_RESUME)
+        _, refused = config_changes(ckpt["config"], cfg, DETECT_CONFIG)  # by each key's resume rule
         refuse_changes(out, refused)
         states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
         if len(states) != env.world_size:

@@ -20,6 +20,7 @@ from ...training.config import (
     canonical_activation,
     greater_than,
     parse_override,
+    positive_int,
 )
 from ..pdes import PDES, get_pde
 
@@ -30,48 +31,50 @@ def _is_grid(v: Any) -> bool:
     return len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in v)
 
 
-def _positive_int(default: int) -> Key:
-    return Key(default, "int", check=at_least(1), requirement=">= 1")
-
-
 # The published set-up (PINNsFormer demos): 51 x 51 training grid, 101 x 101 test
 # grid, k = 5, dt = 1e-4, 453k-parameter transformer, L-BFGS. The published demos
 # run 500 L-BFGS steps for convection and reaction and 1000 for the wave; their
 # MLP baseline trains on a 101 x 101 grid (configs/pinn/paper.yaml sets these).
+# Resume rules: a resume may train longer (max_steps) and log, checkpoint or thread differently;
+# everything else chose the problem, the model or the optimizer's path so far.
 _SECTIONS: dict[str, dict[str, Key]] = {
     "pde": {
-        "name": Key("convection", "str", choices=tuple(PDES)),
-        "params": Key({}, "dict"),
+        "name": Key("convection", "str", choices=tuple(PDES), resume="fixed"),
+        "params": Key({}, "dict", resume="fixed"),
     },
     "model": {
-        "name": Key("pinnsformer", "str", choices=("pinnsformer", "mlp")),
-        "activation": Key("softmax", "str"),
-        "d_model": _positive_int(32),
-        "d_ff": _positive_int(256),
-        "d_hidden": _positive_int(512),
-        "num_layers": _positive_int(1),
-        "num_heads": _positive_int(2),
-        "seq_len": _positive_int(5),
-        "seq_step": Key(1.0e-4, "float", check=greater_than(0), requirement="> 0"),
-        "mlp_hidden": _positive_int(512),
-        "mlp_layers": Key(4, "int", check=at_least(2), requirement=">= 2"),
+        "name": Key("pinnsformer", "str", choices=("pinnsformer", "mlp"), resume="fixed"),
+        "activation": Key("softmax", "str", resume="fixed"),
+        "d_model": positive_int(32, "fixed"),
+        "d_ff": positive_int(256, "fixed"),
+        "d_hidden": positive_int(512, "fixed"),
+        "num_layers": positive_int(1, "fixed"),
+        "num_heads": positive_int(2, "fixed"),
+        "seq_len": positive_int(5, "fixed"),
+        "seq_step": Key(1.0e-4, "float", check=greater_than(0), requirement="> 0", resume="fixed"),
+        "mlp_hidden": positive_int(512, "fixed"),
+        "mlp_layers": Key(4, "int", check=at_least(2), requirement=">= 2", resume="fixed"),
     },
     "data": {
-        "train_grid": Key([51, 51], "list", check=_is_grid, requirement="[n_x, n_t] with integers >= 2"),
-        "test_grid": Key([101, 101], "list", check=_is_grid, requirement="[n_x, n_t] with integers >= 2"),
+        "train_grid": Key(
+            [51, 51], "list", check=_is_grid, requirement="[n_x, n_t] with integers >= 2", resume="fixed"
+        ),
+        "test_grid": Key(
+            [101, 101], "list", check=_is_grid, requirement="[n_x, n_t] with integers >= 2", resume="fixed"
+        ),
     },
     "train": {
-        "optimizer": Key("lbfgs", "str", choices=("lbfgs", "adam")),
-        "max_steps": Key(500, "int", check=at_least(0), requirement=">= 0"),
+        "optimizer": Key("lbfgs", "str", choices=("lbfgs", "adam"), resume="fixed"),
+        "max_steps": Key(500, "int", check=at_least(0), requirement=">= 0", resume="applied"),
         # None: 1.0 for L-BFGS, 1e-3 for Adam
-        "lr": Key(None, "float", nullable=True, check=greater_than(0), requirement="> 0 or null"),
-        "lbfgs_max_iter": _positive_int(20),
-        "lbfgs_history": _positive_int(100),
-        "seed": Key(0, "int", check=at_least(0), requirement=">= 0"),
-        "log_every": _positive_int(1),
-        "checkpoint_every": _positive_int(50),
+        "lr": Key(None, "float", nullable=True, check=greater_than(0), requirement="> 0 or null", resume="fixed"),
+        "lbfgs_max_iter": positive_int(20, "fixed"),
+        "lbfgs_history": positive_int(100, "fixed"),
+        "seed": Key(0, "int", check=at_least(0), requirement=">= 0", resume="fixed"),
+        "log_every": positive_int(1, "free"),
+        "checkpoint_every": positive_int(50, "free"),
         # torch CPU threads; None leaves torch's default
-        "num_threads": Key(None, "int", nullable=True, check=at_least(1), requirement=">= 1"),
+        "num_threads": positive_int(None, "free", nullable=True),
     },
 }
 
@@ -102,9 +105,8 @@ def validate_pinn_config(cfg: dict) -> None:
 
 
 PINN_CONFIG = ConfigSchema(
-    kind="PINN config",
-    sections=_SECTIONS,
-    top={"preset": Key("paper", "str", choices=tuple(PRESETS))},
+    "PINN config",
+    _SECTIONS,
     presets=PRESETS,
     check=validate_pinn_config,
     renamed={"train.steps": "train.max_steps", "train.threads": "train.num_threads"},

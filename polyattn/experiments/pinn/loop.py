@@ -32,8 +32,6 @@ from .report import label, plot_fields, plot_loss
 __all__ = ["NonFiniteLossError", "load_pinn_run", "run_pinn"]
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "config", "step", "func_evals", "train_time_s", "history")
-# What a resume may change: how long it trains, how it logs, how many threads it uses.
-_FREE_ON_RESUME = ("train.max_steps", "train.log_every", "train.checkpoint_every", "train.num_threads", "preset")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,7 +114,7 @@ def _fresh(out: Path) -> _State:
 
 def _restore(cfg: dict, out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> _State:
     ckpt = read_checkpoint(out, _CHECKPOINT_KEYS, "polyattn pinn")
-    _, refused = config_changes(ckpt["config"], cfg, lambda key: key not in _FREE_ON_RESUME)
+    _, refused = config_changes(ckpt["config"], cfg, PINN_CONFIG)  # by each key's resume rule
     refuse_changes(out, refused)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
