@@ -228,18 +228,19 @@ class Activation:
         Without masks n is the last dimension of S. Masking is not applied
         here: that is :func:`polyattn.attention`'s job.
         """
-        if n is None:
-            n = s.shape[-1]
-        out = self.base(s - self.shift_value(n) if self.shift is not None else s)
-        if self.divisor is not None:
-            out = out / self.divisor_value(n)
-        return out
+        return self._shifted_scaled(self.base, s, n)
 
     def derivative(self, s: torch.Tensor, n: torch.Tensor | float | None = None) -> torch.Tensor:
         """d phi(S) / d S elementwise, shift and divisor included (n as in ``__call__``)."""
+        return self._shifted_scaled(self.base_derivative, s, n)
+
+    def _shifted_scaled(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, n: torch.Tensor | float | None
+    ) -> torch.Tensor:
+        # phi and phi' both read the shifted score and are divided by the same divisor.
         if n is None:
             n = s.shape[-1]
-        out = self.base_derivative(s - self.shift_value(n) if self.shift is not None else s)
+        out = fn(s - self.shift_value(n) if self.shift is not None else s)
         if self.divisor is not None:
             out = out / self.divisor_value(n)
         return out

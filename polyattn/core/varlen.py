@@ -22,13 +22,19 @@ and takes the cheapest; :func:`explain_varlen` (or ``explain_backend(..., cu_seq
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
 
 from .activations import Activation, ActivationLike, get_activation
-from .backends import BACKENDS, TINY_ENTRIES, BackendChoice, BackendUnsupported
+from .backends import (
+    BACKENDS,
+    BackendChoice,
+    BackendUnsupported,
+    choice_table,
+    lowest_cost,
+    rank_candidates,
+)
 from .backends.auto import estimate
 from .backends.chunked_varlen import chunked_varlen
 from .backends.common import CallInfo
@@ -189,34 +195,31 @@ def _unsupported(name: str, infos: list[tuple[int, CallInfo]], act: Activation) 
 
 def _choose(q: torch.Tensor, v: torch.Tensor, act: Activation, docs: Docs, causal: bool) -> BackendChoice:
     infos = _call_infos(q, v, act, docs, causal)
-    candidates: list[tuple[str, float | None, str]] = []
-    for name in BACKENDS:
-        why_not = _unsupported(name, infos, act)
-        if why_not is None and name == "triton" and q.device.type != "cuda":
-            why_not = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
-        if why_not is not None:
-            candidates.append((name, None, why_not))
-            continue
+
+    def estimated(name: str) -> tuple[float, str]:
         seconds = sum(count * estimate(name, info).seconds for count, info in infos)
         how = {"chunked": "one tiled pass, tiles inside documents", "triton": "one kernel, offsets read in it"}.get(
             name, "one call per document"
         )
-        candidates.append((name, seconds, f"{len(docs)} documents, {how}"))
+        return seconds, f"{len(docs)} documents, {how}"
+
+    candidates = rank_candidates(q.device, lambda name: _unsupported(name, infos, act), estimated)
     entries = sum(count * info.bh * info.nq * info.nk for count, info in infos)
-    supported = [(t, n) for n, t, _ in candidates if t is not None and t != math.inf]
-    if entries <= TINY_ENTRIES:
-        return BackendChoice(
-            "reference",
-            f"tiny problem ({entries} scores over all documents): the materialised path is as fast and twice "
-            "differentiable",
-            tuple(candidates),
-        )
-    if not supported:
-        return BackendChoice("chunked", "no estimate is finite; the tiled pass holds the least", tuple(candidates))
-    best_t, best = min(supported)
-    others = ", ".join(f"{n} {t:.3g}s" for t, n in sorted(supported) if n != best)
-    reason = f"lowest estimated fwd+bwd time {best_t:.3g}s" + (f" (vs {others})" if others else "")
-    return BackendChoice(best, reason, tuple(candidates))
+    none_finite = ("chunked", "no estimate is finite; the tiled pass holds the least")
+    return lowest_cost(candidates, entries, f"{entries} scores over all documents", none_finite)
+
+
+def _packed_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None,
+) -> tuple[torch.Tensor, Docs]:
+    """v (k when None) and the checked documents of a select/explain call."""
+    v = k if v is None else v
+    _check_tensors(q, k, v)
+    return v, _documents(q, k, cu_seqlens_q, cu_seqlens_k, None, None)
 
 
 def select_backend_varlen(
@@ -230,9 +233,7 @@ def select_backend_varlen(
     causal: bool = False,
 ) -> BackendChoice:
     """The backend ``attention_varlen(..., backend="auto")`` runs for these packed inputs, with the reason."""
-    v = k if v is None else v
-    _check_tensors(q, k, v)
-    docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k, None, None)
+    v, docs = _packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k)
     return _choose(q, v, get_activation(activation), docs, causal)
 
 
@@ -247,24 +248,16 @@ def explain_varlen(
     causal: bool = False,
 ) -> str:
     """A table of every backend for one packed call: estimated fwd+bwd seconds or why not; and auto's pick."""
-    v = k if v is None else v
-    _check_tensors(q, k, v)
-    docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k, None, None)
+    v, docs = _packed_call(q, k, v, cu_seqlens_q, cu_seqlens_k)
     act = get_activation(activation)
     choice = _choose(q, v, act, docs, causal)
     lens = [b - a for a, b, _, _ in docs]
-    lines = [
+    header = (
         f"attention_varlen {act.spec!r}: {len(docs)} documents of {min(lens)}..{max(lens)} tokens "
         f"(total_q={q.shape[0]} total_k={k.shape[0]}) H={q.shape[1]} Hk={k.shape[1]} d={q.shape[2]} "
-        f"dv={v.shape[2]} {q.device.type} {str(q.dtype).replace('torch.', '')} causal={causal}",
-        f"auto -> {choice.name}: {choice.reason}",
-        f"{'backend':<10} {'est. s':>10}  note",
-    ]
-    for name, seconds, note in choice.candidates:
-        est = "-" if seconds is None else ("inf" if seconds == math.inf else f"{seconds:.3g}")
-        mark = "  <- auto" if name == choice.name else ""
-        lines.append(f"{name:<10} {est:>10}  {note if seconds is not None else 'unsupported: ' + note}{mark}")
-    return "\n".join(lines)
+        f"dv={v.shape[2]} {q.device.type} {str(q.dtype).replace('torch.', '')} causal={causal}"
+    )
+    return choice_table(header, choice)
 
 
 def _per_document(

@@ -249,17 +249,7 @@ def _forward(
     is_causal: bool | None,
     kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, None]:
-    for arg, why in _REFUSED.items():
-        if kwargs.get(arg) is not None:
-            raise ValueError(
-                f"polyattn attention ({act.spec}) cannot take {arg}=...: {why}. Load this model with "
-                "attn_implementation='eager' or 'sdpa' instead"
-            )
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have shape (batch, heads, seq, head_dim) as transformers passes it, got {tuple(t.shape)}"
-            )
+    _check_call(act, query, key, value, kwargs)
     state_layer = claim(key)
     if state_layer is not None:  # decoding with a StateCache: the layer attends from its state (hf_cache.py)
         return state_layer.attend(
@@ -286,21 +276,7 @@ def _forward(
 
     causal = False
     if attention_mask is None:
-        # As transformers' sdpa: an explicit is_causal wins over the module's attribute, and a mask, when
-        # there is one, already holds the causal pattern.
-        if is_causal is None:
-            is_causal = getattr(module, "is_causal", True)
-        window = kwargs.get("sliding_window")
-        window = window if window is not None and kv_len > window else None
-        if window is not None and not is_causal:
-            raise ValueError(
-                f"sliding_window={window} without a mask is supported for causal attention only; pass the "
-                "4D mask transformers builds (register() registers its mask function)"
-            )
-        if is_causal and q_len == kv_len and window is None:
-            causal = q_len > 1
-        elif is_causal:
-            mask = _bottom_right_causal(q_len, kv_len, window, query.device)
+        causal, mask = _unmasked_causal(module, query, kv_len, is_causal, kwargs, mask)
 
     groups = heads // kv_heads
     if groups > 1 and not causal and q_len < kv_len:
@@ -330,6 +306,53 @@ def _forward(
     )
     out = out.reshape(out.shape[0], heads, q_len, value.shape[-1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_call(
+    act: Activation, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
+) -> None:
+    """Refuse the kwargs polyattn cannot honour and tensors not in transformers' (B, H, T, d) layout."""
+    for arg, why in _REFUSED.items():
+        if kwargs.get(arg) is not None:
+            raise ValueError(
+                f"polyattn attention ({act.spec}) cannot take {arg}=...: {why}. Load this model with "
+                "attn_implementation='eager' or 'sdpa' instead"
+            )
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape (batch, heads, seq, head_dim) as transformers passes it, got {tuple(t.shape)}"
+            )
+
+
+def _unmasked_causal(
+    module: nn.Module,
+    query: torch.Tensor,
+    kv_len: int,
+    is_causal: bool | None,
+    kwargs: dict[str, Any],
+    mask: torch.Tensor | None,
+) -> tuple[bool, torch.Tensor | None]:
+    """(causal, mask) of a call without an attention mask: the causal flag for square attention, or an
+    explicit bottom-right causal (and sliding-window) mask when the keys outnumber the queries."""
+    q_len = query.shape[2]
+    causal = False
+    # As transformers' sdpa: an explicit is_causal wins over the module's attribute, and a mask, when
+    # there is one, already holds the causal pattern.
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+    window = window if window is not None and kv_len > window else None
+    if window is not None and not is_causal:
+        raise ValueError(
+            f"sliding_window={window} without a mask is supported for causal attention only; pass the "
+            "4D mask transformers builds (register() registers its mask function)"
+        )
+    if is_causal and q_len == kv_len and window is None:
+        causal = q_len > 1
+    elif is_causal:
+        mask = _bottom_right_causal(q_len, kv_len, window, query.device)
+    return causal, mask
 
 
 # --- padding-free packed batches ------------------------------------------------------------------------

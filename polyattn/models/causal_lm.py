@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..core.activations import ActivationLike
 from ..core.layers import PolyAttention
-from . import _checks
+from . import _tokens
 from .registry import register_model
 
 __all__ = ["CausalLM"]
@@ -46,29 +46,17 @@ class CausalLM(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("depth", depth)):
-            _checks.positive_int(name, value)
-        _checks.heads("dim", dim, num_heads)
         mlp_dim = 4 * dim if mlp_dim is None else mlp_dim
-        _checks.positive_int("mlp_dim", mlp_dim)
-        _checks.probability("dropout", dropout)
+        _tokens.check_sizes(vocab_size, max_len, dim, depth, num_heads, mlp_dim, dropout)
         self.vocab_size, self.max_len = vocab_size, max_len
-        self.token_embed = nn.Embedding(vocab_size, dim)
-        self.pos_embed = nn.Embedding(max_len, dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        self.token_embed, self.pos_embed = _tokens.embeddings(vocab_size, max_len, dim)
         self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_dim, dropout, activation) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds the model's max_len {self.max_len}: build the model "
-                "with a larger max_len (it follows data.seq_len in a config)"
-            )
+        fix = "build the model with a larger max_len (it follows data.seq_len in a config)"
+        _tokens.check_tokens(tokens, self.max_len, "T", fix)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embed(tokens) + self.pos_embed(positions)
         for block in self.blocks:

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ..core.activations import ActivationLike
 from ..core.layers import PolyAttention
-from . import _checks
+from . import _checks, _tokens
 from .registry import register_model
 
 __all__ = ["LRAEncoder", "LRAClassifier", "LRADualClassifier", "LRA_DEFAULTS", "LRA_PROTOCOLS"]
@@ -93,18 +93,11 @@ class LRAEncoder(nn.Module):
         super().__init__()
         if protocol not in LRA_PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(LRA_PROTOCOLS)}, got {protocol!r}")
-        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("depth", depth)):
-            _checks.positive_int(name, value)
-        _checks.heads("dim", dim, num_heads)
-        _checks.positive_int("mlp_dim", mlp_dim)
-        _checks.probability("dropout", dropout)
+        _tokens.check_sizes(vocab_size, max_len, dim, depth, num_heads, mlp_dim, dropout)
         _checks.probability("attn_drop", attn_drop)
         self.vocab_size, self.max_len, self.dim, self.protocol = vocab_size, max_len, dim, protocol
         self.padded_len = 1 << (max_len - 1).bit_length()
-        self.token_embed = nn.Embedding(vocab_size, dim)
-        self.pos_embed = nn.Embedding(max_len, dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        self.token_embed, self.pos_embed = _tokens.embeddings(vocab_size, max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             _Block(dim, num_heads, mlp_dim, dropout, attn_drop, activation) for _ in range(depth)
@@ -112,13 +105,8 @@ class LRAEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def _check(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor (B, L), got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds the model's max_len {self.max_len}: "
-                "build the model with a larger max_len or truncate the data (data.max_len)"
-            )
+        fix = "build the model with a larger max_len or truncate the data (data.max_len)"
+        _tokens.check_tokens(tokens, self.max_len, "L", fix)
         if padding_mask is not None and (padding_mask.shape != tokens.shape or padding_mask.dtype != torch.bool):
             raise ValueError(
                 f"padding_mask must be bool of the tokens' shape {tuple(tokens.shape)}, "

@@ -108,32 +108,58 @@ class BackendChoice:
 call_info = CallInfo.of  # describe a call for the support checks and the cost model
 
 
-def choose_backend(info: CallInfo) -> BackendChoice:
-    """auto's choice for a described call (see :func:`call_info`)."""
-    candidates: list[tuple[str, float | None, str]] = []
-    for name, backend in BACKENDS.items():
-        why_not = backend.unsupported(info)
-        if why_not is None and name == "triton" and info.device.type != "cuda":
-            why_not = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
-        if why_not is not None:
-            candidates.append((name, None, why_not))
-            continue
-        est = estimate(name, info)
-        candidates.append((name, est.seconds, est.note))
+Candidate = tuple[str, float | None, str]  # (backend, estimated fwd+bwd seconds or None, note or why not)
+
+
+def rank_candidates(
+    device: torch.device, why_not: Callable[[str], str | None], estimate_of: Callable[[str], tuple[float, str]]
+) -> list[Candidate]:
+    """Every backend as auto sees it: why it cannot run, or its (seconds, note) estimate."""
+    candidates: list[Candidate] = []
+    for name in BACKENDS:
+        reason = why_not(name)
+        if reason is None and name == "triton" and device.type != "cuda":
+            reason = "the Triton interpreter (TRITON_INTERPRET=1) is for tests; auto runs triton on GPUs"
+        candidates.append((name, None, reason) if reason is not None else (name, *estimate_of(name)))
+    return candidates
+
+
+def lowest_cost(candidates: list[Candidate], entries: int, scores: str, none_finite: tuple[str, str]) -> BackendChoice:
+    """auto's pick: reference for a tiny problem (``entries`` scores, described by ``scores``),
+    ``none_finite`` (name, reason) when no estimate is finite, else the lowest estimate."""
+    if entries <= TINY_ENTRIES:
+        reason = f"tiny problem ({scores}): the materialised path is as fast and twice differentiable"
+        return BackendChoice("reference", reason, tuple(candidates))
     supported = [(t, n) for n, t, _ in candidates if t is not None and t != float("inf")]
-    if info.bh * info.nq * info.nk <= TINY_ENTRIES:
-        return BackendChoice(
-            "reference",
-            f"tiny problem ({info.bh}x{info.nq}x{info.nk} scores): the materialised path is as fast "
-            "and twice differentiable",
-            tuple(candidates),
-        )
-    if not supported:  # every estimate is infinite: reference still computes it, if slowly
-        return BackendChoice("reference", "no backend fits the memory budget; materialising", tuple(candidates))
+    if not supported:
+        return BackendChoice(*none_finite, tuple(candidates))
     best_t, best = min(supported)
     others = ", ".join(f"{n} {t:.3g}s" for t, n in sorted(supported) if n != best)
     reason = f"lowest estimated fwd+bwd time {best_t:.3g}s" + (f" (vs {others})" if others else "")
     return BackendChoice(best, reason, tuple(candidates))
+
+
+def choice_table(header: str, choice: BackendChoice) -> str:
+    """``explain``'s text: the call's header line, auto's pick, and one row per backend."""
+    lines = [header, f"auto -> {choice.name}: {choice.reason}", f"{'backend':<10} {'est. s':>10}  note"]
+    for name, seconds, note in choice.candidates:
+        est = "-" if seconds is None else ("inf" if seconds == float("inf") else f"{seconds:.3g}")
+        mark = "  <- auto" if name == choice.name else ""
+        lines.append(f"{name:<10} {est:>10}  {note if seconds is not None else 'unsupported: ' + note}{mark}")
+    return "\n".join(lines)
+
+
+def choose_backend(info: CallInfo) -> BackendChoice:
+    """auto's choice for a described call (see :func:`call_info`)."""
+
+    def estimated(name: str) -> tuple[float, str]:
+        est = estimate(name, info)
+        return est.seconds, est.note
+
+    candidates = rank_candidates(info.device, lambda name: BACKENDS[name].unsupported(info), estimated)
+    # Every estimate infinite: reference still computes it, if slowly.
+    none_finite = ("reference", "no backend fits the memory budget; materialising")
+    return lowest_cost(candidates, info.bh * info.nq * info.nk, f"{info.bh}x{info.nq}x{info.nk} scores", none_finite)
 
 
 def select_backend(
@@ -187,18 +213,12 @@ def explain_backend(
         return explain_varlen(q, k, activation, **kwargs)
     choice = select_backend(q, k, activation, **kwargs)
     info = call_info(q, k, activation, **kwargs)
-    lines = [
+    header = (
         f"attention {info.activation.spec!r}: BH={info.bh} Nq={info.nq} Nk={info.nk} d={info.d} dv={info.dv} "
         f"{info.device.type} {str(info.dtype).replace('torch.', '')} mask={info.mask} bias={info.has_bias} "
-        f"causal={info.causal} dropout_p={info.dropout_p}",
-        f"auto -> {choice.name}: {choice.reason}",
-        f"{'backend':<10} {'est. s':>10}  note",
-    ]
-    for name, seconds, note in choice.candidates:
-        est = "-" if seconds is None else ("inf" if seconds == float("inf") else f"{seconds:.3g}")
-        mark = "  <- auto" if name == choice.name else ""
-        lines.append(f"{name:<10} {est:>10}  {note if seconds is not None else 'unsupported: ' + note}{mark}")
-    return "\n".join(lines)
+        f"causal={info.causal} dropout_p={info.dropout_p}"
+    )
+    return choice_table(header, choice)
 
 
 def resolve_backend(

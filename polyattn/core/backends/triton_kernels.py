@@ -330,50 +330,62 @@ if triton is not None:
         )
 
     @triton.jit
-    def _store(ptr, x, rows, cols, row_len, n_rows):
-        """Store the fp32 (rows, cols) tile x into rows of row_len elements, converting to ptr's dtype."""
+    def _store(ptr, x, rows, cols, stride_r, n_rows, n_cols):
+        """Store the fp32 (rows, cols) tile x at ptr + row * stride_r + col, converting to ptr's dtype."""
         tl.store(
-            ptr + rows[:, None] * row_len + cols[None, :],
+            ptr + rows[:, None] * stride_r + cols[None, :],
             x.to(ptr.dtype.element_ty),
-            mask=(rows[:, None] < n_rows) & (cols[None, :] < row_len),
+            mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
         )
 
     _FWD = tl.constexpr(0)  # OUT = O
     _DQ = tl.constexpr(1)  # OUT = dQ
     _DKDV = tl.constexpr(2)  # OUT = dK, OUT2 = dV
 
+    # The dK/dV pass is a helper (Triton inlines it); the forward/dQ pass stays in the kernel body, because
+    # as a helper it changes the order of the constants Triton hoists, and ptxas then gives fp32 dQ at head
+    # dim 256 two more registers (`polyattn kernels --quick` shows it).
+    @triton.jit
+    def _key_block(
+        Q, K, V, DO, OUT, OUT2, KMASK, R, scale, r_scalar, stride_rn, pid, bh, offs_d, offs_dv, NQ, NK, D, DV,
+        ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_R: tl.constexpr,
+        LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        """dK (OUT) and dV (OUT2) of one block of keys; dK and dV stay in registers while the query blocks
+        stream past."""
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        OUT += bh * NK * D
+        OUT2 += bh * NK * DV
+        k = _load(K, offs_n, offs_d, D, 1, NK, D)
+        v = _load(V, offs_n, offs_dv, DV, 1, NK, DV)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M  # query i sees key j only when i >= j
+        for start_m in range(lo, NQ, BLOCK_M):
+            # S^T (keys x queries) directly, so phi(S)^T and dS^T feed dV and dK without transposes.
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qt = _load(Q, offs_d, offs_m, 1, D, D, NQ)
+            r = _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R)
+            dor = _load(DO, offs_m, offs_dv, DV, 1, NQ, DV).to(tl.float32) * r[:, None]
+            ok = _valid_t(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
+            st = tl.where(ok, _dot(k, qt, LOWP, NATIVE_LOWP) * scale, 0.0)
+            at = tl.where(ok, _phi(st, ACT, POWER), 0.0)
+            dv += _dot(at, dor, LOWP, NATIVE_LOWP)
+            dst = tl.where(ok, _dot(v, tl.trans(dor), LOWP, NATIVE_LOWP) * _dphi(st, ACT, POWER), 0.0)
+            dk += _dot(dst, tl.trans(qt), LOWP, NATIVE_LOWP)
+        _store(OUT, dk * scale, offs_n, offs_d, D, NK, D)
+        _store(OUT2, dv, offs_n, offs_dv, DV, NK, DV)
+
     @triton.jit
     def _attention_kernel(
-        Q,
-        K,
-        V,
-        DO,
-        OUT,
-        OUT2,
-        KMASK,
-        R,
-        scale,
-        r_scalar,
-        stride_mb,
-        stride_rb,
-        stride_rn,
-        NQ,
-        NK,
-        D,
-        DV,
-        PASS: tl.constexpr,
-        ACT: tl.constexpr,
-        POWER: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        HAS_R: tl.constexpr,
-        LOWP: tl.constexpr,
-        NATIVE_LOWP: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
-    ):
+        Q, K, V, DO, OUT, OUT2, KMASK, R, scale, r_scalar, stride_mb, stride_rb, stride_rn, NQ, NK, D, DV,
+        PASS: tl.constexpr, ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+        HAS_R: tl.constexpr, LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
         # Grid: (blocks of queries, or of keys for _DKDV; BH). 64-bit head offsets: BH * N * d may pass 2^31.
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -386,31 +398,10 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         if PASS == _DKDV:
-            # One block of keys; dK and dV stay in registers while the query blocks stream past.
-            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            OUT += bh * NK * D
-            OUT2 += bh * NK * DV
-            k = _load(K, offs_n, offs_d, D, 1, NK, D)
-            v = _load(V, offs_n, offs_dv, DV, 1, NK, DV)
-            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-            lo = 0
-            if CAUSAL:
-                lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M  # query i sees key j only when i >= j
-            for start_m in range(lo, NQ, BLOCK_M):
-                # S^T (keys x queries) directly, so phi(S)^T and dS^T feed dV and dK without transposes.
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                qt = _load(Q, offs_d, offs_m, 1, D, D, NQ)
-                r = _row_factor(R, offs_m, NQ, stride_rn, r_scalar, HAS_R)
-                dor = _load(DO, offs_m, offs_dv, DV, 1, NQ, DV).to(tl.float32) * r[:, None]
-                ok = _valid_t(offs_m, offs_n, NQ, NK, KMASK, HAS_MASK, CAUSAL)
-                st = tl.where(ok, _dot(k, qt, LOWP, NATIVE_LOWP) * scale, 0.0)
-                at = tl.where(ok, _phi(st, ACT, POWER), 0.0)
-                dv += _dot(at, dor, LOWP, NATIVE_LOWP)
-                dst = tl.where(ok, _dot(v, tl.trans(dor), LOWP, NATIVE_LOWP) * _dphi(st, ACT, POWER), 0.0)
-                dk += _dot(dst, tl.trans(qt), LOWP, NATIVE_LOWP)
-            _store(OUT, dk * scale, offs_n, offs_d, D, NK)
-            _store(OUT2, dv, offs_n, offs_dv, DV, NK)
+            _key_block(
+                Q, K, V, DO, OUT, OUT2, KMASK, R, scale, r_scalar, stride_rn, pid, bh, offs_d, offs_dv, NQ, NK, D,
+                DV, ACT, POWER, CAUSAL, HAS_MASK, HAS_R, LOWP, NATIVE_LOWP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            )  # fmt: skip
         else:
             # One block of queries, the key blocks streamed past: O (forward) or dQ.
             offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -441,9 +432,9 @@ if triton is not None:
                     ds = tl.where(ok, _dot(dor, vt, LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
                     acc += _dot(ds, k, LOWP, NATIVE_LOWP)
             if PASS == _FWD:
-                _store(OUT, acc * r[:, None], offs_m, offs_dv, DV, NQ)
+                _store(OUT, acc * r[:, None], offs_m, offs_dv, DV, NQ, DV)
             else:
-                _store(OUT, acc * scale, offs_m, offs_d, D, NQ)
+                _store(OUT, acc * scale, offs_m, offs_d, D, NQ, D)
 
     _KEY = ["PASS", "NQ", "NK", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "HAS_MASK", "LOWP"]
 

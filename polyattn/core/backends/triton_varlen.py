@@ -21,50 +21,61 @@ from .triton_kernels import _ACT_CODES, interpreter_active, triton
 if triton is not None:
     import triton.language as tl
 
-    from .triton_kernels import _dot, _dphi, _load, _phi
+    from .triton_kernels import _dot, _dphi, _load, _phi, _store
 
 __all__ = ["triton_varlen"]
 
 if triton is not None:
 
     @triton.jit
-    def _store_rows(ptr, x, rows, cols, stride_r, n_rows, n_cols):
-        """Store the fp32 (rows, cols) tile x at ptr + row * stride_r + col, in ptr's dtype."""
-        tl.store(
-            ptr + rows[:, None] * stride_r + cols[None, :],
-            x.to(ptr.dtype.element_ty),
-            mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
-        )
+    def _varlen_key_block(
+        Q, K, V, DO, OUT, OUT2, R, scale, r_scalar, pid, head, q0, k0, NQ, NK, sq, sk, sv, sdo, GROUPS, offs_d,
+        offs_dv, D, DV, ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_R: tl.constexpr,
+        LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        """dK (OUT) and dV (OUT2) of one block of one document's keys of k/v head `head`; the G query
+        heads' rows stream past."""
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        Kh = K + k0 * sk + head * D
+        Vh = V + k0 * sv + head * DV
+        k = _load(Kh, offs_n, offs_d, sk, 1, NK, D)
+        v = _load(Vh, offs_n, offs_dv, sv, 1, NK, DV)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M
+        for g in range(0, GROUPS):
+            h = head * GROUPS + g
+            Qh = Q + q0 * sq + h * D
+            DOh = DO + q0 * sdo + h * DV
+            for start_m in range(lo, NQ, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q = _load(Qh, offs_m, offs_d, sq, 1, NQ, D)
+                if HAS_R:
+                    r = tl.load(R + q0 + offs_m, mask=offs_m < NQ, other=0.0)
+                else:
+                    r = tl.full(offs_m.shape, r_scalar, tl.float32)
+                dor = _load(DOh, offs_m, offs_dv, sdo, 1, NQ, DV).to(tl.float32) * r[:, None]
+                ok = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
+                a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
+                dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
+                ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
+                dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
+        _store(OUT + k0 * sk + head * D, dk * scale, offs_n, offs_d, sk, NK, D)
+        _store(OUT2 + k0 * sv + head * DV, dv, offs_n, offs_dv, sv, NK, DV)
 
     @triton.jit
     def _varlen_kernel(
-        Q,
-        K,
-        V,
-        DO,
-        OUT,
-        OUT2,
-        CU_Q,
-        CU_K,
-        R,
-        scale,
-        r_scalar,
-        HEADS,
-        GROUPS,
-        D,
-        DV,
-        PASS: tl.constexpr,
-        ACT: tl.constexpr,
-        POWER: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        HAS_R: tl.constexpr,
-        LOWP: tl.constexpr,
-        NATIVE_LOWP: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
-    ):
+        Q, K, V, DO, OUT, OUT2, CU_Q, CU_K, R, scale, r_scalar, HEADS, GROUPS, D, DV,
+        PASS: tl.constexpr, ACT: tl.constexpr, POWER: tl.constexpr, CAUSAL: tl.constexpr, HAS_R: tl.constexpr,
+        LOWP: tl.constexpr, NATIVE_LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
         # Grid: (query blocks, or key blocks for dK/dV; documents; query heads, or k/v heads for dK/dV).
         pid = tl.program_id(0)
         doc = tl.program_id(1)
@@ -81,39 +92,11 @@ if triton is not None:
         if PASS == 2:
             if pid * BLOCK_N >= NK:
                 return
-            # One block of one document's keys of k/v head `head`; the G query heads' rows stream past.
-            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            Kh = K + k0 * sk + head * D
-            Vh = V + k0 * sv + head * DV
-            k = _load(Kh, offs_n, offs_d, sk, 1, NK, D)
-            v = _load(Vh, offs_n, offs_dv, sv, 1, NK, DV)
-            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-            lo = 0
-            if CAUSAL:
-                lo = (pid * BLOCK_N // BLOCK_M) * BLOCK_M
-            for g in range(0, GROUPS):
-                h = head * GROUPS + g
-                Qh = Q + q0 * sq + h * D
-                DOh = DO + q0 * sdo + h * DV
-                for start_m in range(lo, NQ, BLOCK_M):
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    q = _load(Qh, offs_m, offs_d, sq, 1, NQ, D)
-                    if HAS_R:
-                        r = tl.load(R + q0 + offs_m, mask=offs_m < NQ, other=0.0)
-                    else:
-                        r = tl.full(offs_m.shape, r_scalar, tl.float32)
-                    dor = _load(DOh, offs_m, offs_dv, sdo, 1, NQ, DV).to(tl.float32) * r[:, None]
-                    ok = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
-                    if CAUSAL:
-                        ok = ok & (offs_n[None, :] <= offs_m[:, None])
-                    s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
-                    a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
-                    dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
-                    ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
-                    dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
-            _store_rows(OUT + k0 * sk + head * D, dk * scale, offs_n, offs_d, sk, NK, D)
-            _store_rows(OUT2 + k0 * sv + head * DV, dv, offs_n, offs_dv, sv, NK, DV)
+            _varlen_key_block(
+                Q, K, V, DO, OUT, OUT2, R, scale, r_scalar, pid, head, q0, k0, NQ, NK, sq, sk, sv, sdo, GROUPS,
+                offs_d, offs_dv, D, DV, ACT, POWER, CAUSAL, HAS_R, LOWP, NATIVE_LOWP, BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_DV,
+            )  # fmt: skip
         else:
             if pid * BLOCK_M >= NQ:
                 return
@@ -150,9 +133,9 @@ if triton is not None:
                     ds = tl.where(ok, _dot(dor, vt, LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
                     acc += _dot(ds, k, LOWP, NATIVE_LOWP)
             if PASS == 0:
-                _store_rows(OUT + q0 * sdo + head * DV, acc * r[:, None], offs_m, offs_dv, sdo, NQ, DV)
+                _store(OUT + q0 * sdo + head * DV, acc * r[:, None], offs_m, offs_dv, sdo, NQ, DV)
             else:
-                _store_rows(OUT + q0 * sq + head * D, acc * scale, offs_m, offs_d, sq, NQ, D)
+                _store(OUT + q0 * sq + head * D, acc * scale, offs_m, offs_d, sq, NQ, D)
 
     _GPU_CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
     _KEY = ["PASS", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "LOWP"]
