@@ -34,17 +34,7 @@ from ..core.activations import get_activation
 from ..core.functional import attention
 from ..core.varlen import attention_varlen, select_backend_varlen
 from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
-from .bench_common import DTYPES as _DTYPES
-from .bench_common import (
-    bench_device,
-    cuda_peak,
-    fwd_bwd,
-    rss_peak,
-    rss_peak_supported,
-    run_bench_kind,
-    run_memory_worker,
-    worker_job,
-)
+from . import bench_common as common
 from .report.bench import format_varlen_table
 
 __all__ = ["VarlenBenchConfig", "run_varlen_bench"]
@@ -61,7 +51,7 @@ class VarlenBenchConfig:
     causal: bool = True
     repeats: int = int_setting(3)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    dtype: str = setting("float32", choices=tuple(_DTYPES))
+    dtype: str = setting("float32", choices=tuple(common.DTYPES))
     num_threads: int | None = int_setting(None, 0, nullable=True)
     memory: bool = True
     seed: int = 0
@@ -105,7 +95,7 @@ def cases(cfg: VarlenBenchConfig) -> list[dict[str, str]]:
 def _make_case(case: dict[str, str], cfg: VarlenBenchConfig, device: torch.device):
     """(fn, inputs, note): fn(q, k, v) -> out, its inputs (q, k, v requiring grad, and dO)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = common.DTYPES[cfg.dtype]
     lengths, h, d, causal = [int(n) for n in cfg.lengths], cfg.heads, cfg.d, cfg.causal
     total, longest = sum(lengths), max(lengths)
     spec, layout, method = case["activation"], case["layout"], case["method"]
@@ -142,7 +132,7 @@ def _make_case(case: dict[str, str], cfg: VarlenBenchConfig, device: torch.devic
 
 def _memory_worker() -> None:
     """Reads {config, cases} as JSON from stdin; prints one JSON line of peak extra bytes per case."""
-    cfg, cases = worker_job(VarlenBenchConfig)
+    cfg, cases = common.worker_job(VarlenBenchConfig)
     device = torch.device("cpu")
     small = replace(cfg, lengths=[16, 8])
     for case in cases:
@@ -150,7 +140,7 @@ def _memory_worker() -> None:
             fn, inputs, _ = _make_case(case, small, device)  # first calls allocate pools: unmeasured
             fn(*inputs[:3]).backward(inputs[3])
             fn, inputs, _ = _make_case(case, cfg, device)
-            row = {"peak_bytes": rss_peak(fn, *inputs)}
+            row = {"peak_bytes": common.rss_peak(fn, *inputs)}
         except Exception as e:  # report, keep measuring the rest
             row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         inputs = fn = None
@@ -164,14 +154,14 @@ def _measure_memory(rows: list[dict], cfg: VarlenBenchConfig, device: torch.devi
         for case in todo:
             try:
                 fn, inputs, _ = _make_case(case, cfg, device)
-                out.append({"peak_bytes": cuda_peak(fn, *inputs)})
+                out.append({"peak_bytes": common.cuda_peak(fn, *inputs)})
             except Exception as e:
                 out.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         return out
-    if not rss_peak_supported():
+    if not common.rss_peak_supported():
         return [{"error": "peak memory needs Linux /proc (VmHWM, clear_refs)"} for _ in todo]
     job = {"config": asdict(cfg), "cases": todo}
-    lines, status = run_memory_worker("polyattn.experiments.bench_varlen", job, quiet=True)
+    lines, status = common.run_memory_worker("polyattn.experiments.bench_varlen", job, quiet=True)
     while len(lines) < len(todo):
         lines.append({"error": f"memory worker exited with status {status}"})
     return lines
@@ -179,8 +169,8 @@ def _measure_memory(rows: list[dict], cfg: VarlenBenchConfig, device: torch.devi
 
 def run_varlen_bench(cfg: VarlenBenchConfig, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Time (and measure) every row of :func:`cases`; returns the results also written to ``out_dir``."""
-    device = bench_device(cfg.device)
-    return run_bench_kind(cfg, device, partial(_measure, cfg, device, progress), format_varlen_table, out_dir)
+    device = common.bench_device(cfg.device)
+    return common.run_bench_kind(cfg, device, partial(_measure, cfg, device, progress), format_varlen_table, out_dir)
 
 
 def _measure(cfg: VarlenBenchConfig, device: torch.device, progress: bool) -> dict[str, list[dict]]:
@@ -194,8 +184,8 @@ def _measure(cfg: VarlenBenchConfig, device: torch.device, progress: bool) -> di
             row: dict[str, Any] = dict(case)
             try:
                 fn, inputs, row["note"] = _make_case(case, cfg, device)
-                fwd_bwd(fn, *inputs, device)  # warm-up
-                row["times_s"] = [fwd_bwd(fn, *inputs, device) for _ in range(cfg.repeats)]
+                common.fwd_bwd(fn, *inputs, device)  # warm-up
+                row["times_s"] = [common.fwd_bwd(fn, *inputs, device) for _ in range(cfg.repeats)]
                 row["time_s"] = min(row["times_s"])
             except Exception as e:  # e.g. torch's varlen_attn without a CUDA device
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

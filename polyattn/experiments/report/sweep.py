@@ -8,23 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ...utils.format import fmt_pct
-from .common import (
-    accuracy_axis,
-    axis_floor,
-    command_line,
-    fmt_seconds,
-    machine_note,
-    md_figure,
-    md_table,
-    overrides_note,
-    power_base,
-    precision_note,
-    pyplot,
-    reproduce_section,
-    save_figure,
-    seeds_arg,
-    source_args,
-)
+from . import common as kit
 
 __all__ = ["plot_scale_sweep", "sweep_command", "sweep_markdown"]
 
@@ -35,9 +19,9 @@ def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
     Error bars: one std over seeds; a k where every seed diverged is an x on
     the bottom edge; dashed lines: the softmax run of the same length.
     """
-    plt = pyplot()
+    plt = kit.pyplot()
     s = results["settings"]
-    base = power_base(s["power"])
+    base = kit.power_base(s["power"])
     table = results["table"]
     values = [
         100 * c["mean"]
@@ -45,7 +29,7 @@ def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
         for c in [*r["cells"].values(), r["softmax"] or {"mean": None}]
         if c["mean"] is not None
     ]
-    lo = axis_floor(values, 10)
+    lo = kit.axis_floor(values, 10)
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
     for i, r in enumerate(table):
         color = f"C{i}"
@@ -68,7 +52,7 @@ def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks_all, [f"1/{k:g}" for k in ks_all])
     ax.minorticks_off()
-    accuracy_axis(ax, lo)
+    kit.accuracy_axis(ax, lo)
     ax.set_xlabel(f"scale of {base} (activation {base}/k, log axis)")
     extra = "; dashed: softmax" if s.get("baseline") else ""
     ax.set_title(
@@ -78,12 +62,12 @@ def plot_scale_sweep(results: Mapping, out_png: str | os.PathLike) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return kit.save_figure(fig, out_png)
 
 
 def _sweep_intro(results: Mapping) -> list[str]:
     s = results["settings"]
-    base = power_base(s["power"])
+    base = kit.power_base(s["power"])
     return [
         f"# Scale sweep of {base}: {s['model']} on {s['dataset']} (the paper's Figure 1 at CPU scale)",
         "",
@@ -91,10 +75,10 @@ def _sweep_intro(results: Mapping) -> list[str]:
         + (" and softmax as reference" if s["baseline"] else "")
         + f", at patch sizes {', '.join(map(str, s['patch_sizes']))} on {s['image_size'][0]}x{s['image_size'][1]} "
         f"images; {len(s['seeds'])} seed(s), {s['epochs']} epochs per run; base config: {s['config']}"
-        + overrides_note(s)
-        + machine_note(results.get("machine", {}))
+        + kit.overrides_note(s)
+        + kit.machine_note(results.get("machine", {}))
         + "."
-        + precision_note(s)
+        + kit.precision_note(s)
         + (f" Total time {results['time_s'] / 60:.1f} min." if results.get("time_s") else ""),
         "",
         "The paper (Figure 1, ViT-Tiny on Tiny-ImageNet, 8 to 256 tokens) reports that the scale needed for good "
@@ -114,7 +98,7 @@ def _sweep_cell(c: Mapping | None) -> str:
 
 
 def _sweep_table(results: Mapping) -> list[str]:
-    base = power_base(results["settings"]["power"])
+    base = kit.power_base(results["settings"]["power"])
     ks = [f"{k:g}" for k in results["settings"]["scales"]]
     lines = [
         f"Top-1 (%): {results['metric']}; mean over the seeds that did not diverge. *div*: every seed diverged; "
@@ -131,7 +115,7 @@ def _sweep_table(results: Mapping) -> list[str]:
         ]
         for r in results["table"]
     ]
-    return lines + md_table(header, rows)
+    return lines + kit.md_table(header, rows)
 
 
 def _sweep_runs_section(results: Mapping) -> list[str]:
@@ -144,23 +128,23 @@ def _sweep_runs_section(results: Mapping) -> list[str]:
             r["seed"],
             fmt_pct(r["top1"]),
             r["diverged_step"] or "-",
-            fmt_seconds(r.get("time_s")),
+            kit.fmt_seconds(r.get("time_s")),
             r["status"],
         ]
         for r in results["runs"]
     ]
-    return ["## Runs", "", *md_table(header, rows)]
+    return ["## Runs", "", *kit.md_table(header, rows)]
 
 
 def sweep_command(settings: Mapping, out: str | os.PathLike) -> str:
     """The ``polyattn sweep`` command line that makes these results."""
     cmd = ["polyattn", "sweep", "--out", str(out), "--scales", ",".join(f"{k:g}" for k in settings["scales"])]
     cmd += ["--patch-sizes", ",".join(map(str, settings["patch_sizes"])), "--power", str(settings["power"])]
-    cmd += ["--seeds", seeds_arg(settings["seeds"]), "--epochs", str(settings["epochs"])]
+    cmd += ["--seeds", kit.seeds_arg(settings["seeds"]), "--epochs", str(settings["epochs"])]
     if not settings["baseline"]:
         cmd.append("--no-baseline")
-    cmd += source_args(settings)
-    return command_line(cmd)
+    cmd += kit.source_args(settings)
+    return kit.command_line(cmd)
 
 
 def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
@@ -170,8 +154,8 @@ def sweep_markdown(results: Mapping, out: str | os.PathLike) -> str:
             *_sweep_intro(results),
             *_sweep_table(results),
             "",
-            *md_figure("accuracy against the scale", results["figures"]["sweep"]),
+            *kit.md_figure("accuracy against the scale", results["figures"]["sweep"]),
             *_sweep_runs_section(results),
-            *reproduce_section(sweep_command(results["settings"], out)),
+            *kit.reproduce_section(sweep_command(results["settings"], out)),
         ]
     )
