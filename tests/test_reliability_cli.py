@@ -73,6 +73,8 @@ CASES = [
     ("sweep", ["--dataset", "nope", "--out", "OUT", *GRID], "nope"),
     ("sweep", ["--config", "BADYAML", "--out", "OUT", *GRID], "not valid YAML"),
     ("recall", ["--seq-lens", "0", "--out", "OUT", *GRID], "--seq-lens"),
+    ("recall", ["--epochs", "0", "--out", "OUT", *GRID], "--epochs"),
+    ("recall", ["--norm-every", "-1", "--out", "OUT", *GRID], "norm"),
     ("recall", ["--activations", "bogus", "--out", "OUT", *GRID], "bogus"),
     ("recall", ["--config", "LIST", "--out", "OUT", *GRID], "mapping"),
     ("recall", ["--check-decoding", "NOPE"], "nope"),

@@ -81,6 +81,20 @@ BASE_CONFIG_NAME = "built-in digits + vit_micro (= configs/digits_vit_micro.yaml
 _OWNED_KEYS = {"model.activation": "--activations", "train.seed": "--seeds"}
 
 
+def check_epochs(epochs: int | None) -> int | None:
+    """``epochs`` (None: the config's own), or GridError for anything but a positive integer."""
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise GridError(f"--epochs must be a positive integer, got {epochs!r}")
+    return epochs
+
+
+def check_norm_every(norm_every: int) -> int:
+    """``norm_every``, or GridError for anything but an integer >= 0."""
+    if isinstance(norm_every, bool) or not isinstance(norm_every, int) or norm_every < 0:
+        raise GridError(f"norm_every must be an integer >= 0 (0 = no norm curves), got {norm_every!r}")
+    return norm_every
+
+
 def base_overrides(
     config: str | os.PathLike | None = None,
     dataset: str | None = None,
@@ -104,9 +118,7 @@ def base_overrides(
         own["data.name"] = dataset
     if model is not None:
         own["model.name"] = model
-    if epochs is not None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise GridError(f"--epochs must be a positive integer, got {epochs!r}")
+    if check_epochs(epochs) is not None:
         own["train.epochs"] = epochs
     path = str(BASE_CONFIG if config is None else config)
     # Only where the config records no norms: a config that sets diagnostics.every keeps its own.
@@ -226,8 +238,7 @@ def compare(
     acts = activation_axis(activations)
     seed_list = parse_seeds(seeds)
     n_jobs = check_jobs(jobs)
-    if isinstance(norm_every, bool) or not isinstance(norm_every, int) or norm_every < 0:
-        raise GridError(f"norm_every must be an integer >= 0 (0 = no norm curves), got {norm_every!r}")
+    check_norm_every(norm_every)
     path, layer = base_overrides(config, dataset, model, epochs, overrides, norm_every or None)
     grid = [GridRun(f"{a.slug}-s{s}", a.spec, s) for a in acts for s in seed_list]
     out = Path(out_dir)

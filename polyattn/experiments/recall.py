@@ -32,6 +32,7 @@ from ..training.grid import (
     Overrides,
     activation_axis,
     axis_values,
+    check_jobs,
     merge_layers,
     override_items,
     override_layer,
@@ -44,7 +45,7 @@ from ..training.grid import (
 from ..utils import RunDirLock, atomic_write_text
 from ..utils.machine import machine_info, machine_line
 from ..utils.record import run_record, runs_digest
-from .compare import compare
+from .compare import check_epochs, check_norm_every, compare
 from .report.recall import format_recall_table, plot_recall, recall_markdown
 
 __all__ = ["DEFAULT_RECALL_ACTIVATIONS", "DEFAULT_SEQ_LENS", "RECALL_CONFIG", "format_recall_table", "recall"]
@@ -101,6 +102,10 @@ def recall(
     acts = activation_axis(activations)
     seed_list = parse_seeds(seeds)
     lengths = _check_lengths(seq_lens)
+    # Every argument is checked before base_config.yaml is written: a refused call leaves nothing behind.
+    check_epochs(epochs)
+    check_norm_every(norm_every)
+    check_jobs(jobs)
     user = override_layer(overrides)
     reserve_keys(user, {"data.seq_len": "--seq-lens"}, "length by recall")
     out = Path(out_dir)
