@@ -14,6 +14,7 @@ from polyattn.cli import main
 from polyattn.experiments.lra import (
     CPU_PRESETS,
     PAPER_TABLE4,
+    PROTOCOLS,
     TASKS,
     is_full_scale,
     lra_config,
@@ -167,6 +168,19 @@ def test_cpu_preset_only_for_generated_tasks():
         raw_lra_config("text", preset="cpu")
     with pytest.raises(ValueError, match="unknown LRA task"):
         raw_lra_config("wikitext")
+
+
+def test_lra_layer_files_ship_with_the_package():
+    # setuptools expands each package-data pattern per folder ("*" does not cross "/"): every LRA layer
+    # file must be named by one, or an installed polyattn has no LRA settings.
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["polyattn"]
+    shipped = {p for pat in patterns for p in (REPO / "polyattn").glob(pat)}
+    root = REPO / "polyattn" / "experiments" / "configs" / "lra"
+    layers = {p.relative_to(root).as_posix(): p for p in root.rglob("*.yaml")}
+    assert [name for name, p in layers.items() if p not in shipped] == []
+    assert {"common.yaml", "protocols/nystromformer.yaml", "tasks/listops.yaml", "cpu/pathfinder.yaml"} <= set(layers)
+    assert len(layers) == 1 + len(PROTOCOLS) + len(TASKS) + len(CPU_PRESETS)
 
 
 def _tiny_listops(tmp_path) -> list[str]:
