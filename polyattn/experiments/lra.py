@@ -102,8 +102,7 @@ def _layers(folder: str) -> dict[str, dict]:
     return {path.stem: read_config_file(path) for path in sorted((CONFIG_DIR / folder).glob("*.yaml"))}
 
 
-# What each protocol (protocols/<name>.yaml) sets; user overrides apply on top, so the parts can be mixed
-# deliberately.
+# What each protocol (protocols/<name>.yaml) sets; user overrides apply on top, so the parts can be mixed deliberately.
 PROTOCOLS: dict[str, dict] = _layers("protocols")
 # The paper's runs follow the code it took its settings from; the CPU presets keep the protocol their
 # documented results (docs/lra.md) were measured with, and reduced-scale runs reproduce no published number.
