@@ -18,6 +18,7 @@ from polyattn.experiments.lra import (
     TASKS,
     is_full_scale,
     lra_config,
+    lra_grid,
     raw_lra_config,
     write_lra_configs,
 )
@@ -181,6 +182,15 @@ def test_lra_layer_files_ship_with_the_package():
     assert [name for name, p in layers.items() if p not in shipped] == []
     assert {"common.yaml", "protocols/nystromformer.yaml", "tasks/listops.yaml", "cpu/pathfinder.yaml"} <= set(layers)
     assert len(layers) == 1 + len(PROTOCOLS) + len(TASKS) + len(CPU_PRESETS)
+
+
+def test_grid_files_are_written_byte_for_byte(tmp_path):
+    # The repository's grid files are write_lra_configs' output itself, comments and key order included.
+    for path in write_lra_configs(tmp_path):
+        assert (REPO / "configs" / "lra" / path.name).read_text() == path.read_text(), path.name
+    for call in (lambda: lra_config("listops", preset="gpu"), lambda: lra_grid("gpu")):
+        with pytest.raises(ValueError, match="unknown preset 'gpu'; presets: cpu"):
+            call()
 
 
 def _tiny_listops(tmp_path) -> list[str]:

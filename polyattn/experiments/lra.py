@@ -110,6 +110,8 @@ DEFAULT_PROTOCOL: dict[str | None, str] = {None: "nystromformer", "cpu": "polyat
 
 
 def _protocol_layer(name: str | None, preset: str | None) -> tuple[str, dict]:
+    if preset not in DEFAULT_PROTOCOL:
+        raise ValueError(f"unknown preset {preset!r}; presets: cpu")
     name = DEFAULT_PROTOCOL[preset] if name is None else name
     if name not in PROTOCOLS:
         raise ValueError(f"unknown LRA protocol {name!r}; protocols: {', '.join(PROTOCOLS)}")
