@@ -14,9 +14,11 @@ from polyattn.cli import main
 from polyattn.experiments.lra import (
     CPU_PRESETS,
     PAPER_TABLE4,
+    PROTOCOLS,
     TASKS,
     is_full_scale,
     lra_config,
+    lra_grid,
     raw_lra_config,
     write_lra_configs,
 )
@@ -167,6 +169,28 @@ def test_cpu_preset_only_for_generated_tasks():
         raw_lra_config("text", preset="cpu")
     with pytest.raises(ValueError, match="unknown LRA task"):
         raw_lra_config("wikitext")
+
+
+def test_lra_layer_files_ship_with_the_package():
+    # setuptools expands each package-data pattern per folder ("*" does not cross "/"): every LRA layer
+    # file must be named by one, or an installed polyattn has no LRA settings.
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["polyattn"]
+    shipped = {p for pat in patterns for p in (REPO / "polyattn").glob(pat)}
+    root = REPO / "polyattn" / "experiments" / "configs" / "lra"
+    layers = {p.relative_to(root).as_posix(): p for p in root.rglob("*.yaml")}
+    assert [name for name, p in layers.items() if p not in shipped] == []
+    assert {"common.yaml", "protocols/nystromformer.yaml", "tasks/listops.yaml", "cpu/pathfinder.yaml"} <= set(layers)
+    assert len(layers) == 1 + len(PROTOCOLS) + len(TASKS) + len(CPU_PRESETS)
+
+
+def test_grid_files_are_written_byte_for_byte(tmp_path):
+    # The repository's grid files are write_lra_configs' output itself, comments and key order included.
+    for path in write_lra_configs(tmp_path):
+        assert (REPO / "configs" / "lra" / path.name).read_text() == path.read_text(), path.name
+    for call in (lambda: lra_config("listops", preset="gpu"), lambda: lra_grid("gpu")):
+        with pytest.raises(ValueError, match="unknown preset 'gpu'; presets: cpu"):
+            call()
 
 
 def _tiny_listops(tmp_path) -> list[str]:

@@ -51,18 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="tabulate finished runs (lra_result.json) and exit")
 
 
-def _protocol_overrides(name: str) -> list[str]:
-    from ..experiments.lra import PROTOCOLS
-
-    layer = PROTOCOLS[name]
-    return [f"model.overrides.protocol={layer['model']['overrides']['protocol']}"] + [
-        f"train.{k}={v}" for k, v in layer["train"].items()
-    ]
-
-
 def _config(args: argparse.Namespace) -> dict:
-    from ..experiments.lra import lra_config
-    from ..training.config import load_config
+    from ..experiments.lra import PROTOCOLS, lra_config
+    from ..training.config import apply_overrides, load_config, merge_configs, read_config_file, resolve_config
 
     protocol = getattr(args, "protocol", None)
     if args.resume:
@@ -73,11 +64,11 @@ def _config(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"cannot resume: {saved} not found (is {args.out} a run directory?)")
         return load_config(saved, list(args.overrides))
     if args.config:
-        # Before --set, so that an explicit key still wins over the protocol's.
-        extra = (_protocol_overrides(protocol) if protocol else []) + list(args.overrides)
-        if args.data:
-            extra.append(f"data.root={args.data}")
-        return load_config(args.config, extra, point=args.point)
+        raw = read_config_file(args.config, args.point)
+        if protocol:  # before --set, so that an explicit key still wins over the protocol's
+            raw = merge_configs(raw, PROTOCOLS[protocol])
+        extra = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
+        return resolve_config(apply_overrides(raw, extra))
     if not args.task:
         raise ValueError("give --task (or --config FILE, or --table RUN_DIR ...)")
     return lra_config(args.task, args.activation, args.data, args.preset, args.overrides, protocol=protocol)

@@ -8,9 +8,9 @@
 Settings (mlpen/Nystromformer, LRA/code/lra_config.py and run_tasks.py): the
 encoder of polyattn.models.lra; AdamW (betas 0.9/0.999, eps 1e-6, no weight
 decay), lr 1e-4 with linear warmup; batch 32 (ListOps, Text, Retrieval) or
-256 (Image, Pathfinder); steps and warmup per task below.
+256 (Image, Pathfinder); steps and warmup per task (tasks/<task>.yaml).
 
-A protocol (``PROTOCOLS``) sets the choices where the Nystromformer code and
+A protocol (``PROTOCOLS``, protocols/<name>.yaml) sets the choices where the Nystromformer code and
 polyattn's defaults part ways, across the model and the trainer:
 
     nystromformer  model.overrides.protocol=nystromformer (token id 0 is padding,
@@ -22,10 +22,15 @@ polyattn's defaults part ways, across the model and the trainer:
 
 The Table 4 configs use nystromformer, the CPU presets polyattn (``DEFAULT_PROTOCOL``).
 
-Configs are data here (``TASKS``, ``CPU_PRESETS``); ``write_lra_configs``
-writes the same as two grid files (configs/lra/table4.yaml, configs/lra/cpu.yaml:
-task x activation), whose points ``polyattn lra --config FILE --point
-listops_x3_div14`` or ``polyattn train`` read back.
+The settings are config files of the package (polyattn/experiments/configs/lra/),
+read by the config loader and stacked in this order: common.yaml (what every
+task shares), protocols/<name>.yaml (``PROTOCOLS``), tasks/<task>.yaml (``TASKS``;
+``LraTask.layer`` adds the epochs that cover the steps on the official training
+split) and, at reduced scale, cpu/<task>.yaml (``CPU_PRESETS``). The paper's
+numbers, the training-split sizes and the default protocols stay here.
+``write_lra_configs`` writes the same as two grid files (configs/lra/table4.yaml,
+configs/lra/cpu.yaml: task x activation), whose points ``polyattn lra --config
+FILE --point listops_x3_div14`` or ``polyattn train`` read back.
 """
 
 from __future__ import annotations
@@ -36,14 +41,21 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..core.activations import get_activation
-from ..training.config import apply_overrides, dump_config, merge_configs, resolve_config, trainer_schema
+from ..training.config import (
+    apply_overrides,
+    dump_config,
+    merge_configs,
+    read_config_file,
+    resolve_config,
+    trainer_schema,
+)
 from ..utils import atomic_write_json, atomic_write_text
 from ..utils.format import fmt_pct
 
@@ -76,37 +88,30 @@ TABLE4_ACTIVATIONS = ("softmax", "x^3/14", "x/14")
 PAPER_DID_NOT_TRAIN = ("x^3", "x")
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder")
 
-_TRAIN_COMMON = {
-    "lr": 1.0e-4,
-    "min_lr": 0.0,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "eps": 1.0e-6,
-    "label_smoothing": 0.0,
-    "grad_clip": 0.0,
-    "eval_every": 1,
-    "log_every": 50,
-    "seed": 0,
-}
+# The config layers, stacked in this order: common.yaml, a protocol, the task, the CPU preset (if any).
+CONFIG_DIR = Path(__file__).with_name("configs") / "lra"
 
 
-# What each protocol sets; user overrides apply on top, so the parts can be mixed deliberately.
-PROTOCOLS: dict[str, dict] = {
-    "nystromformer": {
-        "model": {"overrides": {"protocol": "nystromformer"}},
-        "train": {"schedule": "onecycle_linear", "select": "best_val"},
-    },
-    "polyattn": {
-        "model": {"overrides": {"protocol": "polyattn"}},
-        "train": {"schedule": "cosine", "select": "last"},
-    },
-}
+def _read_layer(path: Path) -> tuple[str, dict]:
+    """(description, the settings) of one layer file."""
+    layer = read_config_file(path)
+    return layer.pop("description", ""), layer
+
+
+def _layers(folder: str) -> dict[str, dict]:
+    return {path.stem: read_config_file(path) for path in sorted((CONFIG_DIR / folder).glob("*.yaml"))}
+
+
+# What each protocol (protocols/<name>.yaml) sets; user overrides apply on top, so the parts can be mixed deliberately.
+PROTOCOLS: dict[str, dict] = _layers("protocols")
 # The paper's runs follow the code it took its settings from; the CPU presets keep the protocol their
 # documented results (docs/lra.md) were measured with, and reduced-scale runs reproduce no published number.
 DEFAULT_PROTOCOL: dict[str | None, str] = {None: "nystromformer", "cpu": "polyattn"}
 
 
 def _protocol_layer(name: str | None, preset: str | None) -> tuple[str, dict]:
+    if preset not in DEFAULT_PROTOCOL:
+        raise ValueError(f"unknown preset {preset!r}; presets: cpu")
     name = DEFAULT_PROTOCOL[preset] if name is None else name
     if name not in PROTOCOLS:
         raise ValueError(f"unknown LRA protocol {name!r}; protocols: {', '.join(PROTOCOLS)}")
@@ -128,117 +133,50 @@ def lra_protocol(cfg: dict) -> str:
 
 @dataclass(frozen=True)
 class LraTask:
-    """One LRA task: its dataset and model, and the Nystromformer training budget."""
+    """One LRA task: its config layer (tasks/<name>.yaml: dataset, model, the Nystromformer budget) and
+    the facts beside it."""
 
     name: str
-    dataset: str
-    model: str
-    batch_size: int
-    steps: int
-    warmup_steps: int
-    train_size: int  # size of the official training split (sets the epochs that cover ``steps``)
-    data: dict = field(default_factory=dict)
+    train_size: int  # size of the official training split (sets the epochs that cover train.max_steps)
     generated: bool = False  # polyattn can generate the data (ListOps, Pathfinder)
-    note: str = ""
+
+    @property
+    def path(self) -> Path:
+        return CONFIG_DIR / "tasks" / f"{self.name}.yaml"
+
+    @property
+    def note(self) -> str:
+        """What the task is (its file's description)."""
+        return _read_layer(self.path)[0]
+
+    @property
+    def dataset(self) -> str:
+        return _read_layer(self.path)[1]["data"]["name"]
 
     def layer(self) -> dict:
-        """What this task sets on top of the settings all tasks share (``_TRAIN_COMMON``)."""
-        steps_per_epoch = math.ceil(self.train_size / self.batch_size)
-        return {
-            "model": {"name": self.model},
-            "data": {"name": self.dataset, **copy.deepcopy(self.data)},
-            "train": {
-                "batch_size": self.batch_size,
-                "max_steps": self.steps,
-                "warmup_steps": self.warmup_steps,
-                "epochs": math.ceil(self.steps / steps_per_epoch),
-            },
-        }
+        """What this task sets on top of the settings all tasks share (common.yaml), train.epochs included."""
+        layer = _read_layer(self.path)[1]
+        train = layer["train"]
+        steps_per_epoch = math.ceil(self.train_size / train["batch_size"])
+        train["epochs"] = math.ceil(train["max_steps"] / steps_per_epoch)
+        return layer
 
 
 TASKS: dict[str, LraTask] = {
-    "listops": LraTask(
-        "listops",
-        "lra_listops",
-        "lra_encoder",
-        32,
-        5000,
-        1000,
-        96000,
-        {"max_len": 2000},
-        generated=True,
-        note="10 classes, up to 2,000 tokens",
-    ),
-    "text": LraTask(
-        "text",
-        "lra_text",
-        "lra_encoder",
-        32,
-        20000,
-        8000,
-        25000,
-        {"max_len": 1000},
-        note="IMDB bytes, 2 classes, 1,000 tokens",
-    ),
-    "retrieval": LraTask(
-        "retrieval",
-        "lra_retrieval",
-        "lra_dual_encoder",
-        32,
-        30000,
-        800,
-        147086,
-        {"max_len": 4000},
-        note="AAN byte pairs, 2 classes, 2 x 4,000 tokens",
-    ),
-    "image": LraTask(
-        "image",
-        "lra_image",
-        "lra_encoder",
-        256,
-        35000,
-        175,
-        45000,
-        {},
-        note="CIFAR-10 grayscale, 10 classes, 1,024 tokens",
-    ),
-    "pathfinder": LraTask(
-        "pathfinder",
-        "lra_pathfinder",
-        "lra_encoder",
-        256,
-        62400,
-        312,
-        160000,
-        {"difficulty": "hard"},
-        generated=True,
-        note="32x32, 2 classes, 1,024 tokens",
-    ),
+    "listops": LraTask("listops", 96000, generated=True),
+    "text": LraTask("text", 25000),
+    "retrieval": LraTask("retrieval", 147086),
+    "image": LraTask("image", 45000),
+    "pathfinder": LraTask("pathfinder", 160000, generated=True),
 }
 
-# Reduced-scale settings that finish in minutes on a 2-core CPU (generated data only).
-CPU_PRESETS: dict[str, dict[str, Any]] = {
-    "listops": {
-        "description_note": "CPU preset: expressions of 20-100 tokens, 10k training samples",
-        "data": {
-            "max_len": 100,
-            "num_train": 10000,
-            "num_val": 1000,
-            "num_test": 2000,
-            "gen_min_length": 20,
-            "gen_max_length": 100,
-        },
-        "train": {"lr": 1.0e-3, "batch_size": 32, "warmup_steps": 100, "max_steps": None, "epochs": 5},
-    },
-    "pathfinder": {
-        "description_note": "CPU preset: 16x16 images (256 tokens), contour length 6, 10k images, "
-        "no attention dropout (it dominates CPU time at this size); a pipeline check: at this budget "
-        "the encoder stays at chance (docs/lra.md)",
-        "model": {"overrides": {"attn_drop": 0.0}},
-        "data": {"difficulty": "easy", "image_size": 16, "num_images": 10000, "gen_num_distractors": 2},
-        "train": {"lr": 1.0e-3, "batch_size": 64, "warmup_steps": 100, "max_steps": None, "epochs": 4},
-    },
-}
+# Reduced-scale settings that finish in minutes on a 2-core CPU (generated data only): cpu/<task>.yaml,
+# each a layer over its task's.
+CPU_PRESETS: dict[str, dict[str, Any]] = _layers("cpu")
+
+
+def _common() -> dict:
+    return read_config_file(CONFIG_DIR / "common.yaml")
 
 
 def _task(name: str) -> LraTask:
@@ -257,14 +195,14 @@ def _preset_layer(task: str, preset: str | None) -> dict:
             f"no CPU preset for {task!r}: the presets exist for tasks whose data polyattn generates "
             f"({', '.join(CPU_PRESETS)}); {task} needs its data set and a GPU-sized budget"
         )
-    return {k: v for k, v in CPU_PRESETS[task].items() if k != "description_note"}
+    return {k: v for k, v in CPU_PRESETS[task].items() if k != "description"}
 
 
 def _grid_description(preset: str | None, protocol: str) -> str:
     if preset is None:
         tasks = "; ".join(f"{t.name}: {t.note}" for t in TASKS.values())
         return f"LRA (Table 4) with the Nystromformer settings, protocol {protocol} ({tasks})"
-    notes = "; ".join(f"{name}: {p['description_note']}" for name, p in CPU_PRESETS.items())
+    notes = "; ".join(f"{name}: {p['description']}" for name, p in CPU_PRESETS.items())
     return f"LRA CPU presets, reduced scale, protocol {protocol} ({notes})"
 
 
@@ -282,7 +220,7 @@ def lra_grid(preset: str | None = None) -> dict:
     return {
         "description": _grid_description(preset, protocol),
         "model": layer["model"],
-        "train": {**copy.deepcopy(_TRAIN_COMMON), **layer["train"]},
+        "train": {**_common()["train"], **layer["train"]},
         "grid": {
             "task": {name: merge_configs(t.layer(), _preset_layer(name, preset)) for name, t in tasks.items()},
             "activation": list(_activations(preset)),
@@ -300,7 +238,7 @@ def raw_lra_config(
     t = _task(task)
     act = get_activation(activation)
     protocol, layer = _protocol_layer(protocol, preset)
-    cfg = merge_configs({"train": copy.deepcopy(_TRAIN_COMMON)}, layer)
+    cfg = merge_configs(_common(), layer)
     cfg = merge_configs(cfg, t.layer())
     cfg = merge_configs(cfg, _preset_layer(task, preset))
     cfg["model"]["activation"] = act.spec
