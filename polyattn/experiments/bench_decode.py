@@ -39,10 +39,27 @@ from .report.bench import format_decode_table, plot_decode
 __all__ = ["DecodeBenchConfig", "run_decode_bench"]
 
 
+def decode_contexts() -> Any:
+    """The settings field of the context lengths both decode benches (--decode, --decode --hf) sweep."""
+    return setting([1024, 4096, 16384, 65536], **ints_at_least(1))
+
+
+def decode_specs() -> Any:
+    """The settings field of the x^p activations both decode benches compare with softmax."""
+    return specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+
+
+def check_polynomial(specs: list[str], what: str) -> None:
+    """Decoding from a fixed-size state needs x^p: a ValueError naming ``what`` for any other activation."""
+    for spec in specs:
+        if not get_activation(spec).is_polynomial:
+            raise ValueError(f"{what} compares x^p activations with softmax, got {spec!r}; e.g. x^2/sqrt(N)")
+
+
 @dataclass
 class DecodeBenchConfig:
-    contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
-    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    contexts: list[int] = decode_contexts()
+    activations: list[str] = decode_specs()
     heads: int = int_setting(8)
     d: int = int_setting(64)
     batch: int = int_setting(1)
@@ -56,9 +73,7 @@ class DecodeBenchConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> DecodeBenchConfig:
         cfg = settings_from_dict(DecodeBenchConfig, data, "decode bench config")
-        for spec in cfg.activations:
-            if not get_activation(spec).is_polynomial:
-                raise ValueError(f"--decode compares x^p activations with softmax, got {spec!r}; e.g. x^2/sqrt(N)")
+        check_polynomial(cfg.activations, "--decode")
         return cfg
 
 

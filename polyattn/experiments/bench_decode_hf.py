@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from ..core.activations import get_activation
-from ..training.config import int_setting, ints_at_least, setting, settings_from_dict, specs_setting
+from ..training.config import int_setting, setting, settings_from_dict
 from .bench_common import DTYPES as _DTYPES
 from .bench_common import bench_device, run_bench_kind, sync
+from .bench_decode import check_polynomial, decode_contexts, decode_specs
 from .report.bench import format_hf_decode_table, plot_decode
 
 __all__ = ["HFDecodeBenchConfig", "run_hf_decode_bench"]
@@ -36,8 +37,8 @@ __all__ = ["HFDecodeBenchConfig", "run_hf_decode_bench"]
 
 @dataclass
 class HFDecodeBenchConfig:
-    contexts: list[int] = setting([1024, 4096, 16384, 65536], **ints_at_least(1))
-    activations: list[str] = specs_setting(["x/sqrt(N)", "x^2/sqrt(N)"])
+    contexts: list[int] = decode_contexts()
+    activations: list[str] = decode_specs()
     layers: int = int_setting(2)
     heads: int = int_setting(4)
     kv_heads: int = int_setting(2)
@@ -54,12 +55,7 @@ class HFDecodeBenchConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> HFDecodeBenchConfig:
         cfg = settings_from_dict(HFDecodeBenchConfig, data, "hf decode bench config")
-        for spec in cfg.activations:
-            if not get_activation(spec).is_polynomial:
-                raise ValueError(
-                    f"--decode --hf compares x^p activations (which a StateCache can decode) with softmax, got "
-                    f"{spec!r}; e.g. x^2/sqrt(N)"
-                )
+        check_polynomial(cfg.activations, "--decode --hf (a StateCache holds x^p states)")
         if cfg.heads % cfg.kv_heads:
             raise ValueError(f"heads ({cfg.heads}) must be a multiple of kv_heads ({cfg.kv_heads})")
         return cfg
