@@ -87,30 +87,34 @@ def _needs_compiler():
         pytest.skip(f"the kernel compile check is skipped: {reason}")
 
 
-def test_autotuner_times_exactly_the_checked_launch_configurations(monkeypatch):
+@pytest.mark.parametrize("module", ["triton_kernels", "triton_varlen"])
+def test_autotuner_times_exactly_the_checked_launch_configurations(monkeypatch, module):
     _needs_compiler()
+    import importlib
+
     import triton
 
-    from polyattn.core.backends import triton_kernels as tk
+    from polyattn.core.backends import triton_kernels
 
-    union = sorted({c for configs in tk._GPU_CONFIGS.values() for c in configs})
+    mod = importlib.import_module(f"polyattn.core.backends.{module}")
+    union = sorted({c for configs in mod._GPU_CONFIGS.values() for c in configs})
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in union]
-    passes = {name: code for code, name in tk._PASSES.items()}
+    passes = {name: code for code, name in triton_kernels._PASSES.items()}
     for device_arch, generation in ((80, 80), (86, 80), (89, 80), (90, 90), (100, 90)):
-        monkeypatch.setattr(tk, "_arch_of", lambda t, a=device_arch: a)
+        monkeypatch.setattr(mod, "_arch_of", lambda t, a=device_arch: a)
         checked = {}
-        for v in tk.compile_variants(arch=device_arch):
+        for v in mod.compile_variants(arch=device_arch):
             checked[(v.tags["pass"], v.tags["dtype"], v.tags["head_dim"])] = {
                 (dict(c.blocks)["BLOCK_M"], dict(c.blocks)["BLOCK_N"], c.num_warps, c.num_stages) for c in v.configs
             }
         for (pass_name, dtype, head_dim), compiled in checked.items():
             kw = {"PASS": passes[pass_name], "LOWP": dtype == "bf16", "BLOCK_D": head_dim, "BLOCK_DV": 16}
-            kept = tk._prune(configs, {"Q": None}, **kw)
+            kept = mod._prune(configs, {"Q": None}, **kw)
             timed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
             # What the autotuner may pick on this GPU is what `polyattn kernels` compiles for its generation.
             assert timed == compiled, (device_arch, pass_name, dtype, head_dim)
             bucket = 64 if head_dim <= 64 else head_dim
-            assert compiled == set(tk._GPU_CONFIGS[(generation, pass_name, dtype, bucket)])
+            assert compiled == set(mod._GPU_CONFIGS[(generation, pass_name, dtype, bucket)])
 
 
 def test_every_launch_configuration_compiles_for_sm90_and_sm80_without_spills():

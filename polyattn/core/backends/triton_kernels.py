@@ -166,13 +166,18 @@ for _arch in (80, 90):
 def launch_configs(pass_: int, lowp: bool, block_d: int, arch: int) -> _Configs:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) choices of one pass at a padded head dimension
     on compute capability ``arch`` (80 for sm_80); Hopper and later take the sm_90 lists."""
+    return pick_configs(_GPU_CONFIGS, pass_, lowp, block_d, arch)
+
+
+def pick_configs(table: dict, pass_: int, lowp: bool, block_d: int, arch: int) -> _Configs:
+    """The entry of a (generation, pass name, dtype, head-dim bucket) launch table that serves a call."""
     generation = 90 if arch >= 90 else 80
-    return _GPU_CONFIGS[(generation, _PASSES[int(pass_)], "bf16" if lowp else "fp32", _bucket(block_d))]
+    return table[(generation, _PASSES[int(pass_)], "bf16" if lowp else "fp32", _bucket(block_d, table))]
 
 
-def _bucket(block_d: int) -> int:
-    """The head-dimension key of _GPU_CONFIGS that serves a padded head dimension."""
-    dims = sorted({key[-1] for key in _GPU_CONFIGS})
+def _bucket(block_d: int, table: dict | None = None) -> int:
+    """The head-dimension key of a launch table (default _GPU_CONFIGS) that serves a padded head dimension."""
+    dims = sorted({key[-1] for key in (table if table is not None else _GPU_CONFIGS)})
     return next((d for d in dims if d >= block_d), dims[-1])
 
 
@@ -194,50 +199,45 @@ def compile_variants(
 ) -> list:
     """Every kernel specialisation `polyattn kernels` compiles, with the launch configurations of each.
 
-    ``quick``: only gelu (the most registers: erf and exp in the backward), causal, and per
-    configuration list the largest head dimension that uses it; every launch configuration of
-    every pass and dtype is still compiled once.
+    ``quick``: only gelu (the most registers: erf and exp in the backward), causal, and each
+    launch configuration of each pass and dtype once, at the largest head dimension whose list
+    holds it (the one with the most registers and shared memory), so every configuration the
+    autotuner may pick on ``arch`` is still compiled.
+
+    The other arguments narrow the grid: ``head_dims`` (unpadded; each is padded to a power of
+    two as a call's would be), ``dtypes`` ("bf16", "fp32"), ``activations`` (keys of
+    _CHECK_ACTIVATIONS; None: all), ``causal`` and ``passes`` (0 forward, 1 dQ, 2 dK/dV).
+    ``arch`` picks the launch lists of its generation (sm_86 and sm_89 take sm_80's).
     """
-    from .kernel_check import KernelVariant, LaunchConfig
 
-    if quick:
-        largest = {_bucket(max(16, triton.next_power_of_2(d))): d for d in sorted(head_dims)}
-        head_dims, activations, causal = tuple(largest.values()), ("gelu",), (True,)
-    out = []
-    for dtype in dtypes:
-        ptr = f"*{dtype}"
-        signature = {name: ptr for name in ("Q", "K", "V", "DO", "OUT", "OUT2")}
-        signature |= {"KMASK": "*i8", "R": "*fp32", "scale": "fp32", "r_scalar": "fp32"}
-        signature |= {name: "i32" for name in ("stride_mb", "stride_rb", "stride_rn", "NQ", "NK", "D", "DV")}
-        for d in head_dims:
-            block_d = max(16, triton.next_power_of_2(d))
-            for act_name in activations if activations is not None else tuple(_CHECK_ACTIVATIONS):
-                kind, power = _CHECK_ACTIVATIONS[act_name]
-                for is_causal in causal:
-                    for pass_ in passes:
-                        lowp = dtype == "bf16"
-                        constexprs = {
-                            "PASS": pass_,
-                            "ACT": _ACT_CODES[kind],
-                            "POWER": power,
-                            "CAUSAL": is_causal,
-                            "HAS_MASK": True,
-                            "HAS_R": True,
-                            "LOWP": lowp,
-                            "NATIVE_LOWP": lowp,
-                            "BLOCK_D": block_d,
-                            "BLOCK_DV": block_d,
-                        }
-                        configs = tuple(
-                            LaunchConfig((("BLOCK_M", m), ("BLOCK_N", n)), w, st)
-                            for m, n, w, st in launch_configs(pass_, lowp, block_d, arch)
-                        )
-                        tags = {"pass": _PASSES[pass_], "head_dim": d, "dtype": dtype}
-                        tags |= {"activation": act_name, "causal": is_causal}
-                        out.append(KernelVariant(_attention_kernel, signature, constexprs, configs, tags))
-    return out
+    def signature(ptr: str) -> dict[str, str]:
+        sig = {name: ptr for name in ("Q", "K", "V", "DO", "OUT", "OUT2")}
+        sig |= {"KMASK": "*i8", "R": "*fp32", "scale": "fp32", "r_scalar": "fp32"}
+        return sig | {name: "i32" for name in ("stride_mb", "stride_rb", "stride_rn", "NQ", "NK", "D", "DV")}
+
+    grid = (arch, head_dims, dtypes, activations, causal, passes, quick)
+    return variant_grid(_attention_kernel, signature, {"HAS_MASK": True}, _GPU_CONFIGS, *grid)
 
 
+def _largest_head_dim_only(variants: list) -> list:
+    """Each launch configuration of each (pass, dtype) once, at the largest head dimension whose list
+    holds it (a larger head dimension needs more registers and shared memory)."""
+    from dataclasses import replace
+
+    seen: set = set()
+    kept: dict = {}
+    for i, v in sorted(enumerate(variants), key=lambda iv: -iv[1].tags["head_dim"]):
+        key = (v.tags["pass"], v.tags["dtype"])
+        new = tuple(c for c in v.configs if (key, c) not in seen)
+        seen |= {(key, c) for c in new}
+        if new:
+            kept[i] = replace(v, configs=new)
+    return [kept[i] for i in sorted(kept)]
+
+
+# Triton's on-disk cache keys a jit function by its source and its first line number: lines added
+# above the kernels make every cached compile of them stale, which costs `polyattn kernels` minutes,
+# so code that is not a kernel goes below them (variant_grid at the end of the module).
 if triton is not None:
 
     @triton.jit
@@ -443,10 +443,19 @@ if triton is not None:
         return 10 * major + minor
 
     def _prune(configs, named_args, **kwargs):
-        # The autotuner holds the union of every list; each call times only its own list.
+        return prune_to(_GPU_CONFIGS, _arch_of(named_args["Q"]), configs, kwargs)
+
+    def prune_to(table: dict, arch: int, configs: list, kwargs: dict) -> list:
+        """The autotuner holds the union of every list of a launch table; each call times only its own."""
         block_d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-        wanted = set(launch_configs(kwargs["PASS"], kwargs["LOWP"], block_d, _arch_of(named_args["Q"])))
+        wanted = set(pick_configs(table, kwargs["PASS"], kwargs["LOWP"], block_d, arch))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    def autotuned(kernel, table: dict, key: list[str], prune):
+        """``kernel`` autotuned over the union of a launch table's lists, pruned per call by ``prune``."""
+        union = sorted({c for configs in table.values() for c in configs})
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in union]
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
     _TUNED: list = []
 
@@ -454,13 +463,7 @@ if triton is not None:
         if interpreter_active():
             return _attention_kernel
         if not _TUNED:
-            union = sorted({c for configs in _GPU_CONFIGS.values() for c in configs})
-            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in union]
-            _TUNED.append(
-                triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-                    _attention_kernel
-                )
-            )
+            _TUNED.append(autotuned(_attention_kernel, _GPU_CONFIGS, _KEY, _prune))
         return _TUNED[0]
 
 
@@ -630,3 +633,47 @@ def _compute(call: Call, block_sizes: tuple[int, int] = (16, 16)) -> torch.Tenso
 
 run = backend_run(NAME, unsupported, _compute)
 triton_attention = run
+
+
+def variant_grid(
+    kernel,
+    signature,
+    fixed: dict,
+    table: dict,
+    arch: int,
+    head_dims: tuple[int, ...],
+    dtypes: tuple[str, ...],
+    activations: tuple[str, ...] | None,
+    causal: tuple[bool, ...],
+    passes: tuple[int, ...],
+    quick: bool,
+) -> list:
+    """The KernelVariants of a kernel with the PASS/ACT/POWER/CAUSAL/HAS_R/LOWP/BLOCK_D constexprs of
+    this module's kernels: each dtype x head dim x activation x causal x pass, the launch configurations
+    from ``table`` (see :func:`pick_configs`); ``signature(ptr)`` gives the runtime arguments for a
+    pointer type ("*bf16"), ``fixed`` the kernel's other constexprs."""
+    from .kernel_check import KernelVariant, LaunchConfig
+
+    if quick:
+        activations, causal = ("gelu",), (True,)
+    out = []
+    for dtype in dtypes:
+        sig = signature(f"*{dtype}")
+        lowp = dtype == "bf16"
+        for d in head_dims:
+            block_d = max(16, triton.next_power_of_2(d))
+            for act_name in activations if activations is not None else tuple(_CHECK_ACTIVATIONS):
+                kind, power = _CHECK_ACTIVATIONS[act_name]
+                for is_causal in causal:
+                    for pass_ in passes:
+                        constexprs = {"PASS": pass_, "ACT": _ACT_CODES[kind], "POWER": power, "CAUSAL": is_causal}
+                        constexprs |= {**fixed, "HAS_R": True, "LOWP": lowp, "NATIVE_LOWP": lowp}
+                        constexprs |= {"BLOCK_D": block_d, "BLOCK_DV": block_d}
+                        configs = tuple(
+                            LaunchConfig((("BLOCK_M", m), ("BLOCK_N", n)), w, st)
+                            for m, n, w, st in pick_configs(table, pass_, lowp, block_d, arch)
+                        )
+                        tags = {"pass": _PASSES[pass_], "head_dim": d, "dtype": dtype}
+                        tags |= {"activation": act_name, "causal": is_causal}
+                        out.append(KernelVariant(kernel, sig, constexprs, configs, tags))
+    return _largest_head_dim_only(out) if quick else out

@@ -16,14 +16,21 @@ import torch
 
 from ..activations import Activation
 from .common import refuse_double_backward
-from .triton_kernels import _ACT_CODES, interpreter_active, triton
+from .triton_kernels import (
+    _ACT_CODES,
+    _CHECK_HEAD_DIMS,
+    interpreter_active,
+    pick_configs,
+    triton,
+    variant_grid,
+)
 
 if triton is not None:
     import triton.language as tl
 
-    from .triton_kernels import _dot, _dphi, _load, _phi, _store
+    from .triton_kernels import _arch_of, _dot, _dphi, _load, _phi, _store, autotuned, prune_to
 
-__all__ = ["triton_varlen"]
+__all__ = ["compile_variants", "launch_configs", "triton_varlen"]
 
 if triton is not None:
 
@@ -51,21 +58,23 @@ if triton is not None:
             Qh = Q + q0 * sq + h * D
             DOh = DO + q0 * sdo + h * DV
             for start_m in range(lo, NQ, BLOCK_M):
+                # S^T (keys x queries), as the dense dK/dV pass: phi(S)^T and dS^T feed dV and dK with no
+                # register transposes (with them, fp32 tiles at head dim 128 spilled kilobytes on sm_80/90).
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                q = _load(Qh, offs_m, offs_d, sq, 1, NQ, D)
+                qt = _load(Qh, offs_d, offs_m, 1, sq, D, NQ)
                 if HAS_R:
                     r = tl.load(R + q0 + offs_m, mask=offs_m < NQ, other=0.0)
                 else:
                     r = tl.full(offs_m.shape, r_scalar, tl.float32)
                 dor = _load(DOh, offs_m, offs_dv, sdo, 1, NQ, DV).to(tl.float32) * r[:, None]
-                ok = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
+                ok = (offs_n[:, None] < NK) & (offs_m[None, :] < NQ)
                 if CAUSAL:
-                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
-                s = tl.where(ok, _dot(q, tl.trans(k), LOWP, NATIVE_LOWP) * scale, 0.0)
-                a = tl.where(ok, _phi(s, ACT, POWER), 0.0)
-                dv += _dot(tl.trans(a), dor, LOWP, NATIVE_LOWP)
-                ds = tl.where(ok, _dot(dor, tl.trans(v), LOWP, NATIVE_LOWP) * _dphi(s, ACT, POWER), 0.0)
-                dk += _dot(tl.trans(ds), q, LOWP, NATIVE_LOWP)
+                    ok = ok & (offs_n[:, None] <= offs_m[None, :])
+                st = tl.where(ok, _dot(k, qt, LOWP, NATIVE_LOWP) * scale, 0.0)
+                at = tl.where(ok, _phi(st, ACT, POWER), 0.0)
+                dv += _dot(at, dor, LOWP, NATIVE_LOWP)
+                dst = tl.where(ok, _dot(v, tl.trans(dor), LOWP, NATIVE_LOWP) * _dphi(st, ACT, POWER), 0.0)
+                dk += _dot(dst, tl.trans(qt), LOWP, NATIVE_LOWP)
         _store(OUT + k0 * sk + head * D, dk * scale, offs_n, offs_d, sk, NK, D)
         _store(OUT2 + k0 * sv + head * DV, dv, offs_n, offs_dv, sv, NK, DV)
 
@@ -137,19 +146,88 @@ if triton is not None:
             else:
                 _store(OUT + q0 * sq + head * D, acc * scale, offs_m, offs_d, sq, NQ, D)
 
-    _GPU_CONFIGS = [(128, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
     _KEY = ["PASS", "BLOCK_D", "BLOCK_DV", "ACT", "POWER", "CAUSAL", "LOWP"]
+
+    def _prune(configs, named_args, **kwargs):
+        return prune_to(_GPU_CONFIGS, _arch_of(named_args["Q"]), configs, kwargs)
+
     _TUNED: list = []
 
     def _kernel():
         if interpreter_active():
             return _varlen_kernel
         if not _TUNED:
-            configs = [
-                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _GPU_CONFIGS
-            ]
-            _TUNED.append(triton.autotune(configs=configs, key=_KEY)(_varlen_kernel))
+            _TUNED.append(autotuned(_varlen_kernel, _GPU_CONFIGS, _KEY, _prune))
         return _TUNED[0]
+
+
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) by GPU generation, pass, dtype and
+# padded head dimension, as the dense kernel's (see triton_kernels._GPU_CONFIGS, whose rules hold
+# here too); `polyattn kernels` compiles each for sm_80 and sm_90 and fails on a spill.
+_Configs = tuple[tuple[int, int, int, int], ...]
+_FP32_CONFIGS: dict[tuple[str, int], _Configs] = {  # the same lists for both generations
+    ("fwd", 64): ((16, 32, 4, 2),),
+    ("fwd", 128): ((16, 32, 4, 2),),
+    ("dq", 64): ((32, 32, 4, 2),),
+    ("dq", 128): ((16, 32, 4, 2),),
+    ("dkdv", 128): ((16, 16, 8, 2),),
+    ("fwd", 256): ((16, 16, 4, 2),),
+    ("dq", 256): ((16, 16, 4, 2),),
+    ("dkdv", 256): ((16, 16, 8, 2),),  # spills up to 144 B on some variants
+}
+_GPU_CONFIGS: dict[tuple[int, str, str, int], _Configs] = {
+    (90, "fwd", "bf16", 64): ((128, 64, 8, 3), (64, 64, 4, 3)),
+    (90, "fwd", "bf16", 128): ((64, 64, 4, 3), (64, 32, 4, 3)),
+    (90, "dq", "bf16", 64): ((128, 64, 8, 3),),
+    (90, "dq", "bf16", 128): ((64, 32, 8, 3), (32, 32, 4, 3)),
+    (90, "dkdv", "bf16", 64): ((16, 64, 4, 3),),
+    (90, "dkdv", "bf16", 128): ((32, 32, 8, 3),),
+    (90, "fwd", "bf16", 256): ((64, 32, 8, 3),),
+    (90, "dq", "bf16", 256): ((16, 32, 8, 3),),
+    (90, "dkdv", "bf16", 256): ((16, 16, 8, 3), (16, 16, 4, 3)),
+    (80, "fwd", "bf16", 64): ((64, 32, 4, 3), (32, 32, 4, 3)),
+    (80, "fwd", "bf16", 128): ((64, 64, 8, 3), (64, 32, 4, 3)),
+    (80, "dq", "bf16", 64): ((64, 32, 4, 3), (32, 32, 4, 3)),
+    (80, "dq", "bf16", 128): ((32, 32, 4, 3), (16, 64, 4, 3)),
+    (80, "dkdv", "bf16", 64): ((32, 32, 8, 3),),
+    (80, "dkdv", "bf16", 128): ((16, 32, 8, 3),),  # spills 40 B on 2 of 14 variants
+    (80, "fwd", "bf16", 256): ((32, 32, 4, 3),),
+    (80, "dq", "bf16", 256): ((16, 32, 4, 3),),
+    (80, "dkdv", "bf16", 256): ((16, 16, 8, 3),),  # spills up to 144 B on 7 of 14
+}
+for _arch in (80, 90):  # fp32 dots run on CUDA cores alike on both generations
+    for (_pass, _bucket_d), _configs in _FP32_CONFIGS.items():
+        _GPU_CONFIGS[(_arch, _pass, "fp32", _bucket_d)] = _configs
+# fp32 dK/dV at head dim 64: no one tile is clean on both (sm_80 spills up to 56 B in 16x16 w8).
+_GPU_CONFIGS[(90, "dkdv", "fp32", 64)] = ((32, 16, 4, 2),)
+_GPU_CONFIGS[(80, "dkdv", "fp32", 64)] = ((16, 16, 8, 2),)
+
+
+def launch_configs(pass_: int, lowp: bool, block_d: int, arch: int) -> _Configs:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) choices of one pass at a padded head dimension
+    on compute capability ``arch``; Hopper and later take the sm_90 lists."""
+    return pick_configs(_GPU_CONFIGS, pass_, lowp, block_d, arch)
+
+
+def compile_variants(
+    arch: int = 90,
+    head_dims: tuple[int, ...] = _CHECK_HEAD_DIMS,
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    activations: tuple[str, ...] | None = None,
+    causal: tuple[bool, ...] = (False, True),
+    passes: tuple[int, ...] = (0, 1, 2),
+    quick: bool = False,
+) -> list:
+    """Every specialisation of the varlen kernel `polyattn kernels` compiles, with its launch
+    configurations (``quick`` as in :func:`.triton_kernels.compile_variants`)."""
+
+    def signature(ptr: str) -> dict[str, str]:
+        sig = {name: ptr for name in ("Q", "K", "V", "DO", "OUT", "OUT2")}
+        sig |= {"CU_Q": "*i32", "CU_K": "*i32", "R": "*fp32", "scale": "fp32", "r_scalar": "fp32"}
+        return sig | {name: "i32" for name in ("HEADS", "GROUPS", "D", "DV")}
+
+    grid = (arch, head_dims, dtypes, activations, causal, passes, quick)
+    return variant_grid(_varlen_kernel, signature, {}, _GPU_CONFIGS, *grid)
 
 
 def _launch(pass_: int, q, k, v, do, out, out2, cu_q, cu_k, r, meta: dict) -> None:
