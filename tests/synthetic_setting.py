@@ -47,3 +47,19 @@ def small_cfg(*extra: str) -> dict:
 def comparable(rows: list[dict]) -> list[dict]:
     """metrics.jsonl rows without their timings: what two runs must share to be the same run."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+# A nano XCiT cut to 4 narrow blocks on 12 generated 64-pixel images in batches of 4 (3 steps an
+# epoch): a few seconds per detection epoch. The detection tests' --set overrides.
+TINY_DETECT = [
+    "model.backbone_kwargs={embed_dim: 48, depth: 4, num_heads: 4}",
+    "model.out_indices=[0, 1, 2, 3]",
+    "model.fpn_channels=32",
+    "data.gen_train=12",
+    "data.gen_val=6",
+    "data.gen_size=64",
+    "data.short_side=[64]",
+    "data.max_size=64",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+]

@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("pycocotools")
 
+from synthetic_setting import TINY_DETECT as TINY  # noqa: E402
+
 from polyattn.cli import main  # noqa: E402
 from polyattn.experiments.detection.config import resolve_detect_config  # noqa: E402
 from polyattn.experiments.detection.loop import batches_of, run_detect  # noqa: E402
@@ -22,20 +24,6 @@ from polyattn.training.config import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[1]
-
-# A nano XCiT cut to 4 narrow blocks on 12 generated 64-pixel images: a few seconds per epoch.
-TINY = [
-    "model.backbone_kwargs={embed_dim: 48, depth: 4, num_heads: 4}",
-    "model.out_indices=[0, 1, 2, 3]",
-    "model.fpn_channels=32",
-    "data.gen_train=12",
-    "data.gen_val=6",
-    "data.gen_size=64",
-    "data.short_side=[64]",
-    "data.max_size=64",
-    "train.batch_size=4",
-    "train.warmup_steps=2",
-]
 
 
 def tiny(*extra: str) -> dict:

@@ -15,17 +15,15 @@ import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import INIT, VOCAB, tiny_llama  # noqa: E402
+
 import polyattn  # noqa: E402
 import polyattn.hf  # noqa: E402
 from polyattn.integrations import hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 100
 POLY = "x^3/sqrt(N)"
 ATOL = 1e-5
-# Weights 10x transformers' default std (0.02): with the default, scores are ~1e-3, x^3 of them ~1e-9, and polynomial
-# attention would contribute nothing, so the masking tests could not fail.
-INIT = 0.2
 
 
 # --- tiny models -----------------------------------------------------------------------------------
@@ -35,21 +33,6 @@ def gpt2(**overrides):
     )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        initializer_range=INIT,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention: 2 query heads per k/v head
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def bert():
@@ -81,8 +64,8 @@ def vit():
     return transformers.ViTModel(cfg).eval()
 
 
-TEXT = {"gpt2": gpt2, "llama": llama, "bert": bert}
-CAUSAL = {"gpt2": gpt2, "llama": llama}
+TEXT = {"gpt2": gpt2, "llama": tiny_llama, "bert": bert}
+CAUSAL = {"gpt2": gpt2, "llama": tiny_llama}
 
 
 def output(model: nn.Module, impl: str, **inputs) -> torch.Tensor:
@@ -140,7 +123,7 @@ def test_from_config_accepts_a_registered_name():
         assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 5))).logits).all()
 
 
-@pytest.mark.parametrize("build", [gpt2, llama, bert, vit], ids=["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("build", [gpt2, tiny_llama, bert, vit], ids=["gpt2", "llama", "bert", "vit"])
 def test_use_switches_every_layer_and_changes_the_output(build):
     model = build()
     inputs = {"pixel_values": torch.randn(2, 3, 16, 16)} if build is vit else {"input_ids": padded_batch("right")[0]}
@@ -227,7 +210,7 @@ def test_n_is_counted_per_row_bidirectional():
 
 
 def test_n_is_counted_per_row_causal_left_padding():
-    model = polyattn.hf.use(llama(), POLY)
+    model = polyattn.hf.use(tiny_llama(), POLY)
     ids, mask = padded_batch("left")
     with torch.no_grad():
         batch = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
@@ -288,7 +271,7 @@ def test_generate_with_cache_equals_full_recomputation(arch, cache, activation):
 
 
 # --- training ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("build", [gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_training_step_gives_finite_gradients_for_every_parameter(build):
     model = polyattn.hf.use(build(), POLY).train()
     ids, mask = padded_batch("left")

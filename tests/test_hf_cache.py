@@ -11,10 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import VOCAB, tiny_llama  # noqa: E402
+
 import polyattn.hf  # noqa: E402
 from polyattn.integrations import hf_cache  # noqa: E402
-
-VOCAB = 100
 
 
 def gpt2(positions: int = 64):
@@ -25,22 +25,7 @@ def gpt2(positions: int = 64):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        initializer_range=0.2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: one state per k/v head, read by its 2 query heads
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-CAUSAL = {"gpt2": gpt2, "llama": llama}
+CAUSAL = {"gpt2": gpt2, "llama": tiny_llama}
 
 
 def model_for(arch: str, spec: str, dtype=torch.float64):
@@ -196,7 +181,7 @@ def test_use_with_cache_state_makes_it_the_default_of_generate_and_kv_undoes_it(
 
 # --- refusals ----------------------------------------------------------------------------------------------
 def test_softmax_other_activations_and_other_implementations_are_refused_naming_the_kv_cache():
-    model = llama()
+    model = tiny_llama()
     with pytest.raises(ValueError, match="uses 'sdpa'.*polyattn.hf.use"):
         polyattn.hf.StateCache(model)
     for spec in ("softmax", "relu/N", "sigmoid-log(N)"):

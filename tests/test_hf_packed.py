@@ -7,28 +7,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import VOCAB, tiny_llama  # noqa: E402
+
 import polyattn  # noqa: E402
 import polyattn.hf  # noqa: E402
 from polyattn.core import varlen  # noqa: E402
 from polyattn.integrations import hf  # noqa: E402
 
-VOCAB = 100
 LENGTHS = [5, 9, 1, 6]
 
 
 def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        initializer_range=0.2,  # large enough for x^3 attention to matter (see tests/test_hf.py)
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).double().train()
+    return tiny_llama().double().train()
 
 
 def documents():

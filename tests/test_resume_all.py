@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from synthetic_setting import TIMING_KEYS
+from synthetic_setting import TIMING_KEYS, TINY_DETECT
 
 from polyattn.cli import main
 from polyattn.training import grid as compare_mod
@@ -197,20 +197,7 @@ def test_detect_resume_after_a_kill_matches_a_straight_run(tmp_path, monkeypatch
     from polyattn.experiments.detection import loop
     from polyattn.experiments.detection.config import resolve_detect_config
 
-    # The tiny detector of tests/test_detect.py: 12 images in batches of 4, 3 steps an epoch.
-    tiny = [
-        "model.backbone_kwargs={embed_dim: 48, depth: 4, num_heads: 4}",
-        "model.out_indices=[0, 1, 2, 3]",
-        "model.fpn_channels=32",
-        "data.gen_train=12",
-        "data.gen_val=6",
-        "data.gen_size=64",
-        "data.short_side=[64]",
-        "data.max_size=64",
-        "train.batch_size=4",
-        "train.warmup_steps=2",
-        "train.epochs=2",
-    ]
+    tiny = [*TINY_DETECT, "train.epochs=2"]
     cfg = resolve_detect_config(None, tiny, preset="cpu")
     a = loop.run_detect(cfg, tmp_path / "full", progress=False)
 

@@ -8,13 +8,10 @@ grouped-query heads, causal and not, and queries packed differently from the key
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from triton_interpreter import interpreter_results_of
 
 pytest.importorskip("triton", reason="triton is not installed: the fused-kernel backend cannot be tested")
 
@@ -91,11 +88,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS") :])
+    return interpreter_results_of(_SCRIPT)
 
 
 def test_varlen_kernel_equals_attention_per_document(interpreter_results):
